@@ -1,0 +1,5 @@
+//! enilab-control: the control plane, the QEMU instance manager and the
+//! `enilab` command's library half.
+
+pub mod agent;
+pub mod qemu;

@@ -1,0 +1,1 @@
+//! QEMU instances: command line, QMP, accelerator probe, hot-plug.

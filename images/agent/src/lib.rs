@@ -1,0 +1,1 @@
+//! The enilab guest agent's wire protocol, shared with the host side.

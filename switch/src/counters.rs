@@ -1,0 +1,1 @@
+//! Lock-free per-port counters.

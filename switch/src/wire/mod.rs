@@ -1,0 +1,1 @@
+//! Checked wire-format helpers.
