@@ -32,7 +32,7 @@ if ! apt-cache policy 2>/dev/null | grep -q 'bookworm-backports'; then
 fi
 
 PKGS=(busybox-static iproute2 ethtool iperf3 cpio gzip xz-utils socat
-      dpdk tshark python3-pip jq graphviz kmod)
+      dpdk dpdk-dev tshark python3-pip jq graphviz kmod)
 need=()
 for p in "${PKGS[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")

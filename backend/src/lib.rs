@@ -1,1 +1,106 @@
-//! backend
+//! enilab-backend: every ENI is a vhost-user virtio-net device.
+//!
+//! A [`Datapath`] holds the switch, the port table and the network cards.
+//! Each ENI gets a [`NetDevice`] and an [`EniServer`] (its unix socket and
+//! session thread); its queue pairs are served by the workers of the card
+//! it is attached to. A frame's way: guest TX ring -> card worker -> switch
+//! pipeline -> destination port queue -> destination card worker -> guest
+//! RX ring.
+
+mod card;
+pub mod net;
+mod port;
+mod server;
+pub mod vhost_user;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+pub use card::{Card, CardError, WorkerStats};
+pub use enilab_switch as switch;
+pub use net::{DeviceConfig, NetDevice, NetError, QueueStats};
+pub use port::{PortTable, Pool};
+pub use server::EniServer;
+
+/// Errors of the backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// Another process serves that socket path.
+    #[error("socket {0} is in use by another process")]
+    SocketInUse(PathBuf),
+    /// The socket could not be bound.
+    #[error("cannot bind socket {0}")]
+    Bind(PathBuf, #[source] std::io::Error),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error(transparent)]
+    Card(#[from] CardError),
+    #[error("I/O error")]
+    Io(#[source] std::io::Error),
+}
+
+/// The whole datapath of one host.
+pub struct Datapath {
+    switch: Arc<enilab_switch::Switch>,
+    ports: Arc<PortTable>,
+    pool: Arc<Pool>,
+    cards: Mutex<BTreeMap<u32, Arc<Card>>>,
+    workers_per_card: usize,
+}
+
+impl Datapath {
+    pub fn new(switch: Arc<enilab_switch::Switch>, workers_per_card: usize) -> Self {
+        Datapath {
+            switch,
+            ports: Arc::new(PortTable::default()),
+            pool: Arc::new(Pool::default()),
+            cards: Mutex::new(BTreeMap::new()),
+            workers_per_card: workers_per_card.max(1),
+        }
+    }
+
+    pub fn switch(&self) -> &Arc<enilab_switch::Switch> {
+        &self.switch
+    }
+
+    /// The card with this index, started on first use.
+    pub fn card(&self, id: u32) -> Result<Arc<Card>, BackendError> {
+        let mut cards = self.cards.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cards.get(&id) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(Card::start(
+            id,
+            self.workers_per_card,
+            &self.switch,
+            self.ports.clone(),
+            self.pool.clone(),
+        )?);
+        cards.insert(id, c.clone());
+        Ok(c)
+    }
+
+    pub fn cards(&self) -> Vec<Arc<Card>> {
+        self.cards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Create an ENI device and serve it on `socket` from card `card`.
+    pub fn add_eni(&self, socket: &Path, cfg: DeviceConfig, card: u32) -> Result<EniServer, BackendError> {
+        let dev = NetDevice::new(cfg)?;
+        let card = self.card(card)?;
+        EniServer::start(socket, dev, card)
+    }
+
+    /// Stop every card.
+    pub fn shutdown(&self) {
+        for c in self.cards() {
+            c.shutdown();
+        }
+    }
+}

@@ -1,1 +1,274 @@
 //! Lock-free per-port counters.
+//!
+//! Every port id below [`MAX_PORTS`](crate::MAX_PORTS) has one preallocated
+//! [`PortCounters`]; workers add to it with relaxed atomics and readers take
+//! a [`PortStats`] copy. Directions are named from the guest's side, as in
+//! `ip -s link` inside the guest: `tx` is what the guest sent into the
+//! switch, `rx` what the switch delivered toward the guest.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serializer;
+use serde::Serialize;
+
+/// Why the switch dropped a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Truncated or inconsistent headers.
+    Malformed,
+    /// No port owns the destination (or the ARP target) in the VPC.
+    NoRoute,
+    /// Broadcast, multicast or IPv6 traffic the switch does not forward, and
+    /// ARP announcements or replies from guests (never flooded).
+    Broadcast,
+    /// Source/destination check failed.
+    SourceCheck,
+    /// A security group denied the flow.
+    SecurityGroup,
+    /// A network ACL denied the packet.
+    Nacl,
+    /// A rate limit was exceeded.
+    RateLimit,
+    /// The destination's queue was full (counted on the destination port).
+    QueueFull,
+    /// The ingress port is not in the current snapshot.
+    PortDown,
+    /// A well-formed frame of a kind the switch does not handle.
+    Unsupported,
+}
+
+impl DropReason {
+    /// Number of reasons.
+    pub const COUNT: usize = 10;
+
+    /// Every reason, in counter order.
+    pub const ALL: [DropReason; DropReason::COUNT] = [
+        DropReason::Malformed,
+        DropReason::NoRoute,
+        DropReason::Broadcast,
+        DropReason::SourceCheck,
+        DropReason::SecurityGroup,
+        DropReason::Nacl,
+        DropReason::RateLimit,
+        DropReason::QueueFull,
+        DropReason::PortDown,
+        DropReason::Unsupported,
+    ];
+
+    /// Stable snake_case name, used in metrics and logs.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::NoRoute => "no_route",
+            DropReason::Broadcast => "broadcast",
+            DropReason::SourceCheck => "source_check",
+            DropReason::SecurityGroup => "security_group",
+            DropReason::Nacl => "nacl",
+            DropReason::RateLimit => "rate_limit",
+            DropReason::QueueFull => "queue_full",
+            DropReason::PortDown => "port_down",
+            DropReason::Unsupported => "unsupported",
+        }
+    }
+
+    /// Position in [`DropReason::ALL`] and in the drop counter arrays.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl std::fmt::Display for DropReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Live counters of one port. Updated with relaxed atomics; a reader may
+/// see one counter ahead of another, never a torn value.
+///
+/// Aligned to a cache line so neighbouring ports do not share one.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct PortCounters {
+    /// Frames the guest transmitted into the switch (all of them, whatever
+    /// became of them).
+    pub tx_packets: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    /// Frames delivered toward the guest: forwarded frames and the
+    /// switch's own ARP, DHCP and ICMP replies.
+    pub rx_packets: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    /// ARP replies the switch sent to this port.
+    pub arp_replies: AtomicU64,
+    /// DHCP replies (OFFER, ACK, NAK) the switch sent to this port.
+    pub dhcp_replies: AtomicU64,
+    drops: [AtomicU64; DropReason::COUNT],
+}
+
+impl PortCounters {
+    /// Count one frame from the guest.
+    #[inline]
+    pub fn add_tx(&self, bytes: usize) {
+        self.tx_packets.fetch_add(1, Ordering::Relaxed);
+        self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Count one frame toward the guest.
+    #[inline]
+    pub fn add_rx(&self, bytes: usize) {
+        self.rx_packets.fetch_add(1, Ordering::Relaxed);
+        self.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Count one drop. Public so the backend can count its own drops (for
+    /// example `QueueFull` when a guest RX ring has no buffers).
+    #[inline]
+    pub fn count_drop(&self, reason: DropReason) {
+        self.drops[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Current value of one drop counter.
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()].load(Ordering::Relaxed)
+    }
+
+    /// A plain copy of every counter.
+    pub fn stats(&self) -> PortStats {
+        let mut drops = [0; DropReason::COUNT];
+        for (out, c) in drops.iter_mut().zip(&self.drops) {
+            *out = c.load(Ordering::Relaxed);
+        }
+        PortStats {
+            tx_packets: self.tx_packets.load(Ordering::Relaxed),
+            tx_bytes: self.tx_bytes.load(Ordering::Relaxed),
+            rx_packets: self.rx_packets.load(Ordering::Relaxed),
+            rx_bytes: self.rx_bytes.load(Ordering::Relaxed),
+            arp_replies: self.arp_replies.load(Ordering::Relaxed),
+            dhcp_replies: self.dhcp_replies.load(Ordering::Relaxed),
+            drops,
+        }
+    }
+
+    /// Zero every counter (when a port id is reused). Not atomic as a whole:
+    /// increments racing with the reset may survive it.
+    pub fn reset(&self) {
+        for c in [
+            &self.tx_packets,
+            &self.tx_bytes,
+            &self.rx_packets,
+            &self.rx_bytes,
+            &self.arp_replies,
+            &self.dhcp_replies,
+        ]
+        .into_iter()
+        .chain(&self.drops)
+        {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A copy of one port's counters.
+///
+/// Serialises as
+/// `{"tx_packets":3,"tx_bytes":252,"rx_packets":2,"rx_bytes":384,
+///   "arp_replies":1,"dhcp_replies":1,"drops":{"malformed":0,...}}`
+/// with every [`DropReason::as_str`] name present under `drops`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PortStats {
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub arp_replies: u64,
+    pub dhcp_replies: u64,
+    #[serde(serialize_with = "serialize_drops")]
+    pub drops: [u64; DropReason::COUNT],
+}
+
+impl PortStats {
+    /// Drops counted under `reason`.
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+
+    /// (name, count) for every reason, in [`DropReason::ALL`] order.
+    pub fn named_drops(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        named(&self.drops)
+    }
+
+    /// Drops under every reason together.
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+}
+
+fn serialize_drops<S: Serializer>(
+    drops: &[u64; DropReason::COUNT],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(named(drops))
+}
+
+fn named(drops: &[u64; DropReason::COUNT]) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+    DropReason::ALL
+        .iter()
+        .map(move |r| (r.as_str(), drops[r.index()]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_in_index_order_with_unique_names() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i, "{r:?}");
+            assert_eq!(r.to_string(), r.as_str());
+        }
+        let mut names: Vec<_> = DropReason::ALL.iter().map(|r| r.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), DropReason::COUNT);
+        assert_eq!(DropReason::Malformed.as_str(), "malformed");
+        assert_eq!(DropReason::NoRoute.as_str(), "no_route");
+    }
+
+    #[test]
+    fn add_stats_and_reset() {
+        let c = PortCounters::default();
+        c.add_tx(60);
+        c.add_tx(40);
+        c.add_rx(1500);
+        c.arp_replies.fetch_add(1, Ordering::Relaxed);
+        c.dhcp_replies.fetch_add(2, Ordering::Relaxed);
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            for _ in 0..=i {
+                c.count_drop(*r);
+            }
+        }
+        let s = c.stats();
+        assert_eq!((s.tx_packets, s.tx_bytes), (2, 100));
+        assert_eq!((s.rx_packets, s.rx_bytes), (1, 1500));
+        assert_eq!((s.arp_replies, s.dhcp_replies), (1, 2));
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(s.drops(*r), i as u64 + 1, "{r:?}");
+            assert_eq!(c.drops(*r), i as u64 + 1, "{r:?}");
+        }
+        assert_eq!(s.total_drops(), 55);
+        c.reset();
+        assert_eq!(c.stats(), PortStats::default());
+    }
+
+    #[test]
+    fn drops_are_named() {
+        let mut stats = PortStats::default();
+        stats.drops[DropReason::NoRoute.index()] = 4;
+        let got: Vec<(&str, u64)> = stats.named_drops().collect();
+        let want: Vec<(&str, u64)> = DropReason::ALL
+            .iter()
+            .map(|r| (r.as_str(), if *r == DropReason::NoRoute { 4 } else { 0 }))
+            .collect();
+        assert_eq!(got, want);
+    }
+}

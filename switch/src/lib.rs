@@ -17,7 +17,7 @@ pub mod wire;
 
 pub use config::{PortConfig, Snapshot, SnapshotError, SubnetConfig, GATEWAY_MAC};
 pub use counters::{DropReason, PortCounters, PortStats};
-pub use pipeline::{Switch, SwitchWorker};
+pub use pipeline::{flow_hash, Switch, SwitchWorker};
 
 /// Dense port number. The control plane allocates it and reuses it only
 /// after the port has left the snapshot. A port is one ENI (or, later, a

@@ -1,1 +1,18 @@
-//! The enilab guest agent's wire protocol, shared with the host side.
+//! The enilab guest agent: its wire protocol (shared with the host side in
+//! `enilab_control::agent`) and the agent itself.
+//!
+//! * [`proto`]: the newline-delimited JSON protocol types.
+//! * [`b64`]: the base64 codec used for byte payloads.
+//! * [`server`]: the serve loop, over any pollable descriptor.
+//! * [`guest`], [`net`]: guest-only parts (virtio-serial port discovery,
+//!   kernel command line, the interface/DHCP watcher).
+
+pub mod b64;
+pub mod guest;
+pub mod net;
+pub mod proto;
+pub mod server;
+pub mod sys;
+
+pub use proto::{ExecRequest, Hello, Message, MuxStatus, Request, Stream};
+pub use server::{serve, ServeOptions};

@@ -1,1 +1,100 @@
-fn main() {}
+//! `enilab-agent`: the guest agent daemon. Started (and restarted) by init.
+//!
+//! Usage: `enilab-agent [--port NAME] [--device PATH] [--no-net]`
+//!   --port NAME    virtio-serial port name (default org.enilab.agent)
+//!   --device PATH  serve on this character device instead of looking up
+//!                  the port in sysfs
+//!   --no-net       do not run the interface/DHCP watcher
+//! The kernel parameter `enilab.net=off` also disables the watcher.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use enilab_agent::{guest, net, proto, server, sys};
+
+fn log(msg: &str) {
+    eprintln!("enilab-agent: {msg}");
+}
+
+fn usage() -> ! {
+    eprintln!("usage: enilab-agent [--port NAME] [--device PATH] [--no-net]");
+    std::process::exit(2);
+}
+
+fn main() {
+    let boot_ms = sys::uptime_ms();
+    let mut port = proto::PORT_NAME.to_string();
+    let mut device: Option<PathBuf> = None;
+    let mut run_net = true;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--port" => port = args.next().unwrap_or_else(|| usage()),
+            "--device" => device = Some(args.next().unwrap_or_else(|| usage()).into()),
+            "--no-net" => run_net = false,
+            "--version" => {
+                println!("enilab-agent {} (protocol {})", env!("CARGO_PKG_VERSION"), proto::PROTOCOL_VERSION);
+                return;
+            }
+            _ => usage(),
+        }
+    }
+    if std::env::var_os("PATH").is_none() {
+        std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    }
+    if std::env::var_os("HOME").is_none() {
+        std::env::set_var("HOME", "/root");
+    }
+    let params = guest::kernel_params();
+    if params.get("net").is_some_and(|v| v == "off") {
+        run_net = false;
+    }
+    log(&format!("version {} starting {} ms after boot", env!("CARGO_PKG_VERSION"), boot_ms));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    if run_net {
+        let stop = stop.clone();
+        if let Err(e) = std::thread::Builder::new()
+            .name("agent-net".into())
+            .spawn(move || net::watch(net::NetConfig::default(), stop))
+        {
+            log(&format!("cannot start the interface watcher: {e}"));
+        }
+    }
+
+    let opts = server::ServeOptions {
+        reconnectable: true,
+        heartbeat: Duration::from_secs(1),
+        hello: Arc::new(move || guest::system_hello(boot_ms)),
+        stop,
+    };
+    let mut waited = false;
+    loop {
+        let opened = match &device {
+            Some(p) => guest::open_rw(p).map(|fd| Some((p.clone(), fd))),
+            None => guest::open_port(&port),
+        };
+        match opened {
+            Ok(Some((path, fd))) => {
+                log(&format!("serving on {} (port {port})", path.display()));
+                if let Err(e) = server::serve(fd, opts.clone()) {
+                    log(&format!("serve loop failed: {e}; reopening in 1 s"));
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Ok(None) => {
+                if !waited {
+                    log(&format!("waiting for virtio-serial port {port}"));
+                    waited = true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => {
+                log(&format!("cannot open the agent port: {e}; retrying in 1 s"));
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! One card worker thread: an epoll loop over the kick eventfds of the
+//! queue pairs it owns and its own wake eventfd.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use enilab_switch::{Egress, PacketMeta, PortId, Switch, SwitchWorker, Verdict};
+use vhost_user_backend::VringT;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use crate::net::{NetDevice, RxCtx, TxCtx};
+use crate::port::{Pkt, PortHandle, PortTable, Pool, Waker};
+
+const WAKE_TOKEN: u64 = u64::MAX;
+
+/// Commands from the card to a worker.
+pub(crate) enum Cmd {
+    Add(Arc<NetDevice>, u16),
+    Remove(PortId),
+    Stop,
+}
+
+/// Lock-free counters of one worker.
+#[derive(Default)]
+pub struct WorkerCounters {
+    pub wakeups: AtomicU64,
+    pub tx_batches: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub replied: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+/// The part of a worker that other threads hold.
+pub(crate) struct WorkerShared {
+    pub waker: Arc<Waker>,
+    pub cmds: Mutex<Vec<Cmd>>,
+    pub counters: WorkerCounters,
+    pub alive: AtomicBool,
+}
+
+struct Slot {
+    dev: Arc<NetDevice>,
+    qp: u16,
+    handle: Arc<PortHandle>,
+    pending: VecDeque<Pkt>,
+    tx_more: bool,
+    rx_more: bool,
+}
+
+/// The switch's view of where frames go: port RX queues.
+struct PortEgress<'a> {
+    ports: &'a PortTable,
+    pool: &'a Pool,
+    wake: Vec<Arc<Waker>>,
+}
+
+impl Egress for PortEgress<'_> {
+    fn emit(&mut self, port: PortId, flow_hash: u32, frame: &[u8], meta: &PacketMeta) -> bool {
+        let Some(handle) = self.ports.get(port) else {
+            return false;
+        };
+        let mut buf = self.pool.get();
+        buf.extend_from_slice(frame);
+        match handle.enqueue(flow_hash, Pkt { buf, meta: *meta }) {
+            Ok(w) => {
+                if !self.wake.iter().any(|x| Arc::ptr_eq(x, w)) {
+                    self.wake.push(w.clone());
+                }
+                true
+            }
+            Err(pkt) => {
+                self.pool.put(pkt.buf);
+                false
+            }
+        }
+    }
+}
+
+pub(crate) struct Worker {
+    shared: Arc<WorkerShared>,
+    epoll: Epoll,
+    slots: Vec<Slot>,
+    switch: SwitchWorker,
+    ports: Arc<PortTable>,
+    pool: Arc<Pool>,
+    tx: TxCtx,
+    rx: RxCtx,
+    batch: Vec<Pkt>,
+}
+
+impl Worker {
+    pub fn new(
+        shared: Arc<WorkerShared>,
+        switch: &Arc<Switch>,
+        ports: Arc<PortTable>,
+        pool: Arc<Pool>,
+    ) -> std::io::Result<Self> {
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            shared.waker.fd(),
+            EpollEvent::new(EventSet::IN, WAKE_TOKEN),
+        )?;
+        Ok(Worker {
+            shared,
+            epoll,
+            slots: Vec::new(),
+            switch: switch.worker(),
+            ports,
+            pool,
+            tx: TxCtx::default(),
+            rx: RxCtx::default(),
+            batch: Vec::with_capacity(crate::net::BATCH),
+        })
+    }
+
+    pub fn run(mut self) {
+        let mut events = vec![EpollEvent::default(); 64];
+        self.shared.alive.store(true, Ordering::Release);
+        loop {
+            let busy = self.slots.iter().any(|s| s.tx_more || s.rx_more && !s.pending.is_empty());
+            let n = match self.epoll.wait(if busy { 0 } else { 1000 }, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+                Err(e) => {
+                    tracing::error!(error = %e, "worker epoll failed");
+                    break;
+                }
+            };
+            let mut rescan = false;
+            for ev in &events[..n] {
+                let token = ev.data();
+                if token == WAKE_TOKEN {
+                    self.shared.waker.consume();
+                    self.shared.counters.wakeups.fetch_add(1, Ordering::Relaxed);
+                    if !self.handle_cmds() {
+                        self.shared.alive.store(false, Ordering::Release);
+                        return;
+                    }
+                    rescan |= self.shared.waker.take_rescan();
+                    for s in &mut self.slots {
+                        s.rx_more = true;
+                    }
+                    continue;
+                }
+                let (slot, is_tx) = ((token / 2) as usize, token % 2 == 1);
+                if let Some(s) = self.slots.get_mut(slot) {
+                    drain_eventfd(ev.fd());
+                    if is_tx {
+                        s.tx_more = true;
+                    } else {
+                        s.rx_more = true;
+                    }
+                }
+            }
+            if rescan {
+                self.register_all();
+            }
+            self.pass();
+        }
+        self.shared.alive.store(false, Ordering::Release);
+    }
+
+    /// One pass over every slot: TX, then RX.
+    fn pass(&mut self) {
+        let mut egress = PortEgress {
+            ports: &self.ports,
+            pool: &self.pool,
+            wake: Vec::new(),
+        };
+        for s in &mut self.slots {
+            if !s.tx_more {
+                continue;
+            }
+            let out = s.dev.process_tx(s.qp, &mut self.tx, &self.pool, &mut self.batch);
+            s.tx_more = out.more;
+            self.shared.counters.tx_batches.fetch_add(1, Ordering::Relaxed);
+            let port = s.dev.port();
+            for mut pkt in self.batch.drain(..) {
+                let verdict = self.switch.process(port, &mut pkt.buf, &pkt.meta, &mut egress);
+                let c = &self.shared.counters;
+                match verdict {
+                    Verdict::Forwarded(_) => c.forwarded.fetch_add(1, Ordering::Relaxed),
+                    Verdict::Replied => c.replied.fetch_add(1, Ordering::Relaxed),
+                    Verdict::Dropped(_) => c.dropped.fetch_add(1, Ordering::Relaxed),
+                };
+                self.pool.put(pkt.buf);
+            }
+        }
+        for w in egress.wake.drain(..) {
+            if !Arc::ptr_eq(&w, &self.shared.waker) {
+                w.wake();
+            } else {
+                for s in &mut self.slots {
+                    s.rx_more = true;
+                }
+            }
+        }
+        for s in &mut self.slots {
+            if !s.rx_more {
+                continue;
+            }
+            let rxq = &s.handle.rxq[usize::from(s.qp)];
+            let waiting = s
+                .dev
+                .process_rx(s.qp, rxq, &mut s.pending, &mut self.rx, &self.pool);
+            // Frames wait for the guest's kick, not for a busy loop.
+            s.rx_more = waiting && rxq.ring.is_full();
+        }
+    }
+
+    fn handle_cmds(&mut self) -> bool {
+        let cmds: Vec<Cmd> = std::mem::take(&mut *self.shared.cmds.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut changed = false;
+        for cmd in cmds {
+            match cmd {
+                Cmd::Add(dev, qp) => {
+                    let Some(handle) = dev.handle.get().cloned() else {
+                        continue;
+                    };
+                    self.slots.push(Slot {
+                        dev,
+                        qp,
+                        handle,
+                        pending: VecDeque::new(),
+                        tx_more: true,
+                        rx_more: true,
+                    });
+                    changed = true;
+                }
+                Cmd::Remove(port) => {
+                    for s in self.slots.iter_mut().filter(|s| s.dev.port() == port) {
+                        for p in s.pending.drain(..) {
+                            self.pool.put(p.buf);
+                        }
+                    }
+                    self.slots.retain(|s| s.dev.port() != port);
+                    changed = true;
+                }
+                Cmd::Stop => return false,
+            }
+        }
+        if changed {
+            self.register_all();
+        }
+        true
+    }
+
+    /// (Re-)register every slot's kick fds. Called when rings start or
+    /// stop; an fd number may have been reused, so re-add unconditionally.
+    fn register_all(&mut self) {
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            for dir in 0..2u64 {
+                let Some(v) = s.dev.vring(usize::from(s.qp) * 2 + dir as usize) else {
+                    continue;
+                };
+                let fd: Option<RawFd> = v.get_ref().get_kick().as_ref().map(|k| k.as_raw_fd());
+                let token = i as u64 * 2 + dir;
+                if let Some(fd) = fd {
+                    let ev = EpollEvent::new(EventSet::IN, token);
+                    match self.epoll.ctl(ControlOperation::Add, fd, ev) {
+                        Ok(()) => {}
+                        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                            let _ = self.epoll.ctl(ControlOperation::Modify, fd, ev);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot watch kick fd"),
+                    }
+                }
+            }
+            s.tx_more = true;
+            s.rx_more = true;
+        }
+    }
+}
+
+fn drain_eventfd(fd: RawFd) {
+    let mut v = 0u64;
+    // SAFETY: reads 8 bytes into a local u64 from an eventfd we watch; the
+    // fd is non-blocking, so this never waits, and errors are ignored.
+    unsafe {
+        libc::read(fd, (&mut v as *mut u64).cast(), 8);
+    }
+}

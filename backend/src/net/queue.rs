@@ -1,0 +1,386 @@
+//! TX and RX processing for one queue pair, called by the card worker that
+//! owns it. The ring lock is held per batch, never per packet.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+
+use enilab_switch::{GsoKind, PacketMeta};
+use vhost_user_backend::{VringState, VringT};
+#[allow(unused_imports)]
+use virtio_queue::QueueOwnedT;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_MRG_RXBUF,
+};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+
+use super::chain::{self, Dir, Seg};
+use super::device::{NetDevice, QueueCounters};
+use super::hdr::{VirtioNetHdr, VNET_HDR_LEN};
+use super::offload;
+use super::MAX_FRAME;
+use crate::port::{Pkt, Pool, RxQueue};
+
+/// Chains taken from a ring per batch before the worker looks elsewhere.
+pub const BATCH: usize = 64;
+/// Most RX chains one frame may span with MRG_RXBUF.
+const MAX_RX_BUFS: usize = 64;
+
+/// Per-worker scratch for TX.
+#[derive(Default)]
+pub struct TxCtx {
+    segs: Vec<Seg>,
+}
+
+/// Per-worker scratch for RX.
+#[derive(Default)]
+pub struct RxCtx {
+    tmp: Vec<Seg>,
+    segs: Vec<Seg>,
+    heads: Vec<(u16, u32, usize, usize)>,
+    seg_buf: Vec<u8>,
+}
+
+/// Outcome of a TX pass.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TxOutcome {
+    /// The ring still had chains when the budget ran out.
+    pub more: bool,
+}
+
+impl NetDevice {
+    /// Take up to one batch of frames from the TX ring of `qp`, appending
+    /// good ones to `out`. Bad chains are completed with length 0 and
+    /// counted; a disabled ring is drained without forwarding.
+    pub(crate) fn process_tx(
+        &self,
+        qp: u16,
+        ctx: &mut TxCtx,
+        pool: &Pool,
+        out: &mut Vec<Pkt>,
+    ) -> TxOutcome {
+        let Some(vring) = self.vring(usize::from(qp) * 2 + 1) else {
+            return TxOutcome::default();
+        };
+        let counters = &self.counters[usize::from(qp)];
+        let hdr_len = self.hdr_len();
+        let indirect = self.indirect();
+        let mem = self.mem().memory();
+        let mut st = vring.get_mut();
+        if !st.get_queue().ready() {
+            return TxOutcome::default();
+        }
+        let enabled = st.is_enabled();
+        let mut done = 0usize;
+        let mut more = false;
+        loop {
+            let q = st.get_queue_mut();
+            let table = GuestAddress(q.desc_table());
+            let size = q.size();
+            let Some(head) = q.pop_descriptor_chain(&*mem).map(|c| c.head_index()) else {
+                // Re-arm notifications; if the guest raced us, go again.
+                match st.enable_notification() {
+                    Ok(true) if done < BATCH => continue,
+                    Ok(true) => more = true,
+                    _ => {}
+                }
+                break;
+            };
+            if done == 0 {
+                let _ = st.disable_notification();
+            }
+            done += 1;
+            if !enabled {
+                counters.tx_discarded.fetch_add(1, Ordering::Relaxed);
+            } else {
+                match chain::walk(&*mem, table, size, head, indirect, Dir::Read, &mut ctx.segs) {
+                    Err(e) => {
+                        tracing::debug!(eni = %self.cfg.eni_id, qp, error = %e, "bad TX chain");
+                        counters.tx_bad_chains.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(total) => {
+                        if let Some(pkt) = self.read_frame(&mem, &ctx.segs, total, hdr_len, pool, counters) {
+                            counters.tx_packets.fetch_add(1, Ordering::Relaxed);
+                            counters
+                                .tx_bytes
+                                .fetch_add(pkt.buf.len() as u64, Ordering::Relaxed);
+                            out.push(pkt);
+                        }
+                    }
+                }
+            }
+            // TX buffers are only read: used length 0, for good and bad chains.
+            if st.add_used(head, 0).is_err() {
+                counters.tx_bad_chains.fetch_add(1, Ordering::Relaxed);
+            }
+            if done >= BATCH {
+                more = true;
+                break;
+            }
+        }
+        if done > 0 && st.needs_notification().unwrap_or(true) {
+            counters.notifications.fetch_add(1, Ordering::Relaxed);
+            let _ = st.signal_used_queue();
+        }
+        TxOutcome { more }
+    }
+
+    fn read_frame(
+        &self,
+        mem: &GuestMemoryMmap,
+        segs: &[Seg],
+        total: u32,
+        hdr_len: usize,
+        pool: &Pool,
+        counters: &QueueCounters,
+    ) -> Option<Pkt> {
+        let total = total as usize;
+        let bad = |c: &QueueCounters| {
+            c.tx_bad_frames.fetch_add(1, Ordering::Relaxed);
+            None
+        };
+        if total < hdr_len + 14 || total - hdr_len > MAX_FRAME {
+            return bad(counters);
+        }
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        if chain::gather(mem, segs, 0, &mut hdr[..hdr_len]).is_err() {
+            return bad(counters);
+        }
+        let flen = total - hdr_len;
+        let mut buf = pool.get();
+        buf.resize(flen, 0);
+        match chain::gather(mem, segs, hdr_len, &mut buf) {
+            Ok(n) if n == flen => {}
+            _ => {
+                pool.put(buf);
+                return bad(counters);
+            }
+        }
+        let meta = match VirtioNetHdr::parse(&hdr).to_meta(flen) {
+            Ok(m) => m,
+            Err(_) => {
+                pool.put(buf);
+                return bad(counters);
+            }
+        };
+        Some(Pkt { buf, meta })
+    }
+
+    /// Move frames waiting in `rxq` (and frames left in `pending` by an
+    /// earlier pass) into the guest's RX ring of `qp`. Returns true when
+    /// frames are still waiting for buffers.
+    pub(crate) fn process_rx(
+        &self,
+        qp: u16,
+        rxq: &RxQueue,
+        pending: &mut VecDeque<Pkt>,
+        ctx: &mut RxCtx,
+        pool: &Pool,
+    ) -> bool {
+        let Some(vring) = self.vring(usize::from(qp) * 2) else {
+            return false;
+        };
+        let counters = &self.counters[usize::from(qp)];
+        let mem = self.mem().memory();
+        let mut guard = vring.get_mut();
+        let st: &mut VState = &mut guard;
+        if !st.get_queue().ready() || !st.is_enabled() {
+            return !pending.is_empty() || !rxq.ring.is_empty();
+        }
+        let mrg = self.has(VIRTIO_NET_F_MRG_RXBUF);
+        let csum_ok = self.has(VIRTIO_NET_F_GUEST_CSUM);
+        let rx = RxParams {
+            hdr_len: self.hdr_len(),
+            mrg,
+            indirect: self.indirect(),
+        };
+        let mut delivered = 0usize;
+        let mut retries = 0;
+        while delivered < BATCH * 4 {
+            let Some(mut pkt) = pending.pop_front().or_else(|| rxq.ring.pop()) else {
+                break;
+            };
+            // Offloads the guest did not negotiate are finished here.
+            let tso_ok = match pkt.meta.gso.map(|g| g.kind) {
+                None => true,
+                Some(GsoKind::Tcpv4) => self.has(VIRTIO_NET_F_GUEST_TSO4) && csum_ok,
+                Some(GsoKind::Tcpv6) => self.has(VIRTIO_NET_F_GUEST_TSO6) && csum_ok,
+                Some(GsoKind::Udp) => false,
+            };
+            if !tso_ok {
+                let Some(gso) = pkt.meta.gso else { continue };
+                let mut segs = Vec::new();
+                let r = offload::segment(&pkt.buf, &gso, &mut ctx.seg_buf, |s| {
+                    let mut b = pool.get();
+                    b.extend_from_slice(s);
+                    segs.push(Pkt {
+                        buf: b,
+                        meta: PacketMeta::default(),
+                    });
+                });
+                pool.put(pkt.buf);
+                if r.is_err() {
+                    counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                    for s in segs {
+                        pool.put(s.buf);
+                    }
+                    continue;
+                }
+                for s in segs.into_iter().rev() {
+                    pending.push_front(s);
+                }
+                continue;
+            }
+            if !csum_ok {
+                if let Some(c) = pkt.meta.csum.take() {
+                    if offload::complete_csum(&mut pkt.buf, c).is_err() {
+                        counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                        pool.put(pkt.buf);
+                        continue;
+                    }
+                }
+            }
+            let hdr = VirtioNetHdr::from_meta(&pkt.meta);
+            match rx_one(st, &*mem, &pkt.buf, hdr, &rx, ctx, counters) {
+                RxResult::Done => {
+                    delivered += 1;
+                    counters.rx_packets.fetch_add(1, Ordering::Relaxed);
+                    counters
+                        .rx_bytes
+                        .fetch_add(pkt.buf.len() as u64, Ordering::Relaxed);
+                    pool.put(pkt.buf);
+                }
+                RxResult::Dropped => {
+                    counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                    pool.put(pkt.buf);
+                }
+                RxResult::NoBuffers => {
+                    counters.rx_no_buffers.fetch_add(1, Ordering::Relaxed);
+                    pending.push_front(pkt);
+                    // Ask for a kick when buffers come; if some came in the
+                    // meantime, go on.
+                    if retries < 2 && matches!(st.enable_notification(), Ok(true)) {
+                        retries += 1;
+                        continue;
+                    }
+                    break;
+                }
+            }
+        }
+        if delivered > 0 && st.needs_notification().unwrap_or(true) {
+            counters.notifications.fetch_add(1, Ordering::Relaxed);
+            let _ = st.signal_used_queue();
+        }
+        !pending.is_empty() || !rxq.ring.is_empty()
+    }
+}
+
+type VState = VringState<GuestMemoryAtomic<GuestMemoryMmap>>;
+
+struct RxParams {
+    hdr_len: usize,
+    mrg: bool,
+    indirect: bool,
+}
+
+pub(crate) enum RxResult {
+    Done,
+    Dropped,
+    NoBuffers,
+}
+
+/// Write one frame (with its header) into as many RX chains as it needs:
+/// one without MRG_RXBUF, up to MAX_RX_BUFS with it.
+fn rx_one(
+    st: &mut VState,
+    mem: &GuestMemoryMmap,
+    frame: &[u8],
+    mut hdr: VirtioNetHdr,
+    p: &RxParams,
+    ctx: &mut RxCtx,
+    counters: &QueueCounters,
+) -> RxResult {
+    let need = p.hdr_len + frame.len();
+    let max_bufs = if p.mrg { MAX_RX_BUFS } else { 1 };
+    ctx.heads.clear();
+    ctx.segs.clear();
+    let mut cap = 0usize;
+    let mut popped = 0u16;
+    while cap < need {
+        let q = st.get_queue_mut();
+        if ctx.heads.len() == max_bufs {
+            // The guest's buffers cannot hold this frame: leave them.
+            for _ in 0..popped {
+                q.go_to_previous_position();
+            }
+            return RxResult::Dropped;
+        }
+        let table = GuestAddress(q.desc_table());
+        let size = q.size();
+        let Some(head) = q.pop_descriptor_chain(mem).map(|c| c.head_index()) else {
+            for _ in 0..popped {
+                q.go_to_previous_position();
+            }
+            return RxResult::NoBuffers;
+        };
+        popped += 1;
+        match chain::walk(mem, table, size, head, p.indirect, Dir::Write, &mut ctx.tmp) {
+            Ok(len) => {
+                let start = ctx.segs.len();
+                ctx.segs.extend_from_slice(&ctx.tmp);
+                ctx.heads.push((head, len, start, ctx.segs.len()));
+                cap = cap.saturating_add(len as usize);
+            }
+            Err(e) => {
+                // Complete the bad chain, and the good ones taken for this
+                // frame, with length 0; the frame is dropped.
+                tracing::debug!(error = %e, "bad RX chain");
+                counters.rx_bad_chains.fetch_add(1, Ordering::Relaxed);
+                let _ = st.add_used(head, 0);
+                for &(h, ..) in &ctx.heads {
+                    let _ = st.add_used(h, 0);
+                }
+                return RxResult::Dropped;
+            }
+        }
+    }
+    hdr.num_buffers = ctx.heads.len() as u16;
+    let hb = hdr.emit();
+    let hb = &hb[..p.hdr_len];
+    let mut off = 0usize;
+    for i in 0..ctx.heads.len() {
+        let (head, len, a, b) = ctx.heads[i];
+        let n = (len as usize).min(need - off);
+        let ok = write_stream(mem, &ctx.segs[a..b], hb, frame, off, n).is_ok();
+        let _ = st.add_used(head, if ok { n as u32 } else { 0 });
+        if !ok {
+            counters.rx_bad_chains.fetch_add(1, Ordering::Relaxed);
+        }
+        off += n;
+    }
+    RxResult::Done
+}
+
+/// Write bytes [off, off+len) of the stream `hdr ++ frame` into `segs`.
+fn write_stream(
+    mem: &GuestMemoryMmap,
+    segs: &[Seg],
+    hdr: &[u8],
+    frame: &[u8],
+    off: usize,
+    len: usize,
+) -> Result<(), chain::ChainError> {
+    let end = off + len;
+    let mut pos = 0usize;
+    if off < hdr.len() {
+        let b = end.min(hdr.len());
+        pos += chain::scatter(mem, segs, 0, &hdr[off..b])?;
+    }
+    let fa = off.max(hdr.len()) - hdr.len();
+    let fb = end.saturating_sub(hdr.len());
+    if fb > fa {
+        chain::scatter(mem, segs, pos, &frame[fa..fb])?;
+    }
+    Ok(())
+}

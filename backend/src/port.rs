@@ -1,0 +1,188 @@
+//! Port queues: where the switch leaves frames for a destination ENI, and
+//! the wake-ups that tell the owning card worker to fill the guest's RX ring.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use crossbeam_queue::ArrayQueue;
+use enilab_switch::{PacketMeta, PortId};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Frames one RX queue holds while its guest has no buffers posted.
+pub const RX_QUEUE_DEPTH: usize = 1024;
+/// Buffers kept for reuse across all workers.
+const POOL_SIZE: usize = 8192;
+/// Capacity a fresh buffer starts with (one MTU-sized frame).
+const SMALL_BUF: usize = 2048;
+
+/// A frame in flight between a TX worker and an RX worker.
+pub struct Pkt {
+    pub buf: Vec<u8>,
+    pub meta: PacketMeta,
+}
+
+/// A shared free list of frame buffers, so the steady state allocates
+/// nothing per packet.
+pub struct Pool {
+    free: ArrayQueue<Vec<u8>>,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool {
+            free: ArrayQueue::new(POOL_SIZE),
+        }
+    }
+}
+
+impl Pool {
+    pub fn get(&self) -> Vec<u8> {
+        self.free
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(SMALL_BUF))
+    }
+
+    pub fn put(&self, mut buf: Vec<u8>) {
+        // Do not hoard 64 KiB super-packet buffers.
+        if buf.capacity() > 4 * SMALL_BUF {
+            buf = Vec::with_capacity(SMALL_BUF);
+        }
+        buf.clear();
+        let _ = self.free.push(buf);
+    }
+}
+
+/// Wakes one card worker: an eventfd plus a "rescan your rings" flag.
+pub struct Waker {
+    efd: EventFd,
+    rescan: AtomicBool,
+}
+
+impl Waker {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Waker {
+            efd: EventFd::new(EFD_NONBLOCK)?,
+            rescan: AtomicBool::new(false),
+        })
+    }
+
+    pub fn wake(&self) {
+        let _ = self.efd.write(1);
+    }
+
+    /// Ask the worker to re-read ring state (kick fds, enable flags).
+    pub fn request_rescan(&self) {
+        self.rescan.store(true, Ordering::Release);
+        self.wake();
+    }
+
+    pub(crate) fn take_rescan(&self) -> bool {
+        self.rescan.swap(false, Ordering::AcqRel)
+    }
+
+    pub(crate) fn consume(&self) {
+        let _ = self.efd.read();
+    }
+
+    pub(crate) fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.efd.as_raw_fd()
+    }
+}
+
+/// One RX queue of a port.
+pub struct RxQueue {
+    pub(crate) ring: ArrayQueue<Pkt>,
+    pub(crate) waker: Arc<Waker>,
+}
+
+/// The receiving side of one ENI, as the switch's egress sees it.
+pub struct PortHandle {
+    pub port: PortId,
+    pub(crate) rxq: Box<[RxQueue]>,
+    /// Bit i set when RX queue i is enabled by the guest.
+    pub(crate) enabled_rx: AtomicU32,
+}
+
+impl PortHandle {
+    pub(crate) fn new(port: PortId, wakers: &[Arc<Waker>]) -> Self {
+        PortHandle {
+            port,
+            rxq: wakers
+                .iter()
+                .map(|w| RxQueue {
+                    ring: ArrayQueue::new(RX_QUEUE_DEPTH),
+                    waker: w.clone(),
+                })
+                .collect(),
+            enabled_rx: AtomicU32::new(0),
+        }
+    }
+
+    /// Pick the RX queue for a flow among the enabled ones.
+    pub(crate) fn pick(&self, flow_hash: u32) -> Option<&RxQueue> {
+        let mask = self.enabled_rx.load(Ordering::Relaxed);
+        let n = mask.count_ones();
+        if n == 0 {
+            return None;
+        }
+        let mut k = flow_hash % n;
+        let mut m = mask;
+        loop {
+            let i = m.trailing_zeros();
+            if k == 0 {
+                return self.rxq.get(i as usize);
+            }
+            k -= 1;
+            m &= m - 1;
+        }
+    }
+
+    /// Queue a frame for the guest. Gives the frame back if the queue is
+    /// full or no RX queue is enabled.
+    pub fn enqueue(&self, flow_hash: u32, pkt: Pkt) -> Result<&Arc<Waker>, Pkt> {
+        let Some(q) = self.pick(flow_hash) else {
+            return Err(pkt);
+        };
+        q.ring.push(pkt)?;
+        Ok(&q.waker)
+    }
+}
+
+/// Port id -> receiving handle, read lock-free by every worker.
+#[derive(Default)]
+pub struct PortTable {
+    ports: ArcSwap<Vec<Option<Arc<PortHandle>>>>,
+    writer: Mutex<()>,
+}
+
+impl PortTable {
+    pub fn load(&self) -> arc_swap::Guard<Arc<Vec<Option<Arc<PortHandle>>>>> {
+        self.ports.load()
+    }
+
+    pub fn get(&self, port: PortId) -> Option<Arc<PortHandle>> {
+        self.ports.load().get(port as usize).cloned().flatten()
+    }
+
+    pub fn insert(&self, handle: Arc<PortHandle>) {
+        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = (**self.ports.load()).clone();
+        let i = handle.port as usize;
+        if v.len() <= i {
+            v.resize(i + 1, None);
+        }
+        v[i] = Some(handle);
+        self.ports.store(Arc::new(v));
+    }
+
+    pub fn remove(&self, port: PortId) {
+        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = (**self.ports.load()).clone();
+        if let Some(slot) = v.get_mut(port as usize) {
+            *slot = None;
+        }
+        self.ports.store(Arc::new(v));
+    }
+}

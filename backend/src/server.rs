@@ -1,0 +1,151 @@
+//! One unix socket per ENI: accept a frontend, serve its session, and on
+//! disconnect reset the device and accept the next one (guest reboot, QEMU
+//! restart) without restarting anything.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::card::Card;
+use crate::net::NetDevice;
+use crate::vhost_user::{Backend, Session, SessionEnd};
+use crate::BackendError;
+
+/// A running ENI socket.
+pub struct EniServer {
+    dev: Arc<NetDevice>,
+    card: Arc<Card>,
+    path: PathBuf,
+    stop: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EniServer {
+    /// Bind `path` and serve `dev` on `card`.
+    pub fn start(path: &Path, dev: Arc<NetDevice>, card: Arc<Card>) -> Result<Self, BackendError> {
+        let listener = bind(path)?;
+        card.attach(&dev)?;
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(BackendError::Io)?);
+        let thread = {
+            let dev = dev.clone();
+            let stop = stop.clone();
+            let name = format!("eni-{}", dev.config().eni_id);
+            std::thread::Builder::new()
+                .name(name.chars().take(15).collect())
+                .spawn(move || serve(listener, &dev, &stop))
+                .map_err(BackendError::Io)?
+        };
+        Ok(EniServer {
+            dev,
+            card,
+            path: path.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn device(&self) -> &Arc<NetDevice> {
+        &self.dev
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Close the socket, end any session and stop serving the device.
+    pub fn stop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.card.detach(&self.dev);
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for EniServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn bind(path: &Path) -> Result<UnixListener, BackendError> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(BackendError::SocketInUse(path.to_path_buf()));
+        }
+        // A stale socket left by a process that died.
+        std::fs::remove_file(path).map_err(|e| BackendError::Bind(path.to_path_buf(), e))?;
+    }
+    UnixListener::bind(path).map_err(|e| BackendError::Bind(path.to_path_buf(), e))
+}
+
+/// Wait until `fd` is readable or `stop` fires. Returns false on stop.
+fn wait_readable(fd: i32, stop: &EventFd) -> bool {
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfd for the whole call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return false;
+        }
+        if fds[1].revents != 0 {
+            return false;
+        }
+        return true;
+    }
+}
+
+fn serve(listener: UnixListener, dev: &Arc<NetDevice>, stop: &EventFd) {
+    let eni = dev.config().eni_id.clone();
+    while wait_readable(listener.as_raw_fd(), stop) {
+        let sock = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(%eni, error = %e, "accept failed");
+                continue;
+            }
+        };
+        let n = dev.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::info!(%eni, session = n, "frontend connected");
+        let mut session = Session::new(sock, &**dev);
+        let end = loop {
+            if !wait_readable(session.socket().as_raw_fd(), stop) {
+                dev.reset();
+                return;
+            }
+            match session.serve_one() {
+                Ok(true) => {}
+                Ok(false) => break SessionEnd::Disconnected,
+                Err(e) => break SessionEnd::Error(e),
+            }
+        };
+        match end {
+            SessionEnd::Disconnected => tracing::info!(%eni, "frontend disconnected"),
+            SessionEnd::Error(e) => {
+                tracing::warn!(%eni, error = %e, "vhost-user session ended by a protocol error")
+            }
+        }
+        dev.reset();
+    }
+    dev.reset();
+}
