@@ -17,6 +17,7 @@
 #   ENILAB_KERNEL_PKG      versioned kernel package (default: what the
 #                          linux-image-cloud-amd64 candidate depends on)
 #   ENILAB_EXTRA_MODULES   more kernel modules to load at boot (space separated)
+#   ENILAB_EXTRA_PROGRAMS  more programs from the packages, e.g. "sbin/tc bin/ss"
 set -euo pipefail
 
 FORMAT=1
@@ -36,7 +37,11 @@ MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_p
 # shellcheck disable=SC2206
 MODULES+=(${ENILAB_EXTRA_MODULES:-})
 # Programs copied from the unpacked packages (path inside the package root).
-PROGRAMS=(bin/ip bin/ss sbin/tc sbin/ethtool usr/bin/iperf3)
+# (busybox provides tc and netstat; iproute2's tc and ss would pull in ~4 MB
+# of libraries: add them with ENILAB_EXTRA_PROGRAMS="sbin/tc bin/ss".)
+PROGRAMS=(bin/dash bin/ip sbin/ethtool usr/bin/iperf3)
+# shellcheck disable=SC2206
+PROGRAMS+=(${ENILAB_EXTRA_PROGRAMS:-})
 STEPS=9
 FORCE=0
 
@@ -84,7 +89,9 @@ else
            | tr ',|' '\n\n' | grep -oE 'linux-image-[0-9][^ ]*-cloud-amd64' | head -n1 || true)
     [ -n "$KPKG" ] || die "cannot find the versioned kernel package that $KERNEL_META $META_VER depends on"
 fi
-PACKAGES=("$KPKG" busybox-static iproute2 iperf3 libiperf0 libsctp1 ethtool)
+# dash is /bin/sh: busybox's sh runs its own applets before PATH, so with it
+# `sh -c "ip ..."` would get busybox's ip instead of iproute2's.
+PACKAGES=("$KPKG" busybox-static dash iproute2 iperf3 libiperf0 libsctp1 ethtool)
 declare -A VER
 for p in "${PACKAGES[@]}"; do
     VER[$p]=$(candidate "$p")
@@ -116,7 +123,7 @@ fetch() {
     done
 }
 step 2 "fetching $KPKG"; fetch "$KPKG"
-step 3 "fetching busybox-static"; fetch busybox-static
+step 3 "fetching busybox-static and dash"; fetch busybox-static dash
 step 4 "fetching iproute2"; fetch iproute2
 step 5 "fetching iperf3 (with libiperf0, libsctp1)"; fetch iperf3 libiperf0 libsctp1
 step 6 "fetching ethtool"; fetch ethtool
@@ -188,6 +195,7 @@ for prog in "${PROGRAMS[@]}"; do
     install -D -m 0755 "$src" "$ROOT/$prog"
 done
 ln -s ../bin/ip "$ROOT/sbin/ip"
+ln -s dash "$ROOT/bin/sh"
 install -m 0755 "$WORK/enilab-agent" "$ROOT/sbin/enilab-agent"
 # busybox applets for everything the real packages did not provide
 while read -r applet; do

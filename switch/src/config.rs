@@ -180,10 +180,7 @@ impl Snapshot {
                     return Err(SnapshotError::UnusableAddress(id, ip));
                 }
                 if by_addr.insert((vpc, ip), id).is_some() {
-                    return Err(SnapshotError::DuplicateAddress(
-                        subnet.vpc_id.clone(),
-                        ip,
-                    ));
+                    return Err(SnapshotError::DuplicateAddress(subnet.vpc_id.clone(), ip));
                 }
             }
             let slot = &mut slots[id as usize];
@@ -261,8 +258,17 @@ mod tests {
 
     #[test]
     fn subnet_addresses() {
-        let rows: &[(&str, [u8; 4], u8, [u8; 4], [u8; 4], [u8; 4], [u8; 4])] = &[
-            // (desc, network, prefix, gateway, dns, broadcast, netmask)
+        // (desc, network, prefix, gateway, dns, broadcast, netmask)
+        type Row = (
+            &'static str,
+            [u8; 4],
+            u8,
+            [u8; 4],
+            [u8; 4],
+            [u8; 4],
+            [u8; 4],
+        );
+        let rows: &[Row] = &[
             (
                 "/24",
                 [10, 0, 1, 0],
@@ -356,7 +362,12 @@ mod tests {
                 subnet("a2", "vpc-a", [10, 0, 2, 0], 24),
             ]
         };
-        type Row = (&'static str, Vec<SubnetConfig>, Vec<PortConfig>, SnapshotError);
+        type Row = (
+            &'static str,
+            Vec<SubnetConfig>,
+            Vec<PortConfig>,
+            SnapshotError,
+        );
         let rows: Vec<Row> = vec![
             (
                 "unknown subnet",
@@ -367,7 +378,10 @@ mod tests {
             (
                 "duplicate primary",
                 subnets(),
-                vec![port(1, 0, [10, 0, 1, 10], &[]), port(2, 0, [10, 0, 1, 10], &[])],
+                vec![
+                    port(1, 0, [10, 0, 1, 10], &[]),
+                    port(2, 0, [10, 0, 1, 10], &[]),
+                ],
                 SnapshotError::DuplicateAddress("vpc-a".into(), Ipv4Addr::new(10, 0, 1, 10)),
             ),
             (
@@ -388,7 +402,10 @@ mod tests {
             (
                 "duplicate port id",
                 subnets(),
-                vec![port(1, 0, [10, 0, 1, 10], &[]), port(1, 1, [10, 0, 2, 10], &[])],
+                vec![
+                    port(1, 0, [10, 0, 1, 10], &[]),
+                    port(1, 1, [10, 0, 2, 10], &[]),
+                ],
                 SnapshotError::DuplicatePort(1),
             ),
             (
@@ -417,7 +434,11 @@ mod tests {
             ),
         ];
         for (desc, subnets, ports, want) in rows {
-            assert_eq!(Snapshot::build(1, subnets, ports).unwrap_err(), want, "{desc}");
+            assert_eq!(
+                Snapshot::build(1, subnets, ports).unwrap_err(),
+                want,
+                "{desc}"
+            );
         }
     }
 }

@@ -8,8 +8,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::Serializer;
 use serde::Serialize;
+use serde::Serializer;
 
 /// Why the switch dropped a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -64,7 +64,10 @@ impl Switch {
     /// Replace the configuration. Workers pick it up on their next frame;
     /// a frame already being processed finishes on the old one.
     pub fn publish(&self, snapshot: Snapshot) {
-        tracing::debug!(generation = snapshot.generation, "switch snapshot published");
+        tracing::debug!(
+            generation = snapshot.generation,
+            "switch snapshot published"
+        );
         self.snapshot.store(Arc::new(snapshot));
     }
 
@@ -80,7 +83,9 @@ impl Switch {
 
     /// A copy of a port's counters (zeros for an id out of range).
     pub fn stats(&self, port: PortId) -> PortStats {
-        self.counters(port).map(PortCounters::stats).unwrap_or_default()
+        self.counters(port)
+            .map(PortCounters::stats)
+            .unwrap_or_default()
     }
 
     /// Zero a port's counters; call it before a port id is reused.

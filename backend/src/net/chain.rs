@@ -141,8 +141,8 @@ pub fn walk(
     }
 }
 
-/// Copy the bytes of `segs`, skipping the first `skip`, into `out`
-/// (which must be large enough). Returns bytes copied.
+/// Copy the bytes of `segs`, skipping the first `skip`, into `out`, up to
+/// its length. Returns bytes copied.
 pub fn gather(
     mem: &GuestMemoryMmap,
     segs: &[Seg],
@@ -151,17 +151,19 @@ pub fn gather(
 ) -> Result<usize, ChainError> {
     let mut at = 0usize;
     for s in segs {
+        if at == out.len() {
+            break;
+        }
         let len = s.len as usize;
         if skip >= len {
             skip -= len;
             continue;
         }
-        let n = len - skip;
-        let end = at.checked_add(n).ok_or(ChainError::LengthOverflow)?;
-        let dst = out.get_mut(at..end).ok_or(ChainError::LengthOverflow)?;
+        let n = (len - skip).min(out.len() - at);
+        let dst = &mut out[at..at + n];
         mem.read_slice(dst, GuestAddress(s.addr + skip as u64))
             .map_err(|_| ChainError::BufferOutOfMemory)?;
-        at = end;
+        at += n;
         skip = 0;
     }
     Ok(at)

@@ -63,3 +63,6 @@ pub const OFFERED_FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
 
 /// Features a device with several queue pairs adds.
 pub const MQ_FEATURES: u64 = bit(VIRTIO_NET_F_MQ);
+
+#[cfg(test)]
+mod tests;

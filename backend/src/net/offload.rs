@@ -57,7 +57,10 @@ struct Layout {
 
 fn layout(frame: &[u8]) -> Result<Layout, OffloadError> {
     let mut l3 = 14;
-    let mut ethertype = u16::from_be_bytes([*frame.get(12).ok_or(OffloadError::NotTcp)?, frame[13]]);
+    let mut ethertype = u16::from_be_bytes([
+        *frame.get(12).ok_or(OffloadError::NotTcp)?,
+        *frame.get(13).ok_or(OffloadError::NotTcp)?,
+    ]);
     if ethertype == 0x8100 {
         ethertype = u16::from_be_bytes([
             *frame.get(16).ok_or(OffloadError::NotTcp)?,

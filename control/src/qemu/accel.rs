@@ -12,7 +12,8 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::{log_tail, QemuBinary};
+use super::sys::{log_tail, unique_suffix};
+use super::QemuBinary;
 
 /// Env var forcing the accelerator (`kvm` or `tcg`).
 const ENV_ACCEL: &str = "ENILAB_ACCEL";
@@ -74,7 +75,9 @@ impl FromStr for Accel {
         match s.trim().to_ascii_lowercase().as_str() {
             "kvm" => Ok(Accel::Kvm),
             "tcg" => Ok(Accel::Tcg),
-            other => Err(format!("unknown accelerator {other:?} (expected kvm or tcg)")),
+            other => Err(format!(
+                "unknown accelerator {other:?} (expected kvm or tcg)"
+            )),
         }
     }
 }
@@ -142,7 +145,12 @@ pub fn select_accel(
     choice
 }
 
-fn decide(qemu: &QemuBinary, kernel: &Path, initrd: &Path, cache_dir: Option<&Path>) -> AccelChoice {
+fn decide(
+    qemu: &QemuBinary,
+    kernel: &Path,
+    initrd: &Path,
+    cache_dir: Option<&Path>,
+) -> AccelChoice {
     if let Some(v) = std::env::var_os(ENV_ACCEL).filter(|v| !v.is_empty()) {
         match v.to_string_lossy().parse::<Accel>() {
             Ok(Accel::Kvm) => {
@@ -206,7 +214,10 @@ fn decide(qemu: &QemuBinary, kernel: &Path, initrd: &Path, cache_dir: Option<&Pa
     };
     if let (Some(path), Some(key)) = (&cache_path, key) {
         if let Err(e) = write_cache(path, key, &choice) {
-            tracing::warn!("could not cache the accelerator choice in {}: {e}", path.display());
+            tracing::warn!(
+                "could not cache the accelerator choice in {}: {e}",
+                path.display()
+            );
         }
     }
     choice
@@ -265,11 +276,7 @@ fn probe_kvm_boot(
     initrd: &Path,
     timeout: Duration,
 ) -> Result<String, String> {
-    let dir = std::env::temp_dir().join(format!(
-        "enilab-accel-probe-{}-{}",
-        std::process::id(),
-        Instant::now().elapsed().as_nanos() ^ (UNIX_EPOCH.elapsed().map(|d| d.as_nanos()).unwrap_or(0))
-    ));
+    let dir = std::env::temp_dir().join(format!("enilab-accel-probe-{}", unique_suffix()));
     fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let result = probe_in(qemu, kernel, initrd, timeout, &dir);
     let _ = fs::remove_dir_all(&dir);
@@ -289,8 +296,17 @@ fn probe_in(
     let log2 = log.try_clone().map_err(|e| e.to_string())?;
     let console_opt = console.to_string_lossy().replace(',', ",,");
     let mut child = Command::new(&qemu.path)
-        .args(["-accel", "kvm", "-cpu", "host", "-m", "256", "-machine", "q35"])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-vga", "none"])
+        .args([
+            "-accel", "kvm", "-cpu", "host", "-m", "256", "-machine", "q35",
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-vga",
+            "none",
+        ])
         .arg("-no-reboot")
         .arg("-kernel")
         .arg(kernel)
@@ -349,7 +365,10 @@ fn tcg_cpu_model(qemu: &QemuBinary) -> (String, String) {
         Ok(()) => ("max".into(), String::new()),
         Err(e) => {
             tracing::warn!("-cpu max rejected under TCG ({e}); falling back to qemu64");
-            ("qemu64".into(), format!(" (-cpu max rejected: {e}; using qemu64)"))
+            (
+                "qemu64".into(),
+                format!(" (-cpu max rejected: {e}; using qemu64)"),
+            )
         }
     }
 }
@@ -359,7 +378,9 @@ fn tcg_cpu_model(qemu: &QemuBinary) -> (String, String) {
 /// model works.
 fn check_tcg_cpu(qemu: &QemuBinary, model: &str) -> Result<(), String> {
     let mut child = Command::new(&qemu.path)
-        .args(["-accel", "tcg", "-cpu", model, "-machine", "q35", "-m", "64"])
+        .args([
+            "-accel", "tcg", "-cpu", model, "-machine", "q35", "-m", "64",
+        ])
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-S"])
         .args(["-qmp", "stdio"])
         .stdin(Stdio::piped())
@@ -427,7 +448,7 @@ mod tests {
 
     #[test]
     fn cache_round_trip_and_key_mismatch() {
-        let dir = std::env::temp_dir().join(format!("enilab-accel-test-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("enilab-accel-test-{}", unique_suffix()));
         let path = dir.join(CACHE_FILE);
         let choice = AccelChoice {
             accel: Accel::Tcg,

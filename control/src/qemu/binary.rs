@@ -175,7 +175,8 @@ mod tests {
 
     #[test]
     fn parses_bookworm_version_and_orders() {
-        let v = parse_version("QEMU emulator version 7.2.15 (Debian 1:7.2+dfsg-7+deb12u12)").unwrap();
+        let v =
+            parse_version("QEMU emulator version 7.2.15 (Debian 1:7.2+dfsg-7+deb12u12)").unwrap();
         assert_eq!((v.major, v.minor, v.micro), (7, 2, 15));
         assert!(v.major < MIN_QEMU_MAJOR);
         let v = parse_version("QEMU emulator version 9.2.0").unwrap();

@@ -353,7 +353,10 @@ impl InstanceSpec {
         for (i, nic) in self.nics.iter().enumerate() {
             nic.validate()?;
             if self.nics[..i].iter().any(|n| n.id == nic.id) {
-                return Err(QemuError::InvalidSpec(format!("NIC id {} appears twice", nic.id)));
+                return Err(QemuError::InvalidSpec(format!(
+                    "NIC id {} appears twice",
+                    nic.id
+                )));
             }
         }
         if let Some(cpu) = &self.cpu_model {
@@ -380,7 +383,14 @@ pub fn build_argv(spec: &InstanceSpec) -> Result<Vec<String>> {
 
     push(&["-name", &format!("guest={},debug-threads=on", spec.name)]);
     push(&["-msg", "timestamp=on"]);
-    push(&["-nodefaults", "-no-user-config", "-display", "none", "-vga", "none"]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-vga",
+        "none",
+    ]);
     push(&["-accel", spec.accel.qemu_accel_arg()]);
     push(&["-cpu", spec.cpu()]);
     push(&["-smp", &spec.vcpus.to_string()]);
@@ -533,7 +543,10 @@ mod tests {
         }
         assert!(has(&a, "-display", "none"));
         assert!(has(&a, "-vga", "none"));
-        assert!(!a.iter().any(|x| x == "-no-reboot"), "guest reboot must reset in place");
+        assert!(
+            !a.iter().any(|x| x == "-no-reboot"),
+            "guest reboot must reset in place"
+        );
         assert!(!a.iter().any(|x| x.starts_with("virtio-net-pci")));
     }
 
@@ -678,8 +691,18 @@ mod tests {
             s.nics = vec![nic("a", 1), nic("b", 1)];
         });
         bad(&|s| s.nics = vec![nic("a", 0)]);
-        bad(&|s| s.nics = vec![NicSpec { mac: "02:00:00:00:00".into(), ..nic("a", 1) }]);
-        bad(&|s| s.nics = vec![NicSpec { mac: "01:00:5e:00:00:01".into(), ..nic("a", 1) }]);
+        bad(&|s| {
+            s.nics = vec![NicSpec {
+                mac: "02:00:00:00:00".into(),
+                ..nic("a", 1)
+            }]
+        });
+        bad(&|s| {
+            s.nics = vec![NicSpec {
+                mac: "01:00:5e:00:00:01".into(),
+                ..nic("a", 1)
+            }]
+        });
         bad(&|s| s.nics = vec![nic("a,b", 1)]);
         bad(&|s| s.run_dir = PathBuf::from(format!("/tmp/{}", "x".repeat(100))));
     }

@@ -16,6 +16,10 @@ mod binary;
 mod cmdline;
 mod instance;
 mod qmp;
+mod sys;
+
+#[cfg(test)]
+mod real_tests;
 
 use std::io;
 use std::path::PathBuf;
@@ -24,11 +28,11 @@ use std::time::Duration;
 pub use accel::{default_state_dir, probe_accel, select_accel, Accel, AccelChoice};
 pub use binary::{find_qemu, parse_version, QemuBinary, QemuVersion, MIN_QEMU_MAJOR};
 pub use cmdline::{
-    build_argv, NicSpec, RunPaths, BASE_KERNEL_CMDLINE, DEFAULT_PCIE_PORTS, MAX_PCIE_PORTS,
-    NIC_RECONNECT_MS,
+    build_argv, InstanceSpec, NicSpec, RunPaths, AGENT_PORT_NAME, BASE_KERNEL_CMDLINE,
+    DEFAULT_PCIE_PORTS, MAX_PCIE_PORTS, NIC_RECONNECT_MS,
 };
 pub use instance::Instance;
-pub use qmp::{Qmp, QmpEvent, QmpStatus};
+pub use qmp::{Qmp, QmpEvent, QmpStatus, DEFAULT_QMP_TIMEOUT};
 
 /// Every failure of the QEMU layer, each as one clear sentence.
 #[derive(Debug, thiserror::Error)]

@@ -66,8 +66,12 @@ impl Qmp {
     /// (`qmp_capabilities`). `timeout` bounds the handshake and becomes the
     /// default command timeout.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp> {
-        let stream = UnixStream::connect(path)
-            .map_err(|e| QemuError::io(format!("cannot connect to QMP socket {}", path.display()), e))?;
+        let stream = UnixStream::connect(path).map_err(|e| {
+            QemuError::io(
+                format!("cannot connect to QMP socket {}", path.display()),
+                e,
+            )
+        })?;
         Qmp::handshake(stream, timeout, &mut || None)
     }
 
@@ -269,7 +273,11 @@ impl Qmp {
         })
     }
 
-    fn take_queued(&mut self, name: &str, pred: &mut dyn FnMut(&QmpEvent) -> bool) -> Option<QmpEvent> {
+    fn take_queued(
+        &mut self,
+        name: &str,
+        pred: &mut dyn FnMut(&QmpEvent) -> bool,
+    ) -> Option<QmpEvent> {
         let pos = self.events.iter().position(|e| e.name == name && pred(e))?;
         self.events.remove(pos)
     }
@@ -279,8 +287,14 @@ impl Qmp {
             return false;
         };
         let ts = msg.get("timestamp");
-        let secs = ts.and_then(|t| t.get("seconds")).and_then(Value::as_u64).unwrap_or(0);
-        let usecs = ts.and_then(|t| t.get("microseconds")).and_then(Value::as_u64).unwrap_or(0);
+        let secs = ts
+            .and_then(|t| t.get("seconds"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let usecs = ts
+            .and_then(|t| t.get("microseconds"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
         let ev = QmpEvent {
             name: name.to_string(),
             data: msg.get("data").cloned().unwrap_or(Value::Null),
@@ -309,9 +323,9 @@ impl Qmp {
                     continue;
                 }
                 tracing::trace!(%text, "qmp <-");
-                return serde_json::from_str(text)
-                    .map(Some)
-                    .map_err(|e| QemuError::QmpProtocol(format!("bad JSON from QEMU ({e}): {text}")));
+                return serde_json::from_str(text).map(Some).map_err(|e| {
+                    QemuError::QmpProtocol(format!("bad JSON from QEMU ({e}): {text}"))
+                });
             }
             if self.rbuf.len() > MAX_LINE {
                 return Err(QemuError::QmpProtocol(format!(
@@ -350,7 +364,11 @@ impl Qmp {
     pub fn query_status(&mut self) -> Result<QmpStatus> {
         let v = self.execute("query-status", Value::Null)?;
         Ok(QmpStatus {
-            status: v.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string(),
+            status: v
+                .get("status")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown")
+                .to_string(),
             running: v.get("running").and_then(Value::as_bool).unwrap_or(false),
         })
     }
@@ -475,11 +493,17 @@ impl Qmp {
     /// tolerating "not found" (QEMU deletes a vhost-user netdev's chardev
     /// together with the netdev).
     pub fn remove_nic_backend(&mut self, id: &str) -> Result<()> {
-        for (cmd, obj) in [("netdev_del", netdev_id(id)), ("chardev-remove", chardev_id(id))] {
+        for (cmd, obj) in [
+            ("netdev_del", netdev_id(id)),
+            ("chardev-remove", chardev_id(id)),
+        ] {
             match self.execute(cmd, json!({ "id": obj })) {
                 Ok(_) => {}
-                Err(QemuError::Qmp { ref desc, ref class, .. })
-                    if class == "DeviceNotFound" || desc.contains("not found") => {}
+                Err(QemuError::Qmp {
+                    ref desc,
+                    ref class,
+                    ..
+                }) if class == "DeviceNotFound" || desc.contains("not found") => {}
                 Err(e) => return Err(e),
             }
         }
@@ -517,10 +541,8 @@ mod tests {
 
     impl FakeQmp {
         fn start(tag: &str, mut reply: Script) -> FakeQmp {
-            let path = std::env::temp_dir().join(format!(
-                "enilab-fakeqmp-{}-{tag}.sock",
-                std::process::id()
-            ));
+            let path = std::env::temp_dir()
+                .join(format!("enilab-fakeqmp-{}-{tag}.sock", std::process::id()));
             let _ = std::fs::remove_file(&path);
             let listener = UnixListener::bind(&path).unwrap();
             let handle = std::thread::spawn(move || {
@@ -624,8 +646,14 @@ mod tests {
         assert!(err.to_string().contains("Device 'nic-x' not found"));
         q.quit().unwrap();
         let seen = fake.finish();
-        let cmds: Vec<&str> = seen.iter().map(|v| v["execute"].as_str().unwrap()).collect();
-        assert_eq!(cmds, ["qmp_capabilities", "query-status", "device_del", "quit"]);
+        let cmds: Vec<&str> = seen
+            .iter()
+            .map(|v| v["execute"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            cmds,
+            ["qmp_capabilities", "query-status", "device_del", "quit"]
+        );
     }
 
     #[test]
@@ -635,9 +663,18 @@ mod tests {
             Box::new(|cmd, _args, id| match cmd {
                 "system_reset" => vec![
                     ok(id, json!({})),
-                    ev("DEVICE_DELETED", json!({"path": "/machine/peripheral/nic-a/virtio-backend"})),
-                    ev("RESET", json!({"guest": false, "reason": "host-qmp-system-reset"})),
-                    ev("DEVICE_DELETED", json!({"device": "nic-a", "path": "/machine/peripheral/nic-a"})),
+                    ev(
+                        "DEVICE_DELETED",
+                        json!({"path": "/machine/peripheral/nic-a/virtio-backend"}),
+                    ),
+                    ev(
+                        "RESET",
+                        json!({"guest": false, "reason": "host-qmp-system-reset"}),
+                    ),
+                    ev(
+                        "DEVICE_DELETED",
+                        json!({"device": "nic-a", "path": "/machine/peripheral/nic-a"}),
+                    ),
                 ],
                 _ => vec![ok(id, json!({}))],
             }),
@@ -655,7 +692,9 @@ mod tests {
         // The non-matching events stay queued, in order.
         let names: Vec<String> = q.queued_events().map(|e| e.name.clone()).collect();
         assert_eq!(names, ["DEVICE_DELETED", "RESET"]);
-        let r = q.wait_event("RESET", |_| true, Duration::from_millis(10)).unwrap();
+        let r = q
+            .wait_event("RESET", |_| true, Duration::from_millis(10))
+            .unwrap();
         assert_eq!(r.data["reason"], "host-qmp-system-reset");
         let t = Instant::now();
         let err = q
@@ -701,8 +740,14 @@ mod tests {
             Box::new(|cmd, args, id| match cmd {
                 "device_del" => vec![
                     ok(id, json!({})),
-                    ev("DEVICE_DELETED", json!({"path": "/machine/peripheral/nic-eni-1/virtio-backend"})),
-                    ev("DEVICE_DELETED", json!({"device": args["id"], "path": "/machine/peripheral/nic-eni-1"})),
+                    ev(
+                        "DEVICE_DELETED",
+                        json!({"path": "/machine/peripheral/nic-eni-1/virtio-backend"}),
+                    ),
+                    ev(
+                        "DEVICE_DELETED",
+                        json!({"device": args["id"], "path": "/machine/peripheral/nic-eni-1"}),
+                    ),
                 ],
                 "chardev-remove" => vec![json!({"error": {"class": "GenericError",
                     "desc": "Chardev 'chr-eni-1' not found"}, "id": id})],
@@ -720,7 +765,10 @@ mod tests {
         q.unplug_nic("eni-1", Duration::from_secs(5)).unwrap();
         drop(q);
         let seen = fake.finish();
-        let cmds: Vec<&str> = seen.iter().map(|v| v["execute"].as_str().unwrap()).collect();
+        let cmds: Vec<&str> = seen
+            .iter()
+            .map(|v| v["execute"].as_str().unwrap())
+            .collect();
         assert_eq!(
             cmds,
             [
@@ -733,7 +781,10 @@ mod tests {
                 "chardev-remove"
             ]
         );
-        assert_eq!(seen[1]["arguments"]["backend"]["data"]["reconnect-ms"], 1000);
+        assert_eq!(
+            seen[1]["arguments"]["backend"]["data"]["reconnect-ms"],
+            1000
+        );
         assert_eq!(seen[2]["arguments"]["queues"], 2);
         assert_eq!(seen[3]["arguments"]["bus"], "rp3");
         assert_eq!(seen[3]["arguments"]["vectors"], 6);
@@ -761,7 +812,10 @@ mod tests {
         assert!(err.to_string().contains("Bus 'rp9' not found"), "{err}");
         drop(q);
         let seen = fake.finish();
-        let cmds: Vec<&str> = seen.iter().map(|v| v["execute"].as_str().unwrap()).collect();
+        let cmds: Vec<&str> = seen
+            .iter()
+            .map(|v| v["execute"].as_str().unwrap())
+            .collect();
         assert_eq!(
             cmds,
             [

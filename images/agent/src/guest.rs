@@ -89,10 +89,16 @@ pub struct PortInfo {
 /// Looks for the port called `name` under `sysfs_ports`
 /// (`/sys/class/virtio-ports`).
 pub fn find_port(sysfs_ports: &Path, name: &str) -> Option<PortInfo> {
-    let mut entries: Vec<PathBuf> = fs::read_dir(sysfs_ports).ok()?.flatten().map(|e| e.path()).collect();
+    let mut entries: Vec<PathBuf> = fs::read_dir(sysfs_ports)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     entries.sort();
     for dir in entries {
-        let Ok(n) = fs::read_to_string(dir.join("name")) else { continue };
+        let Ok(n) = fs::read_to_string(dir.join("name")) else {
+            continue;
+        };
         if n.trim() != name {
             continue;
         }
@@ -174,13 +180,24 @@ mod tests {
     fn finds_port_in_fake_sysfs() {
         let dir = std::env::temp_dir().join(format!("enilab-agent-sysfs-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        for (k, n, d) in [("vport1p0", "", "250:0"), ("vport1p1", "org.enilab.agent\n", "250:1"), ("vport1p2", "other", "250:2")] {
+        for (k, n, d) in [
+            ("vport1p0", "", "250:0"),
+            ("vport1p1", "org.enilab.agent\n", "250:1"),
+            ("vport1p2", "other", "250:2"),
+        ] {
             fs::create_dir_all(dir.join(k)).unwrap();
             fs::write(dir.join(k).join("name"), n).unwrap();
             fs::write(dir.join(k).join("dev"), format!("{d}\n")).unwrap();
         }
         let p = find_port(&dir, "org.enilab.agent").unwrap();
-        assert_eq!(p, PortInfo { kname: "vport1p1".into(), major: 250, minor: 1 });
+        assert_eq!(
+            p,
+            PortInfo {
+                kname: "vport1p1".into(),
+                major: 250,
+                minor: 1
+            }
+        );
         assert!(find_port(&dir, "nope").is_none());
         assert!(find_port(&dir.join("missing"), "org.enilab.agent").is_none());
         fs::remove_dir_all(&dir).unwrap();

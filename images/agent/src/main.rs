@@ -35,14 +35,21 @@ fn main() {
             "--device" => device = Some(args.next().unwrap_or_else(|| usage()).into()),
             "--no-net" => run_net = false,
             "--version" => {
-                println!("enilab-agent {} (protocol {})", env!("CARGO_PKG_VERSION"), proto::PROTOCOL_VERSION);
+                println!(
+                    "enilab-agent {} (protocol {})",
+                    env!("CARGO_PKG_VERSION"),
+                    proto::PROTOCOL_VERSION
+                );
                 return;
             }
             _ => usage(),
         }
     }
     if std::env::var_os("PATH").is_none() {
-        std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+        std::env::set_var(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
     }
     if std::env::var_os("HOME").is_none() {
         std::env::set_var("HOME", "/root");
@@ -51,7 +58,11 @@ fn main() {
     if params.get("net").is_some_and(|v| v == "off") {
         run_net = false;
     }
-    log(&format!("version {} starting {} ms after boot", env!("CARGO_PKG_VERSION"), boot_ms));
+    log(&format!(
+        "version {} starting {} ms after boot",
+        env!("CARGO_PKG_VERSION"),
+        boot_ms
+    ));
 
     let stop = Arc::new(AtomicBool::new(false));
     if run_net {

@@ -36,20 +36,26 @@ impl Default for NetConfig {
 
 /// Interfaces the watcher manages: `eth` followed by digits.
 pub fn is_managed(name: &str) -> bool {
-    name.strip_prefix("eth").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    name.strip_prefix("eth")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Managed interfaces present now, with their ifindex (a re-plugged
 /// interface gets a new one).
 pub fn scan(sysfs: &Path) -> BTreeMap<String, u32> {
     let mut out = BTreeMap::new();
-    let Ok(rd) = fs::read_dir(sysfs) else { return out };
+    let Ok(rd) = fs::read_dir(sysfs) else {
+        return out;
+    };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if !is_managed(&name) {
             continue;
         }
-        let idx = fs::read_to_string(e.path().join("ifindex")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+        let idx = fs::read_to_string(e.path().join("ifindex"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
         out.insert(name, idx);
     }
     out
@@ -89,7 +95,10 @@ fn log(msg: &str) {
 }
 
 fn start_dhcp(cfg: &NetConfig, ifname: &str) -> Option<Child> {
-    let _ = Command::new("ip").args(["link", "set", "dev", ifname, "up"]).stdin(Stdio::null()).status();
+    let _ = Command::new("ip")
+        .args(["link", "set", "dev", ifname, "up"])
+        .stdin(Stdio::null())
+        .status();
     let _ = fs::create_dir_all(&cfg.state_dir);
     let logf = fs::File::create(cfg.state_dir.join(format!("{ifname}.log")));
     let (o, e) = match logf.and_then(|f| Ok((f.try_clone()?, f))) {
@@ -98,7 +107,9 @@ fn start_dhcp(cfg: &NetConfig, ifname: &str) -> Option<Child> {
     };
     let script = cfg.script.to_string_lossy().into_owned();
     let r = Command::new("udhcpc")
-        .args(["-f", "-i", ifname, "-t", "10", "-T", "1", "-A", "1", "-O", "mtu", "-s", &script])
+        .args([
+            "-f", "-i", ifname, "-t", "10", "-T", "1", "-A", "1", "-O", "mtu", "-s", &script,
+        ])
         .stdin(Stdio::null())
         .stdout(o)
         .stderr(e)
@@ -131,7 +142,10 @@ pub fn watch(cfg: NetConfig, stop: Arc<AtomicBool>) {
         let d = diff(&seen, &now);
         for name in &d.removed {
             if let Some(mut m) = managed.remove(name) {
-                log(&format!("{name}: gone (ifindex {}), forgetting it", m.ifindex));
+                log(&format!(
+                    "{name}: gone (ifindex {}), forgetting it",
+                    m.ifindex
+                ));
                 stop_dhcp(&mut m);
                 let _ = fs::remove_file(cfg.state_dir.join(format!("{name}.lease")));
             }
@@ -140,8 +154,17 @@ pub fn watch(cfg: NetConfig, stop: Arc<AtomicBool>) {
             let ifindex = now[name];
             log(&format!("{name}: appeared (ifindex {ifindex})"));
             let dhcp = start_dhcp(&cfg, name);
-            let restart_at = dhcp.is_none().then(|| Instant::now() + Duration::from_secs(1));
-            managed.insert(name.clone(), Managed { ifindex, dhcp, restart_at });
+            let restart_at = dhcp
+                .is_none()
+                .then(|| Instant::now() + Duration::from_secs(1));
+            managed.insert(
+                name.clone(),
+                Managed {
+                    ifindex,
+                    dhcp,
+                    restart_at,
+                },
+            );
         }
         seen = now;
         for (name, m) in managed.iter_mut() {
@@ -153,7 +176,10 @@ pub fn watch(cfg: NetConfig, stop: Arc<AtomicBool>) {
                 }
             } else if m.restart_at.is_some_and(|t| Instant::now() >= t) {
                 m.dhcp = start_dhcp(&cfg, name);
-                m.restart_at = m.dhcp.is_none().then(|| Instant::now() + Duration::from_secs(1));
+                m.restart_at = m
+                    .dhcp
+                    .is_none()
+                    .then(|| Instant::now() + Duration::from_secs(1));
             }
         }
         std::thread::sleep(cfg.interval);
@@ -180,7 +206,12 @@ mod tests {
     #[test]
     fn diff_tracks_replug() {
         let a: BTreeMap<String, u32> = [("eth0".to_string(), 2), ("eth1".to_string(), 3)].into();
-        let b: BTreeMap<String, u32> = [("eth0".to_string(), 2), ("eth1".to_string(), 5), ("eth2".to_string(), 6)].into();
+        let b: BTreeMap<String, u32> = [
+            ("eth0".to_string(), 2),
+            ("eth1".to_string(), 5),
+            ("eth2".to_string(), 6),
+        ]
+        .into();
         let d = diff(&a, &b);
         assert_eq!(d.removed, vec!["eth1".to_string()]);
         assert_eq!(d.added, vec!["eth1".to_string(), "eth2".to_string()]);

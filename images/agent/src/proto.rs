@@ -50,7 +50,9 @@ impl Serialize for Bytes {
 impl<'de> Deserialize<'de> for Bytes {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        crate::b64::decode(&s).map(Bytes).map_err(serde::de::Error::custom)
+        crate::b64::decode(&s)
+            .map(Bytes)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -197,9 +199,16 @@ pub enum Message {
     Hello(Hello),
     /// Every second while the host is connected; dropped, not queued, when
     /// the link is congested.
-    Heartbeat { seq: u64, uptime_ms: u64 },
+    Heartbeat {
+        seq: u64,
+        uptime_ms: u64,
+    },
     /// A chunk of an exec's output, sent as soon as it is read.
-    Output { id: u64, stream: Stream, data: Bytes },
+    Output {
+        id: u64,
+        stream: Stream,
+        data: Bytes,
+    },
     /// The exec ended. `code` is the exit code, or 128+signal when killed.
     Exit {
         id: u64,
@@ -209,14 +218,25 @@ pub enum Message {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         timed_out: bool,
     },
-    Pong { id: u64, uptime_ms: u64 },
+    Pong {
+        id: u64,
+        uptime_ms: u64,
+    },
     /// Reply to `read_file`.
-    File { id: u64, data: Bytes },
+    File {
+        id: u64,
+        data: Bytes,
+    },
     /// Reply to `write_file` and `cancel`.
-    Ok { id: u64 },
+    Ok {
+        id: u64,
+    },
     /// The request failed (or a line could not be parsed: `id` is then the
     /// id found in the line, or null).
-    Error { id: Option<u64>, message: String },
+    Error {
+        id: Option<u64>,
+        message: String,
+    },
     /// Mux-only reply to `status`.
     Status(MuxStatus),
 }
@@ -291,7 +311,10 @@ pub fn decode_line<T: serde::de::DeserializeOwned>(line: &[u8]) -> Result<T, Dec
         message: format!("malformed JSON line: {e}"),
     })?;
     let id = value.get("id").and_then(|v| v.as_u64());
-    let ty = value.get("type").and_then(|t| t.as_str()).map(str::to_owned);
+    let ty = value
+        .get("type")
+        .and_then(|t| t.as_str())
+        .map(str::to_owned);
     T::deserialize(value).map_err(|e| DecodeError {
         id,
         message: match ty {
@@ -397,11 +420,27 @@ mod tests {
             stdin: Some(Bytes(vec![0, 1, 2, 255, b'\n'])),
             timeout_ms: Some(1500),
         }));
-        rt_req(Request::Exec(ExecRequest { id: 1, argv: vec!["true".into()], ..Default::default() }));
+        rt_req(Request::Exec(ExecRequest {
+            id: 1,
+            argv: vec!["true".into()],
+            ..Default::default()
+        }));
         rt_req(Request::Ping { id: u64::MAX });
-        rt_req(Request::WriteFile { id: 3, path: "/x".into(), data: Bytes(b"\x00\xffdata".to_vec()), mode: Some(0o755) });
-        rt_req(Request::ReadFile { id: 4, path: "/proc/cmdline".into() });
-        rt_req(Request::Cancel { id: 5, target: 1, signal: None });
+        rt_req(Request::WriteFile {
+            id: 3,
+            path: "/x".into(),
+            data: Bytes(b"\x00\xffdata".to_vec()),
+            mode: Some(0o755),
+        });
+        rt_req(Request::ReadFile {
+            id: 4,
+            path: "/proc/cmdline".into(),
+        });
+        rt_req(Request::Cancel {
+            id: 5,
+            target: 1,
+            signal: None,
+        });
         rt_req(Request::Hello { id: 6 });
         rt_req(Request::Status { id: 8 });
     }
@@ -420,26 +459,84 @@ mod tests {
             params: [("instance".to_string(), "i-1".to_string())].into(),
             pid: 42,
         }));
-        rt_msg(Message::Heartbeat { seq: 9, uptime_ms: 10 });
-        rt_msg(Message::Output { id: 1, stream: Stream::Stderr, data: Bytes(b"oops\n".to_vec()) });
-        rt_msg(Message::Exit { id: 1, code: 137, signal: Some(9), timed_out: true });
-        rt_msg(Message::Exit { id: 1, code: 0, signal: None, timed_out: false });
-        rt_msg(Message::Pong { id: 2, uptime_ms: 5 });
-        rt_msg(Message::File { id: 3, data: Bytes(vec![1, 2, 3]) });
+        rt_msg(Message::Heartbeat {
+            seq: 9,
+            uptime_ms: 10,
+        });
+        rt_msg(Message::Output {
+            id: 1,
+            stream: Stream::Stderr,
+            data: Bytes(b"oops\n".to_vec()),
+        });
+        rt_msg(Message::Exit {
+            id: 1,
+            code: 137,
+            signal: Some(9),
+            timed_out: true,
+        });
+        rt_msg(Message::Exit {
+            id: 1,
+            code: 0,
+            signal: None,
+            timed_out: false,
+        });
+        rt_msg(Message::Pong {
+            id: 2,
+            uptime_ms: 5,
+        });
+        rt_msg(Message::File {
+            id: 3,
+            data: Bytes(vec![1, 2, 3]),
+        });
         rt_msg(Message::Ok { id: 4 });
-        rt_msg(Message::Error { id: None, message: "bad".into() });
-        rt_msg(Message::Error { id: Some(5), message: "bad".into() });
-        rt_msg(Message::Status(MuxStatus { id: 6, connected: true, ready: false, hello: None, last_heartbeat_ms: Some(3), clients: 2 }));
+        rt_msg(Message::Error {
+            id: None,
+            message: "bad".into(),
+        });
+        rt_msg(Message::Error {
+            id: Some(5),
+            message: "bad".into(),
+        });
+        rt_msg(Message::Status(MuxStatus {
+            id: 6,
+            connected: true,
+            ready: false,
+            hello: None,
+            last_heartbeat_ms: Some(3),
+            clients: 2,
+        }));
     }
 
     #[test]
     fn wire_format_is_stable() {
-        let line = encode_line(&Message::Output { id: 3, stream: Stream::Stdout, data: Bytes(b"hi".to_vec()) });
-        assert_eq!(line, b"{\"type\":\"output\",\"id\":3,\"stream\":\"stdout\",\"data\":\"aGk=\"}\n");
-        let line = encode_line(&Message::Exit { id: 3, code: 0, signal: None, timed_out: false });
+        let line = encode_line(&Message::Output {
+            id: 3,
+            stream: Stream::Stdout,
+            data: Bytes(b"hi".to_vec()),
+        });
+        assert_eq!(
+            line,
+            b"{\"type\":\"output\",\"id\":3,\"stream\":\"stdout\",\"data\":\"aGk=\"}\n"
+        );
+        let line = encode_line(&Message::Exit {
+            id: 3,
+            code: 0,
+            signal: None,
+            timed_out: false,
+        });
         assert_eq!(line, b"{\"type\":\"exit\",\"id\":3,\"code\":0}\n");
-        let r: Request = decode_line(br#"{"type":"exec","id":9,"argv":["uname","-r"],"timeout_ms":5000}"#).unwrap();
-        assert_eq!(r, Request::Exec(ExecRequest { id: 9, argv: vec!["uname".into(), "-r".into()], timeout_ms: Some(5000), ..Default::default() }));
+        let r: Request =
+            decode_line(br#"{"type":"exec","id":9,"argv":["uname","-r"],"timeout_ms":5000}"#)
+                .unwrap();
+        assert_eq!(
+            r,
+            Request::Exec(ExecRequest {
+                id: 9,
+                argv: vec!["uname".into(), "-r".into()],
+                timeout_ms: Some(5000),
+                ..Default::default()
+            })
+        );
         let r: Request = decode_line(b"{\"type\":\"ping\",\"id\":1,\"extra\":true}\r\n").unwrap();
         assert_eq!(r, Request::Ping { id: 1 });
     }
@@ -455,7 +552,8 @@ mod tests {
         let e = decode_line::<Request>(br#"{"type":"exec","id":13}"#).unwrap_err();
         assert_eq!(e.id, Some(13));
         assert!(e.message.contains("argv"), "{e}");
-        let e = decode_line::<Request>(br#"{"type":"write_file","id":14,"path":"/x","data":"!!"}"#).unwrap_err();
+        let e = decode_line::<Request>(br#"{"type":"write_file","id":14,"path":"/x","data":"!!"}"#)
+            .unwrap_err();
         assert_eq!(e.id, Some(14));
         let e = decode_line::<Request>(br#"[1,2]"#).unwrap_err();
         assert_eq!(e.id, None);
@@ -463,7 +561,11 @@ mod tests {
 
     #[test]
     fn ids_are_rewritable() {
-        let mut r = Request::Exec(ExecRequest { id: 1, argv: vec!["x".into()], ..Default::default() });
+        let mut r = Request::Exec(ExecRequest {
+            id: 1,
+            argv: vec!["x".into()],
+            ..Default::default()
+        });
         r.set_id(99);
         assert_eq!(r.id(), 99);
         let mut m = Message::Hello(Hello::default());
@@ -471,18 +573,35 @@ mod tests {
         m.set_id(5);
         assert_eq!(m.id(), Some(5));
         assert!(m.is_final());
-        assert!(!Message::Output { id: 1, stream: Stream::Stdout, data: Bytes::default() }.is_final());
+        assert!(!Message::Output {
+            id: 1,
+            stream: Stream::Stdout,
+            data: Bytes::default()
+        }
+        .is_final());
     }
 
     #[test]
     fn line_buffer_splits_and_bounds() {
         let mut lb = LineBuffer::new();
         assert_eq!(lb.push(b"ab"), vec![]);
-        assert_eq!(lb.push(b"c\n\n  \nd"), vec![Line::Complete(b"abc".to_vec())]);
-        assert_eq!(lb.push(b"e\nf\n"), vec![Line::Complete(b"de".to_vec()), Line::Complete(b"f".to_vec())]);
+        assert_eq!(
+            lb.push(b"c\n\n  \nd"),
+            vec![Line::Complete(b"abc".to_vec())]
+        );
+        assert_eq!(
+            lb.push(b"e\nf\n"),
+            vec![
+                Line::Complete(b"de".to_vec()),
+                Line::Complete(b"f".to_vec())
+            ]
+        );
         let big = vec![b'x'; MAX_LINE + 1];
         assert_eq!(lb.push(&big), vec![Line::TooLong]);
-        assert_eq!(lb.push(b"more junk\nok\n"), vec![Line::Complete(b"ok".to_vec())]);
+        assert_eq!(
+            lb.push(b"more junk\nok\n"),
+            vec![Line::Complete(b"ok".to_vec())]
+        );
         lb.push(b"partial");
         lb.clear();
         assert_eq!(lb.push(b"x\n"), vec![Line::Complete(b"x".to_vec())]);

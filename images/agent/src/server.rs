@@ -128,7 +128,10 @@ impl Shared {
     fn heartbeat(&self, seq: u64) {
         let mut out = lock(&self.out);
         if out.link_up && out.bytes < HEARTBEAT_DROP {
-            let line = proto::encode_line(&Message::Heartbeat { seq, uptime_ms: sys::uptime_ms() });
+            let line = proto::encode_line(&Message::Heartbeat {
+                seq,
+                uptime_ms: sys::uptime_ms(),
+            });
             out.bytes += line.len();
             let gen = out.gen;
             out.queue.push_back((gen, line));
@@ -188,27 +191,35 @@ pub fn serve(fd: OwnedFd, opts: ServeOptions) -> io::Result<()> {
 
     let writer = {
         let (shared, fd) = (shared.clone(), fd.clone());
-        thread::Builder::new().name("agent-writer".into()).spawn(move || writer_loop(&shared, &fd))?
+        thread::Builder::new()
+            .name("agent-writer".into())
+            .spawn(move || writer_loop(&shared, &fd))?
     };
     let heart = {
         let shared = shared.clone();
-        thread::Builder::new().name("agent-heartbeat".into()).spawn(move || {
-            let mut seq = 0u64;
-            loop {
-                let deadline = Instant::now() + shared.opts.heartbeat;
-                let mut out = lock(&shared.out);
-                while !out.stopped && Instant::now() < deadline {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    out = shared.cv.wait_timeout(out, left).unwrap_or_else(|p| p.into_inner()).0;
+        thread::Builder::new()
+            .name("agent-heartbeat".into())
+            .spawn(move || {
+                let mut seq = 0u64;
+                loop {
+                    let deadline = Instant::now() + shared.opts.heartbeat;
+                    let mut out = lock(&shared.out);
+                    while !out.stopped && Instant::now() < deadline {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        out = shared
+                            .cv
+                            .wait_timeout(out, left)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                    if out.stopped {
+                        return;
+                    }
+                    drop(out);
+                    seq += 1;
+                    shared.heartbeat(seq);
                 }
-                if out.stopped {
-                    return;
-                }
-                drop(out);
-                seq += 1;
-                shared.heartbeat(seq);
-            }
-        })?
+            })?
     };
 
     let result = reader_loop(&shared, &fd);
@@ -229,7 +240,11 @@ fn reader_loop(shared: &Arc<Shared>, fd: &OwnedFd) -> io::Result<()> {
             return Ok(());
         }
         let mut p = [sys::pollfd(raw, libc::POLLIN)];
-        let wait = if gen.is_some() { Duration::from_millis(250) } else { Duration::ZERO };
+        let wait = if gen.is_some() {
+            Duration::from_millis(250)
+        } else {
+            Duration::ZERO
+        };
         sys::poll(&mut p, wait)?;
         let rev = p[0].revents;
         let hup = rev & (libc::POLLHUP | libc::POLLERR) != 0;
@@ -282,7 +297,10 @@ fn reader_loop(shared: &Arc<Shared>, fd: &OwnedFd) -> io::Result<()> {
 }
 
 fn is_disconnect(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET | libc::ENODEV | libc::ENOTCONN))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPIPE | libc::ECONNRESET | libc::ENODEV | libc::ENOTCONN)
+    )
 }
 
 fn writer_loop(shared: &Shared, fd: &OwnedFd) {
@@ -332,7 +350,10 @@ fn handle_line(shared: &Arc<Shared>, gen: u64, line: Line) {
     let line = match line {
         Line::Complete(l) => l,
         Line::TooLong => {
-            let message = format!("request line longer than {} bytes, ignored", proto::MAX_LINE);
+            let message = format!(
+                "request line longer than {} bytes, ignored",
+                proto::MAX_LINE
+            );
             shared.send(gen, &Message::Error { id: None, message }, false);
             return;
         }
@@ -340,13 +361,27 @@ fn handle_line(shared: &Arc<Shared>, gen: u64, line: Line) {
     let req: Request = match proto::decode_line(&line) {
         Ok(r) => r,
         Err(e) => {
-            shared.send(gen, &Message::Error { id: e.id, message: e.message }, false);
+            shared.send(
+                gen,
+                &Message::Error {
+                    id: e.id,
+                    message: e.message,
+                },
+                false,
+            );
             return;
         }
     };
     match req {
         Request::Ping { id } => {
-            shared.send(gen, &Message::Pong { id, uptime_ms: sys::uptime_ms() }, false);
+            shared.send(
+                gen,
+                &Message::Pong {
+                    id,
+                    uptime_ms: sys::uptime_ms(),
+                },
+                false,
+            );
         }
         Request::Hello { id } => {
             let mut h = (shared.opts.hello)();
@@ -355,7 +390,14 @@ fn handle_line(shared: &Arc<Shared>, gen: u64, line: Line) {
         }
         Request::Status { id } => {
             let message = "status is answered by the host mux, not the guest agent".to_string();
-            shared.send(gen, &Message::Error { id: Some(id), message }, false);
+            shared.send(
+                gen,
+                &Message::Error {
+                    id: Some(id),
+                    message,
+                },
+                false,
+            );
         }
         Request::Cancel { id, target, signal } => {
             let ctl = lock(&shared.execs).get(&target).cloned();
@@ -364,17 +406,28 @@ fn handle_line(shared: &Arc<Shared>, gen: u64, line: Line) {
                     ctl.signal(signal.unwrap_or(libc::SIGKILL));
                     Message::Ok { id }
                 }
-                None => Message::Error { id: Some(id), message: format!("no running exec with id {target}") },
+                None => Message::Error {
+                    id: Some(id),
+                    message: format!("no running exec with id {target}"),
+                },
             };
             shared.send(gen, &msg, false);
         }
         Request::Exec(req) => start_exec(shared, gen, req),
-        Request::WriteFile { id, path, data, mode } => {
+        Request::WriteFile {
+            id,
+            path,
+            data,
+            mode,
+        } => {
             let sh = shared.clone();
             spawn_or_report(shared, gen, id, move || {
                 let msg = match write_file(&path, &data.0, mode) {
                     Ok(()) => Message::Ok { id },
-                    Err(e) => Message::Error { id: Some(id), message: format!("write_file {path}: {e}") },
+                    Err(e) => Message::Error {
+                        id: Some(id),
+                        message: format!("write_file {path}: {e}"),
+                    },
                 };
                 sh.send(gen, &msg, true);
             });
@@ -383,8 +436,14 @@ fn handle_line(shared: &Arc<Shared>, gen: u64, line: Line) {
             let sh = shared.clone();
             spawn_or_report(shared, gen, id, move || {
                 let msg = match read_file(&path) {
-                    Ok(data) => Message::File { id, data: Bytes(data) },
-                    Err(e) => Message::Error { id: Some(id), message: format!("read_file {path}: {e}") },
+                    Ok(data) => Message::File {
+                        id,
+                        data: Bytes(data),
+                    },
+                    Err(e) => Message::Error {
+                        id: Some(id),
+                        message: format!("read_file {path}: {e}"),
+                    },
                 };
                 sh.send(gen, &msg, true);
             });
@@ -393,9 +452,19 @@ fn handle_line(shared: &Arc<Shared>, gen: u64, line: Line) {
 }
 
 fn spawn_or_report(shared: &Arc<Shared>, gen: u64, id: u64, f: impl FnOnce() + Send + 'static) {
-    if let Err(e) = thread::Builder::new().name(format!("agent-req-{id}")).spawn(f) {
+    if let Err(e) = thread::Builder::new()
+        .name(format!("agent-req-{id}"))
+        .spawn(f)
+    {
         let message = format!("cannot start a thread: {e}");
-        shared.send(gen, &Message::Error { id: Some(id), message }, false);
+        shared.send(
+            gen,
+            &Message::Error {
+                id: Some(id),
+                message,
+            },
+            false,
+        );
     }
 }
 
@@ -419,7 +488,9 @@ fn read_file(path: &str) -> io::Result<Vec<u8>> {
     let mut data = Vec::new();
     f.take(MAX_FILE as u64 + 1).read_to_end(&mut data)?;
     if data.len() > MAX_FILE {
-        return Err(io::Error::other(format!("file larger than {MAX_FILE} bytes")));
+        return Err(io::Error::other(format!(
+            "file larger than {MAX_FILE} bytes"
+        )));
     }
     Ok(data)
 }
@@ -428,30 +499,56 @@ fn start_exec(shared: &Arc<Shared>, gen: u64, req: ExecRequest) {
     let id = req.id;
     if req.argv.is_empty() || req.argv[0].is_empty() {
         let message = "exec: argv is empty".to_string();
-        shared.send(gen, &Message::Error { id: Some(id), message }, false);
+        shared.send(
+            gen,
+            &Message::Error {
+                id: Some(id),
+                message,
+            },
+            false,
+        );
         return;
     }
-    let ctl = Arc::new(ExecCtl { pgid: AtomicI32::new(0), kill: AtomicI32::new(0) });
+    let ctl = Arc::new(ExecCtl {
+        pgid: AtomicI32::new(0),
+        kill: AtomicI32::new(0),
+    });
     {
         let mut execs = lock(&shared.execs);
         if execs.contains_key(&id) {
             drop(execs);
             let message = format!("exec: id {id} is already running");
-            shared.send(gen, &Message::Error { id: Some(id), message }, false);
+            shared.send(
+                gen,
+                &Message::Error {
+                    id: Some(id),
+                    message,
+                },
+                false,
+            );
             return;
         }
         execs.insert(id, ctl.clone());
     }
     let sh = shared.clone();
-    let r = thread::Builder::new().name(format!("agent-exec-{id}")).spawn(move || {
-        let msg = run_exec(&sh, gen, &req, &ctl);
-        lock(&sh.execs).remove(&id);
-        sh.send(gen, &msg, true);
-    });
+    let r = thread::Builder::new()
+        .name(format!("agent-exec-{id}"))
+        .spawn(move || {
+            let msg = run_exec(&sh, gen, &req, &ctl);
+            lock(&sh.execs).remove(&id);
+            sh.send(gen, &msg, true);
+        });
     if let Err(e) = r {
         lock(&shared.execs).remove(&id);
         let message = format!("cannot start a thread: {e}");
-        shared.send(gen, &Message::Error { id: Some(id), message }, false);
+        shared.send(
+            gen,
+            &Message::Error {
+                id: Some(id),
+                message,
+            },
+            false,
+        );
     }
 }
 
@@ -463,14 +560,21 @@ fn run_exec(shared: &Shared, gen: u64, req: &ExecRequest, ctl: &ExecCtl) -> Mess
     cmd.args(&req.argv[1..])
         .envs(&req.env)
         .current_dir(req.cwd.as_deref().unwrap_or("/"))
-        .stdin(if req.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if req.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            return Message::Error { id: Some(id), message: format!("cannot execute '{}': {e}", req.argv[0]) };
+            return Message::Error {
+                id: Some(id),
+                message: format!("cannot execute '{}': {e}", req.argv[0]),
+            };
         }
     };
     let pgid = child.id() as i32;
@@ -481,9 +585,11 @@ fn run_exec(shared: &Shared, gen: u64, req: &ExecRequest, ctl: &ExecCtl) -> Mess
     }
 
     if let (Some(mut stdin), Some(data)) = (child.stdin.take(), req.stdin.clone()) {
-        let _ = thread::Builder::new().name(format!("agent-stdin-{id}")).spawn(move || {
-            let _ = stdin.write_all(&data.0);
-        });
+        let _ = thread::Builder::new()
+            .name(format!("agent-stdin-{id}"))
+            .spawn(move || {
+                let _ = stdin.write_all(&data.0);
+            });
     }
 
     let mut pipes: Vec<(Stream, OwnedFd)> = Vec::with_capacity(2);
@@ -497,7 +603,9 @@ fn run_exec(shared: &Shared, gen: u64, req: &ExecRequest, ctl: &ExecCtl) -> Mess
         let _ = sys::set_nonblocking(p);
     }
 
-    let deadline = req.timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
+    let deadline = req
+        .timeout_ms
+        .map(|ms| Instant::now() + Duration::from_millis(ms));
     let mut timed_out = false;
     let mut status = None;
     let mut exited_at: Option<Instant> = None;
@@ -511,7 +619,12 @@ fn run_exec(shared: &Shared, gen: u64, req: &ExecRequest, ctl: &ExecCtl) -> Mess
                     exited_at = Some(Instant::now());
                 }
                 Ok(None) => {}
-                Err(e) => return Message::Error { id: Some(id), message: format!("waitpid: {e}") },
+                Err(e) => {
+                    return Message::Error {
+                        id: Some(id),
+                        message: format!("waitpid: {e}"),
+                    }
+                }
             }
         }
         if let (Some(d), None, false) = (deadline, status, timed_out) {
@@ -533,11 +646,20 @@ fn run_exec(shared: &Shared, gen: u64, req: &ExecRequest, ctl: &ExecCtl) -> Mess
             thread::sleep(Duration::from_millis(10));
             continue;
         }
-        let mut pfds: Vec<libc::pollfd> =
-            pipes.iter().map(|(_, fd)| sys::pollfd(fd.as_raw_fd(), libc::POLLIN)).collect();
-        let wait = if status.is_some() { Duration::from_millis(20) } else { Duration::from_millis(50) };
+        let mut pfds: Vec<libc::pollfd> = pipes
+            .iter()
+            .map(|(_, fd)| sys::pollfd(fd.as_raw_fd(), libc::POLLIN))
+            .collect();
+        let wait = if status.is_some() {
+            Duration::from_millis(20)
+        } else {
+            Duration::from_millis(50)
+        };
         if let Err(e) = sys::poll(&mut pfds, wait) {
-            return Message::Error { id: Some(id), message: format!("poll: {e}") };
+            return Message::Error {
+                id: Some(id),
+                message: format!("poll: {e}"),
+            };
         }
         let mut closed = Vec::new();
         for (i, pfd) in pfds.iter().enumerate() {
@@ -554,7 +676,11 @@ fn run_exec(shared: &Shared, gen: u64, req: &ExecRequest, ctl: &ExecCtl) -> Mess
                     }
                     Ok(n) => {
                         if streaming {
-                            let msg = Message::Output { id, stream: *stream, data: Bytes(buf[..n].to_vec()) };
+                            let msg = Message::Output {
+                                id,
+                                stream: *stream,
+                                data: Bytes(buf[..n].to_vec()),
+                            };
                             streaming = shared.send(gen, &msg, true);
                         }
                         if n < buf.len() {
@@ -578,43 +704,57 @@ fn run_exec(shared: &Shared, gen: u64, req: &ExecRequest, ctl: &ExecCtl) -> Mess
         Some(s) => s,
         None => match child.wait() {
             Ok(s) => s,
-            Err(e) => return Message::Error { id: Some(id), message: format!("waitpid: {e}") },
+            Err(e) => {
+                return Message::Error {
+                    id: Some(id),
+                    message: format!("waitpid: {e}"),
+                }
+            }
         },
     };
     let signal = status.signal();
     let code = status.code().unwrap_or_else(|| 128 + signal.unwrap_or(0));
-    Message::Exit { id, code, signal, timed_out }
+    Message::Exit {
+        id,
+        code,
+        signal,
+        timed_out,
+    }
 }
 
 fn drain_detached(pipes: Vec<(Stream, OwnedFd)>) {
     if pipes.is_empty() {
         return;
     }
-    let _ = thread::Builder::new().name("agent-drain".into()).spawn(move || {
-        let mut pipes = pipes;
-        let mut buf = vec![0u8; 16 << 10];
-        while !pipes.is_empty() {
-            let mut pfds: Vec<libc::pollfd> =
-                pipes.iter().map(|(_, fd)| sys::pollfd(fd.as_raw_fd(), libc::POLLIN)).collect();
-            if sys::poll(&mut pfds, Duration::from_secs(5)).is_err() {
-                return;
-            }
-            for i in (0..pfds.len()).rev() {
-                if pfds[i].revents == 0 {
-                    continue;
+    let _ = thread::Builder::new()
+        .name("agent-drain".into())
+        .spawn(move || {
+            let mut pipes = pipes;
+            let mut buf = vec![0u8; 16 << 10];
+            while !pipes.is_empty() {
+                let mut pfds: Vec<libc::pollfd> = pipes
+                    .iter()
+                    .map(|(_, fd)| sys::pollfd(fd.as_raw_fd(), libc::POLLIN))
+                    .collect();
+                if sys::poll(&mut pfds, Duration::from_secs(5)).is_err() {
+                    return;
                 }
-                match sys::read(pipes[i].1.as_raw_fd(), &mut buf) {
-                    Ok(0) => {
-                        pipes.remove(i);
+                for i in (0..pfds.len()).rev() {
+                    if pfds[i].revents == 0 {
+                        continue;
                     }
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => {
-                        pipes.remove(i);
+                    match sys::read(pipes[i].1.as_raw_fd(), &mut buf) {
+                        Ok(0) => {
+                            pipes.remove(i);
+                        }
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => {
+                            pipes.remove(i);
+                        }
                     }
                 }
             }
-        }
-    });
+        });
 }

@@ -41,9 +41,7 @@ pub(super) fn handle<E: Egress + ?Sized>(
         match ctx.snap.lookup(ctx.vpc, target) {
             // The guest probing its own address (duplicate address
             // detection): staying silent is the right answer.
-            Some(owner) if owner == ctx.ingress => {
-                return Verdict::Dropped(DropReason::Broadcast)
-            }
+            Some(owner) if owner == ctx.ingress => return Verdict::Dropped(DropReason::Broadcast),
             Some(owner) => match ctx.snap.port(owner) {
                 Some(p) => p.mac,
                 None => return Verdict::Dropped(DropReason::NoRoute),

@@ -79,14 +79,20 @@ pub(super) fn handle<E: Egress + ?Sized>(
         Some(message_type::INFORM) => Answer::Inform,
         Some(t @ (message_type::RELEASE | message_type::DECLINE)) => {
             // Leases are static: nothing to free, nothing to mark bad.
-            tracing::debug!(port = ctx.ingress, message_type = t, "dhcp release/decline ignored");
+            tracing::debug!(
+                port = ctx.ingress,
+                message_type = t,
+                "dhcp release/decline ignored"
+            );
             return Verdict::Dropped(DropReason::Unsupported);
         }
         _ => return Verdict::Dropped(DropReason::Unsupported),
     };
 
     let chaddr = msg.chaddr();
-    let client_mac = [chaddr[0], chaddr[1], chaddr[2], chaddr[3], chaddr[4], chaddr[5]];
+    let client_mac = [
+        chaddr[0], chaddr[1], chaddr[2], chaddr[3], chaddr[4], chaddr[5],
+    ];
     let yiaddr = match answer {
         Answer::Offer | Answer::Ack => primary,
         Answer::Nak | Answer::Inform => Ipv4Addr::UNSPECIFIED,

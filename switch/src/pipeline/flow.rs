@@ -32,12 +32,10 @@ pub fn flow_hash(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, src_port: u16, dst_
 pub(crate) fn of_ipv4<T: AsRef<[u8]>>(ip: &ipv4::Packet<T>) -> u32 {
     let proto = ip.protocol();
     let ports = match proto {
-        ipv4::protocol::TCP | ipv4::protocol::UDP if !ip.is_fragment() => {
-            match ip.payload() {
-                [a, b, c, d, ..] => (u16::from_be_bytes([*a, *b]), u16::from_be_bytes([*c, *d])),
-                _ => (0, 0),
-            }
-        }
+        ipv4::protocol::TCP | ipv4::protocol::UDP if !ip.is_fragment() => match ip.payload() {
+            [a, b, c, d, ..] => (u16::from_be_bytes([*a, *b]), u16::from_be_bytes([*c, *d])),
+            _ => (0, 0),
+        },
         _ => (0, 0),
     };
     flow_hash(ip.src(), ip.dst(), proto, ports.0, ports.1)

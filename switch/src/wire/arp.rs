@@ -149,12 +149,19 @@ mod tests {
     #[test]
     fn rejects() {
         for len in 0..PACKET_LEN {
-            assert_eq!(Packet::new_checked(&REQUEST[..len]).unwrap_err(), WireError::Truncated);
+            assert_eq!(
+                Packet::new_checked(&REQUEST[..len]).unwrap_err(),
+                WireError::Truncated
+            );
         }
         for (at, val) in [(1, 6), (2, 0x86), (4, 8), (5, 16)] {
             let mut b = REQUEST;
             b[at] = val;
-            assert_eq!(Packet::new_checked(&b[..]).unwrap_err(), WireError::Unsupported, "{at}");
+            assert_eq!(
+                Packet::new_checked(&b[..]).unwrap_err(),
+                WireError::Unsupported,
+                "{at}"
+            );
         }
     }
 }

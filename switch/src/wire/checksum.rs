@@ -81,7 +81,10 @@ mod tests {
         assert_eq!(sum(&[0xab]), 0xab00);
         assert_eq!(sum(&[]), 0);
         let data = [1u8, 2, 3, 4, 5, 6, 7, 8, 9, 10];
-        assert_eq!(finish(combine(sum(&data[..4]), sum(&data[4..]))), finish(sum(&data)));
+        assert_eq!(
+            finish(combine(sum(&data[..4]), sum(&data[4..]))),
+            finish(sum(&data))
+        );
         let big = vec![0xffu8; 70_000];
         assert_eq!(finish(sum(&big)), 0);
     }

@@ -321,12 +321,29 @@ mod tests {
         b[236..240].copy_from_slice(&MAGIC);
         b.extend_from_slice(&[
             option::PAD,
-            option::MESSAGE_TYPE, 1, message_type::DISCOVER,
-            option::REQUESTED_IP, 4, 10, 0, 1, 10,
-            55, 3, 1, 3, 6, // parameter request list, skipped
-            option::SERVER_ID, 4, 10, 0, 1, 1,
+            option::MESSAGE_TYPE,
+            1,
+            message_type::DISCOVER,
+            option::REQUESTED_IP,
+            4,
+            10,
+            0,
+            1,
+            10,
+            55,
+            3,
+            1,
+            3,
+            6, // parameter request list, skipped
+            option::SERVER_ID,
+            4,
+            10,
+            0,
+            1,
+            1,
             option::END,
-            0xaa, 0xbb, // after END: ignored
+            0xaa,
+            0xbb, // after END: ignored
         ]);
         b
     }
@@ -359,11 +376,17 @@ mod tests {
     fn rejects() {
         let b = discover();
         for len in 0..HEADER_LEN {
-            assert_eq!(Packet::new_checked(&b[..len]).unwrap_err(), WireError::Truncated);
+            assert_eq!(
+                Packet::new_checked(&b[..len]).unwrap_err(),
+                WireError::Truncated
+            );
         }
         let mut bad = b.clone();
         bad[236] = 0;
-        assert_eq!(Packet::new_checked(&bad[..]).unwrap_err(), WireError::Unsupported);
+        assert_eq!(
+            Packet::new_checked(&bad[..]).unwrap_err(),
+            WireError::Unsupported
+        );
         // Every cut inside the option list before END is an error, never a
         // panic; cuts between options are a shorter valid list.
         let end = b.len() - 3;
@@ -403,7 +426,10 @@ mod tests {
         let n = repr.emit(&mut out).expect("fits");
         assert_eq!(n, MIN_MESSAGE_LEN);
         let p = Packet::new_checked(&out[..n]).expect("valid");
-        assert_eq!((p.op(), p.xid(), p.yiaddr()), (op::REPLY, 7, Ipv4Addr::new(10, 0, 1, 10)));
+        assert_eq!(
+            (p.op(), p.xid(), p.yiaddr()),
+            (op::REPLY, 7, Ipv4Addr::new(10, 0, 1, 10))
+        );
         let opts: Vec<(u8, Vec<u8>)> = p
             .options()
             .map(|o| o.map(|(c, v)| (c, v.to_vec())).expect("ok"))
@@ -423,7 +449,11 @@ mod tests {
             ]
         );
         for short in [0, HEADER_LEN, HEADER_LEN + 10, MIN_MESSAGE_LEN - 1] {
-            assert_eq!(repr.emit(&mut out[..short]), Err(WireError::Truncated), "{short}");
+            assert_eq!(
+                repr.emit(&mut out[..short]),
+                Err(WireError::Truncated),
+                "{short}"
+            );
         }
     }
 }

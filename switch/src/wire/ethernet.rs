@@ -111,7 +111,10 @@ mod tests {
     #[test]
     fn truncated() {
         for len in 0..HEADER_LEN {
-            assert_eq!(Frame::new_checked(&FRAME[..len]).unwrap_err(), WireError::Truncated);
+            assert_eq!(
+                Frame::new_checked(&FRAME[..len]).unwrap_err(),
+                WireError::Truncated
+            );
         }
         let f = Frame::new_checked(&FRAME[..HEADER_LEN]).expect("header only");
         assert!(f.payload().is_empty());
@@ -130,6 +133,9 @@ mod tests {
         assert_eq!(f.dst(), [2, 0, 0, 0, 0, 9]);
         assert_eq!(f.src(), [2, 0, 0, 0, 0, 8]);
         assert_eq!(f.payload()[0], 0);
-        assert_eq!(emit(&mut [0u8; 13], BROADCAST, BROADCAST, 0), Err(WireError::Truncated));
+        assert_eq!(
+            emit(&mut [0u8; 13], BROADCAST, BROADCAST, 0),
+            Err(WireError::Truncated)
+        );
     }
 }

@@ -71,7 +71,9 @@ mod tests {
     use super::*;
 
     /// Echo request id 0x1234 seq 1 payload "abcd", checksum filled.
-    const ECHO: [u8; 12] = [8, 0, 0x21, 0x04, 0x12, 0x34, 0x00, 0x01, b'a', b'b', b'c', b'd'];
+    const ECHO: [u8; 12] = [
+        8, 0, 0x21, 0x04, 0x12, 0x34, 0x00, 0x01, b'a', b'b', b'c', b'd',
+    ];
 
     #[test]
     fn parse_and_turn_into_reply() {
@@ -85,7 +87,10 @@ mod tests {
         assert!(p.verify_checksum());
         assert_eq!(p.checksum(), 0x2904);
         for len in 0..HEADER_LEN {
-            assert_eq!(Packet::new_checked(&ECHO[..len]).unwrap_err(), WireError::Truncated);
+            assert_eq!(
+                Packet::new_checked(&ECHO[..len]).unwrap_err(),
+                WireError::Truncated
+            );
         }
     }
 }

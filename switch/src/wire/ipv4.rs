@@ -155,11 +155,9 @@ impl Repr {
     /// Write the header, checksum included, at the start of `out`; returns
     /// its length.
     pub fn emit(&self, out: &mut [u8]) -> Result<usize> {
-        let total = u16::try_from(MIN_HEADER_LEN + self.payload_len)
-            .map_err(|_| WireError::Malformed)?;
-        let hdr = out
-            .get_mut(..MIN_HEADER_LEN)
-            .ok_or(WireError::Truncated)?;
+        let total =
+            u16::try_from(MIN_HEADER_LEN + self.payload_len).map_err(|_| WireError::Malformed)?;
+        let hdr = out.get_mut(..MIN_HEADER_LEN).ok_or(WireError::Truncated)?;
         hdr.fill(0);
         hdr[field::VER_IHL] = 0x45;
         put(hdr, field::TOTAL_LEN, &total.to_be_bytes())?;
@@ -216,14 +214,32 @@ mod tests {
     fn rejects() {
         let buf = fixture();
         for len in 0..buf.len() {
-            assert_eq!(Packet::new_checked(&buf[..len]).unwrap_err(), WireError::Truncated, "{len}");
+            assert_eq!(
+                Packet::new_checked(&buf[..len]).unwrap_err(),
+                WireError::Truncated,
+                "{len}"
+            );
         }
-        let rows: &[(&str, &[(usize, u8)], WireError)] = &[
+        // (desc, byte patches, expected error)
+        type Row = (&'static str, &'static [(usize, u8)], WireError);
+        let rows: &[Row] = &[
             ("version 6", &[(0, 0x65)], WireError::Malformed),
             ("ihl 4", &[(0, 0x44)], WireError::Malformed),
-            ("ihl past total length", &[(0, 0x4f), (2, 0), (3, 40)], WireError::Malformed),
-            ("total length below header", &[(2, 0), (3, 19)], WireError::Malformed),
-            ("total length past buffer", &[(2, 0x01)], WireError::Truncated),
+            (
+                "ihl past total length",
+                &[(0, 0x4f), (2, 0), (3, 40)],
+                WireError::Malformed,
+            ),
+            (
+                "total length below header",
+                &[(2, 0), (3, 19)],
+                WireError::Malformed,
+            ),
+            (
+                "total length past buffer",
+                &[(2, 0x01)],
+                WireError::Truncated,
+            ),
         ];
         for (desc, patches, want) in rows {
             let mut b = fixture();
@@ -240,7 +256,11 @@ mod tests {
             let mut b = fixture();
             b[6..8].copy_from_slice(&flags);
             let p = Packet::new_checked(&b[..]).expect("valid");
-            assert_eq!((p.is_fragment(), p.is_later_fragment()), (any, later), "{flags:?}");
+            assert_eq!(
+                (p.is_fragment(), p.is_later_fragment()),
+                (any, later),
+                "{flags:?}"
+            );
         }
     }
 
@@ -274,7 +294,10 @@ mod tests {
         assert!(!p.verify_checksum());
         p.fill_checksum();
         assert!(p.verify_checksum());
-        assert_eq!((p.src(), p.dst(), p.ttl()), ((Ipv4Addr::new(1, 2, 3, 4)), Ipv4Addr::new(5, 6, 7, 8), 3));
+        assert_eq!(
+            (p.src(), p.dst(), p.ttl()),
+            ((Ipv4Addr::new(1, 2, 3, 4)), Ipv4Addr::new(5, 6, 7, 8), 3)
+        );
         p.payload_mut()[0] = 9;
         assert_eq!(p.payload()[0], 9);
     }

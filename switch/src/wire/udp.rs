@@ -145,11 +145,21 @@ mod tests {
     fn rejects() {
         let d = datagram();
         for len in 0..d.len() {
-            assert_eq!(Packet::new_checked(&d[..len]).unwrap_err(), WireError::Truncated, "{len}");
+            assert_eq!(
+                Packet::new_checked(&d[..len]).unwrap_err(),
+                WireError::Truncated,
+                "{len}"
+            );
         }
         let mut bad = d.clone();
         bad[5] = 7;
-        assert_eq!(Packet::new_checked(&bad[..]).unwrap_err(), WireError::Malformed);
-        assert_eq!(emit(&mut [0u8; 11], (SRC, 1), (DST, 2), 4), Err(WireError::Truncated));
+        assert_eq!(
+            Packet::new_checked(&bad[..]).unwrap_err(),
+            WireError::Malformed
+        );
+        assert_eq!(
+            emit(&mut [0u8; 11], (SRC, 1), (DST, 2), 4),
+            Err(WireError::Truncated)
+        );
     }
 }

@@ -1,0 +1,418 @@
+//! Hostile-guest tests: virtqueues built by hand in test memory, driven
+//! through the same TX/RX code the workers run.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use enilab_switch::{GsoKind, GsoOffload, PacketMeta};
+use vhost_user_backend::VringT;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::*;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::*;
+use crate::port::{Pkt, PortHandle, Pool, Waker};
+use crate::vhost_user::Backend;
+
+const MEM: usize = 0x20_0000;
+const QSIZE: u16 = 16;
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const F_INDIRECT: u16 = 4;
+
+/// A split ring laid out by hand: table, avail, used, then data buffers.
+struct Ring {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    next_desc: u16,
+    avail_idx: u16,
+}
+
+impl Ring {
+    fn new(base: u64) -> Self {
+        Ring {
+            desc: base,
+            avail: base + 0x1000,
+            used: base + 0x2000,
+            next_desc: 0,
+            avail_idx: 0,
+        }
+    }
+
+    fn put_desc(&self, m: &GuestMemoryMmap, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let a = GuestAddress(self.desc + u64::from(i) * 16);
+        m.write_obj(addr, a).unwrap();
+        m.write_obj(len, GuestAddress(a.0 + 8)).unwrap();
+        m.write_obj(flags, GuestAddress(a.0 + 12)).unwrap();
+        m.write_obj(next, GuestAddress(a.0 + 14)).unwrap();
+    }
+
+    /// Publish `head` in the avail ring.
+    fn publish(&mut self, m: &GuestMemoryMmap, head: u16) {
+        let slot = self.avail + 4 + u64::from(self.avail_idx % QSIZE) * 2;
+        m.write_obj(head, GuestAddress(slot)).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        m.write_obj(self.avail_idx, GuestAddress(self.avail + 2)).unwrap();
+    }
+
+    /// Add a chain of (addr, len, writable) buffers and publish it.
+    fn chain(&mut self, m: &GuestMemoryMmap, bufs: &[(u64, u32, bool)]) -> u16 {
+        let head = self.next_desc;
+        for (k, &(addr, len, w)) in bufs.iter().enumerate() {
+            let i = self.next_desc;
+            let last = k + 1 == bufs.len();
+            let mut flags = if w { F_WRITE } else { 0 };
+            if !last {
+                flags |= F_NEXT;
+            }
+            self.put_desc(m, i, addr, len, flags, (i + 1) % QSIZE);
+            self.next_desc = (self.next_desc + 1) % QSIZE;
+        }
+        self.publish(m, head);
+        head
+    }
+
+    fn used_idx(&self, m: &GuestMemoryMmap) -> u16 {
+        m.read_obj(GuestAddress(self.used + 2)).unwrap()
+    }
+
+    fn used_elem(&self, m: &GuestMemoryMmap, n: u16) -> (u32, u32) {
+        let a = self.used + 4 + u64::from(n % QSIZE) * 8;
+        (
+            m.read_obj(GuestAddress(a)).unwrap(),
+            m.read_obj(GuestAddress(a + 4)).unwrap(),
+        )
+    }
+}
+
+struct Rig {
+    dev: Arc<NetDevice>,
+    mem: GuestMemoryMmap,
+    rx: Ring,
+    tx: Ring,
+    pool: Pool,
+    handle: Arc<PortHandle>,
+}
+
+fn features(extra: u64) -> u64 {
+    bit(VIRTIO_F_VERSION_1)
+        | bit(VIRTIO_NET_F_MRG_RXBUF)
+        | bit(VIRTIO_RING_F_INDIRECT_DESC)
+        | bit(VIRTIO_NET_F_GUEST_CSUM)
+        | extra
+}
+
+fn rig(acked: u64) -> Rig {
+    let dev = NetDevice::new(DeviceConfig {
+        eni_id: "eni-test".into(),
+        port: 1,
+        mac: [2, 0, 0, 0, 0, 1],
+        mtu: 1500,
+        queue_pairs: 1,
+    })
+    .unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    dev.memory().lock().unwrap().replace(mem.clone());
+    let rx = Ring::new(0x1_0000);
+    let tx = Ring::new(0x2_0000);
+    for (i, r) in [(0usize, &rx), (1, &tx)] {
+        let v = dev.vring(i).unwrap();
+        v.set_queue_size(QSIZE);
+        v.set_queue_info(r.desc, r.avail, r.used).unwrap();
+        v.set_queue_ready(true);
+        v.set_enabled(true);
+    }
+    dev.set_acked_features(acked);
+    let waker = Arc::new(Waker::new().unwrap());
+    let handle = Arc::new(PortHandle::new(1, &[waker]));
+    let _ = dev.handle.set(handle.clone());
+    Rig {
+        dev,
+        mem,
+        rx,
+        tx,
+        pool: Pool::default(),
+        handle,
+    }
+}
+
+fn frame(len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; len];
+    f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+    f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    f[12] = 0x08;
+    for (i, b) in f.iter_mut().enumerate().skip(14) {
+        *b = i as u8;
+    }
+    f
+}
+
+impl Rig {
+    fn tx_pass(&self) -> Vec<Pkt> {
+        let mut out = Vec::new();
+        let mut ctx = TxCtx::default();
+        self.dev.process_tx(0, &mut ctx, &self.pool, &mut out);
+        out
+    }
+
+    fn rx_pass(&self, pending: &mut VecDeque<Pkt>) -> bool {
+        let mut ctx = RxCtx::default();
+        self.dev
+            .process_rx(0, &self.handle.rxq[0], pending, &mut ctx, &self.pool)
+    }
+
+    /// Write header + frame at `addr` as one TX buffer.
+    fn tx_buf(&self, addr: u64, f: &[u8]) -> u32 {
+        self.mem.write_slice(&[0u8; 12], GuestAddress(addr)).unwrap();
+        self.mem.write_slice(f, GuestAddress(addr + 12)).unwrap();
+        (f.len() + 12) as u32
+    }
+}
+
+#[test]
+fn tx_good_frame_is_taken_and_completed() {
+    let mut r = rig(features(0));
+    let f = frame(60);
+    let len = r.tx_buf(0x10_0000, &f);
+    // Header and frame split over two descriptors.
+    r.tx.chain(&r.mem, &[(0x10_0000, 5, false), (0x10_0005, len - 5, false)]);
+    let out = r.tx_pass();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].buf, f);
+    assert_eq!(r.tx.used_idx(&r.mem), 1);
+    assert_eq!(r.tx.used_elem(&r.mem, 0), (0, 0));
+    let s = r.dev.stats();
+    assert_eq!((s.tx_packets, s.tx_bytes, s.tx_bad_chains), (1, 60, 0));
+}
+
+#[test]
+fn tx_hostile_chains_are_completed_with_zero_and_counted() {
+    let mut r = rig(features(0));
+    let f = frame(60);
+    let len = r.tx_buf(0x10_0000, &f);
+    // Outside guest memory.
+    r.tx.chain(&r.mem, &[(MEM as u64 - 8, 64, false)]);
+    // Address overflow.
+    r.tx.chain(&r.mem, &[(u64::MAX - 2, 64, false)]);
+    // Write-only descriptor on TX.
+    r.tx.chain(&r.mem, &[(0x10_0000, len, true)]);
+    // A loop: descriptor 10 -> 11 -> 10.
+    r.tx.put_desc(&r.mem, 10, 0x10_0000, 8, F_NEXT, 11);
+    r.tx.put_desc(&r.mem, 11, 0x10_0000, 8, F_NEXT, 10);
+    r.tx.publish(&r.mem, 10);
+    // Head beyond the queue.
+    r.tx.publish(&r.mem, QSIZE + 3);
+    // Next beyond the queue.
+    r.tx.put_desc(&r.mem, 12, 0x10_0000, 8, F_NEXT, 999);
+    r.tx.publish(&r.mem, 12);
+    // Nested indirect tables.
+    r.tx.put_desc(&r.mem, 13, 0x18_0000, 16, F_INDIRECT, 0);
+    r.mem.write_obj(0x18_0000u64, GuestAddress(0x18_0000)).unwrap();
+    r.mem.write_obj(16u32, GuestAddress(0x18_0008)).unwrap();
+    r.mem.write_obj(F_INDIRECT, GuestAddress(0x18_000c)).unwrap();
+    r.tx.publish(&r.mem, 13);
+    let out = r.tx_pass();
+    assert!(out.is_empty());
+    let s = r.dev.stats();
+    assert_eq!(s.tx_bad_chains, 7, "{s:?}");
+    assert_eq!(s.tx_packets, 0);
+    // Every chain with a valid head was completed with length 0.
+    let used = r.tx.used_idx(&r.mem);
+    assert_eq!(used, 6);
+    for n in 0..used {
+        assert_eq!(r.tx.used_elem(&r.mem, n).1, 0);
+    }
+    // The ring still works afterwards.
+    r.tx.next_desc = 0;
+    r.tx.chain(&r.mem, &[(0x10_0000, len, false)]);
+    assert_eq!(r.tx_pass().len(), 1);
+}
+
+#[test]
+fn tx_runt_and_oversize_frames_are_refused() {
+    let mut r = rig(features(0));
+    // Header only: a zero-length frame.
+    r.tx.chain(&r.mem, &[(0x10_0000, 12, false)]);
+    // A 10-byte frame, shorter than an Ethernet header.
+    r.tx.chain(&r.mem, &[(0x10_0000, 22, false)]);
+    // Larger than any frame, in several buffers.
+    r.tx.chain(
+        &r.mem,
+        &[(0x10_0000, 40_000, false), (0x10_0000, 40_000, false)],
+    );
+    // Zero-length descriptors only.
+    r.tx.chain(&r.mem, &[(0x10_0000, 0, false), (0x10_0000, 0, false)]);
+    assert!(r.tx_pass().is_empty());
+    let s = r.dev.stats();
+    assert_eq!(s.tx_bad_frames, 4, "{s:?}");
+    assert_eq!(r.tx.used_idx(&r.mem), 4);
+}
+
+#[test]
+fn tx_bad_offload_header_is_refused() {
+    let mut r = rig(features(0));
+    let f = frame(60);
+    let len = r.tx_buf(0x10_0000, &f);
+    // NEEDS_CSUM with an offset beyond the frame.
+    r.mem.write_obj(1u8, GuestAddress(0x10_0000)).unwrap();
+    r.mem.write_obj(200u16, GuestAddress(0x10_0006)).unwrap();
+    r.tx.chain(&r.mem, &[(0x10_0000, len, false)]);
+    assert!(r.tx_pass().is_empty());
+    assert_eq!(r.dev.stats().tx_bad_frames, 1);
+}
+
+#[test]
+fn tx_on_disabled_ring_is_discarded() {
+    let mut r = rig(features(0));
+    r.dev.vring(1).unwrap().set_enabled(false);
+    let f = frame(60);
+    let len = r.tx_buf(0x10_0000, &f);
+    r.tx.chain(&r.mem, &[(0x10_0000, len, false)]);
+    assert!(r.tx_pass().is_empty());
+    assert_eq!(r.dev.stats().tx_discarded, 1);
+    assert_eq!(r.tx.used_idx(&r.mem), 1);
+}
+
+#[test]
+fn tx_garbage_avail_index_does_not_spin_or_crash() {
+    let r = rig(features(0));
+    // avail.idx far ahead of anything published.
+    r.mem.write_obj(0x8000u16, GuestAddress(r.tx.avail + 2)).unwrap();
+    assert!(r.tx_pass().is_empty());
+}
+
+#[test]
+fn rx_mergeable_spans_buffers_and_sets_num_buffers() {
+    let mut r = rig(features(0));
+    for k in 0..4u64 {
+        r.rx.chain(&r.mem, &[(0x10_0000 + k * 0x1000, 64, true)]);
+    }
+    let f = frame(200);
+    let mut pending = VecDeque::from([Pkt {
+        buf: f.clone(),
+        meta: PacketMeta::default(),
+    }]);
+    assert!(!r.rx_pass(&mut pending));
+    // 12 + 200 bytes over 64-byte buffers: 4 buffers.
+    assert_eq!(r.rx.used_idx(&r.mem), 4);
+    let nb: u16 = r.mem.read_obj(GuestAddress(0x10_0000 + 10)).unwrap();
+    assert_eq!(nb, 4);
+    let mut got = Vec::new();
+    for k in 0..4u16 {
+        let (_, len) = r.rx.used_elem(&r.mem, k);
+        let mut b = vec![0u8; len as usize];
+        r.mem
+            .read_slice(&mut b, GuestAddress(0x10_0000 + u64::from(k) * 0x1000))
+            .unwrap();
+        got.extend_from_slice(&b);
+    }
+    assert_eq!(&got[12..], &f[..]);
+    assert_eq!(r.dev.stats().rx_packets, 1);
+}
+
+#[test]
+fn rx_waits_for_buffers_and_keeps_the_frame() {
+    let mut r = rig(features(bit(VIRTIO_RING_F_EVENT_IDX)));
+    let mut pending = VecDeque::from([Pkt {
+        buf: frame(100),
+        meta: PacketMeta::default(),
+    }]);
+    assert!(r.rx_pass(&mut pending));
+    assert_eq!(pending.len(), 1);
+    assert_eq!(r.dev.stats().rx_no_buffers, 1);
+    // Not enough room yet (needs 112 bytes): nothing is consumed.
+    r.rx.chain(&r.mem, &[(0x10_0000, 64, true)]);
+    assert!(r.rx_pass(&mut pending));
+    assert_eq!(r.rx.used_idx(&r.mem), 0);
+    r.rx.chain(&r.mem, &[(0x10_1000, 64, true)]);
+    assert!(!r.rx_pass(&mut pending));
+    assert_eq!(r.rx.used_idx(&r.mem), 2);
+}
+
+#[test]
+fn rx_hostile_chain_is_completed_with_zero() {
+    let mut r = rig(features(0));
+    // A device-readable buffer in the RX ring, then one outside memory.
+    r.rx.chain(&r.mem, &[(0x10_0000, 2048, false)]);
+    r.rx.chain(&r.mem, &[(MEM as u64 - 16, 2048, true)]);
+    r.rx.chain(&r.mem, &[(0x10_2000, 2048, true)]);
+    let mut pending: VecDeque<Pkt> = (0..3)
+        .map(|_| Pkt {
+            buf: frame(100),
+            meta: PacketMeta::default(),
+        })
+        .collect();
+    r.rx_pass(&mut pending);
+    let s = r.dev.stats();
+    assert_eq!(s.rx_bad_chains, 2, "{s:?}");
+    assert_eq!(s.rx_packets, 1);
+    assert_eq!(r.rx.used_elem(&r.mem, 0).1, 0);
+    assert_eq!(r.rx.used_elem(&r.mem, 1).1, 0);
+    assert_eq!(r.rx.used_elem(&r.mem, 2).1, 112);
+}
+
+#[test]
+fn rx_disabled_ring_is_not_filled() {
+    let mut r = rig(features(0));
+    r.dev.vring(0).unwrap().set_enabled(false);
+    r.rx.chain(&r.mem, &[(0x10_0000, 2048, true)]);
+    let mut pending = VecDeque::from([Pkt {
+        buf: frame(100),
+        meta: PacketMeta::default(),
+    }]);
+    assert!(r.rx_pass(&mut pending));
+    assert_eq!(r.rx.used_idx(&r.mem), 0);
+}
+
+#[test]
+fn rx_gso_is_segmented_for_a_guest_without_tso() {
+    let mut r = rig(features(0));
+    for k in 0..8u64 {
+        r.rx.chain(&r.mem, &[(0x10_0000 + k * 0x1000, 2048, true)]);
+    }
+    let payload = vec![0x5au8; 3000];
+    let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
+        .ipv4([10, 0, 1, 4], [10, 0, 1, 5], 64)
+        .tcp(1, 2, 100, 1000);
+    let mut f = Vec::new();
+    b.write(&mut f, &payload).unwrap();
+    let meta = PacketMeta {
+        csum: None,
+        gso: Some(GsoOffload {
+            kind: GsoKind::Tcpv4,
+            size: 1000,
+            hdr_len: 54,
+            ecn: false,
+        }),
+    };
+    let mut pending = VecDeque::from([Pkt { buf: f, meta }]);
+    r.rx_pass(&mut pending);
+    assert_eq!(r.rx.used_idx(&r.mem), 3);
+    for k in 0..3 {
+        assert_eq!(r.rx.used_elem(&r.mem, k).1, 12 + 54 + 1000);
+    }
+    assert_eq!(r.dev.stats().rx_packets, 3);
+}
+
+#[test]
+fn device_refuses_bad_configs() {
+    let mut cfg = DeviceConfig {
+        eni_id: "eni-x".into(),
+        port: 1,
+        mac: [2, 0, 0, 0, 0, 1],
+        mtu: 1500,
+        queue_pairs: 0,
+    };
+    assert!(matches!(NetDevice::new(cfg.clone()), Err(NetError::QueuePairs(0))));
+    cfg.queue_pairs = 17;
+    assert!(NetDevice::new(cfg.clone()).is_err());
+    cfg.queue_pairs = 16;
+    cfg.mac = [1, 0, 0, 0, 0, 1];
+    assert!(matches!(NetDevice::new(cfg.clone()), Err(NetError::BadMac(_))));
+    cfg.mac = [2, 0, 0, 0, 0, 1];
+    let d = NetDevice::new(cfg).unwrap();
+    assert_eq!(d.num_queues(), 32);
+    assert!(d.features() & bit(VIRTIO_NET_F_MQ) != 0);
+}
