@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 pub use card::{Card, CardError, WorkerStats};
 pub use enilab_switch as switch;
 pub use net::{DeviceConfig, NetDevice, NetError, QueueStats};
-pub use port::{PortTable, Pool};
+pub use port::{Pool, PortTable};
 pub use server::EniServer;
 
 /// Errors of the backend.
@@ -91,7 +91,12 @@ impl Datapath {
     }
 
     /// Create an ENI device and serve it on `socket` from card `card`.
-    pub fn add_eni(&self, socket: &Path, cfg: DeviceConfig, card: u32) -> Result<EniServer, BackendError> {
+    pub fn add_eni(
+        &self,
+        socket: &Path,
+        cfg: DeviceConfig,
+        card: u32,
+    ) -> Result<EniServer, BackendError> {
         let dev = NetDevice::new(cfg)?;
         let card = self.card(card)?;
         EniServer::start(socket, dev, card)

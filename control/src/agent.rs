@@ -147,6 +147,9 @@ impl MuxShared {
 pub struct AgentMux {
     shared: Arc<MuxShared>,
     threads: Vec<JoinHandle<()>>,
+    /// A handle on the listening socket, shut down on drop to wake the
+    /// accept loop even when the socket file is already gone.
+    listener: Option<UnixListener>,
 }
 
 impl std::fmt::Debug for AgentMux {
@@ -170,6 +173,7 @@ impl AgentMux {
         let chardev = qemu_chardev.as_ref().to_path_buf();
         let socket = mux_socket.as_ref().to_path_buf();
         let listener = bind_exclusive(&socket)?;
+        let wake = listener.try_clone()?;
         // Ids handed to the guest start at a per-mux base (below 2^53, so they
         // survive JSON parsers that use doubles): replies to a previous mux's
         // requests cannot be mistaken for ours.
@@ -201,7 +205,11 @@ impl AgentMux {
                 .name("agent-mux-accept".into())
                 .spawn(move || accept_loop(&s, listener))?,
         );
-        Ok(AgentMux { shared, threads })
+        Ok(AgentMux {
+            shared,
+            threads,
+            listener: Some(wake),
+        })
     }
 
     /// Blocks until the guest agent has said hello on the current
@@ -282,7 +290,15 @@ impl Drop for AgentMux {
         if let Some(g) = lock(&sh.guest).as_ref() {
             let _ = g.shutdown(Shutdown::Both);
         }
-        // Wake the blocking accept().
+        // Wake the blocking accept(): shutdown(2) on a listening socket
+        // makes accept fail at once; connecting covers other kernels.
+        if let Some(l) = self.listener.take() {
+            use std::os::fd::AsRawFd;
+            // SAFETY: shutdown on a socket fd we own; no memory is involved.
+            unsafe {
+                libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR);
+            }
+        }
         let _ = UnixStream::connect(&sh.socket);
         {
             let mut st = lock(&sh.state);

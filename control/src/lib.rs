@@ -2,4 +2,7 @@
 //! `enilab` command's library half.
 
 pub mod agent;
+pub mod demo;
+pub mod image;
+pub mod lab;
 pub mod qemu;

@@ -1,1 +1,174 @@
-fn main() {}
+//! The `enilab` command: argument parsing that hands off to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use enilab_control::agent::{AgentClient, Stream};
+use enilab_control::{demo, image, lab};
+
+#[derive(Parser)]
+#[command(
+    name = "enilab",
+    version,
+    about = "An AWS-style VPC of real QEMU VMs on one host"
+)]
+struct Cli {
+    /// Where labs keep sockets and logs (also $ENILAB_RUN_DIR).
+    #[arg(long, global = true)]
+    run_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot two guests in one subnet, ping both ways, run iperf3, print a summary.
+    Demo {
+        /// iperf3 duration in seconds.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command in a guest, stream its output, exit with its code.
+    Exec {
+        /// Instance name.
+        instance: String,
+        /// Seconds before the command is killed (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        timeout: u64,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Guest image operations.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+    /// List running instances.
+    #[command(alias = "ls")]
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Build (or verify the cache of) the guest kernel and initramfs.
+    Build {
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print where the image is.
+    Show,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ENILAB_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("enilab: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let run_root = cli.run_dir.unwrap_or_else(lab::default_run_root);
+    match cli.cmd {
+        Cmd::Demo { seconds, json } => {
+            let mut opts = demo::DemoOptions::default();
+            opts.lab.run_root = run_root;
+            opts.iperf_seconds = seconds.clamp(1, 60);
+            let report = demo::run(opts, &|m| eprintln!("demo: {m}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", demo::render(&report));
+            }
+            Ok(if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Cmd::Exec {
+            instance,
+            timeout,
+            argv,
+        } => {
+            let sock = lab::instance_dir(&run_root, &instance).join("agent.sock");
+            let mut client =
+                AgentClient::connect(&sock).with_context(|| format!("instance {instance}"))?;
+            let t = (timeout > 0).then(|| Duration::from_secs(timeout));
+            use std::io::Write;
+            let status = client.exec(&argv, None, t, |stream, data| {
+                let _ = match stream {
+                    Stream::Stdout => std::io::stdout().write_all(data),
+                    Stream::Stderr => std::io::stderr().write_all(data),
+                };
+            })?;
+            let _ = std::io::stdout().flush();
+            Ok(ExitCode::from(status.code.clamp(0, 255) as u8))
+        }
+        Cmd::Image { cmd } => match cmd {
+            ImageCmd::Build { force } => {
+                let img = image::Image::build(force)?;
+                println!(
+                    "kernel {}\ninitrd {}",
+                    img.kernel.display(),
+                    img.initrd.display()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            ImageCmd::Show => {
+                let img = image::Image::locate()?;
+                println!(
+                    "kernel {}\ninitrd {}",
+                    img.kernel.display(),
+                    img.initrd.display()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+        },
+        Cmd::Status { json } => {
+            let dir = run_root.join("instances");
+            let mut rows = Vec::new();
+            if let Ok(rd) = std::fs::read_dir(&dir) {
+                for e in rd.flatten() {
+                    let name = e.file_name().to_string_lossy().to_string();
+                    let alive = AgentClient::connect(e.path().join("agent.sock")).is_ok();
+                    rows.push((name, alive));
+                }
+            }
+            rows.sort();
+            if json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(n, a)| serde_json::json!({"instance": n, "agent": a}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<32} AGENT", "INSTANCE");
+                for (n, a) in rows {
+                    println!("{:<32} {}", n, if a { "up" } else { "down" });
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -17,7 +17,7 @@ use enilab_switch::Switch;
 use serde::Serialize;
 
 use crate::net::NetDevice;
-use crate::port::{PortHandle, PortTable, Pool, Waker};
+use crate::port::{Pool, PortHandle, PortTable, Waker};
 pub use worker::WorkerCounters;
 use worker::{Cmd, Worker, WorkerShared};
 

@@ -11,7 +11,7 @@ use vhost_user_backend::VringT;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::net::{NetDevice, RxCtx, TxCtx};
-use crate::port::{Pkt, PortHandle, PortTable, Pool, Waker};
+use crate::port::{Pkt, Pool, PortHandle, PortTable, Waker};
 
 const WAKE_TOKEN: u64 = u64::MAX;
 
@@ -120,7 +120,10 @@ impl Worker {
         let mut events = vec![EpollEvent::default(); 64];
         self.shared.alive.store(true, Ordering::Release);
         loop {
-            let busy = self.slots.iter().any(|s| s.tx_more || s.rx_more && !s.pending.is_empty());
+            let busy = self
+                .slots
+                .iter()
+                .any(|s| s.tx_more || s.rx_more && !s.pending.is_empty());
             let n = match self.epoll.wait(if busy { 0 } else { 1000 }, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
@@ -174,12 +177,19 @@ impl Worker {
             if !s.tx_more {
                 continue;
             }
-            let out = s.dev.process_tx(s.qp, &mut self.tx, &self.pool, &mut self.batch);
+            let out = s
+                .dev
+                .process_tx(s.qp, &mut self.tx, &self.pool, &mut self.batch);
             s.tx_more = out.more;
-            self.shared.counters.tx_batches.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .counters
+                .tx_batches
+                .fetch_add(1, Ordering::Relaxed);
             let port = s.dev.port();
             for mut pkt in self.batch.drain(..) {
-                let verdict = self.switch.process(port, &mut pkt.buf, &pkt.meta, &mut egress);
+                let verdict = self
+                    .switch
+                    .process(port, &mut pkt.buf, &pkt.meta, &mut egress);
                 let c = &self.shared.counters;
                 match verdict {
                     Verdict::Forwarded(_) => c.forwarded.fetch_add(1, Ordering::Relaxed),
@@ -212,7 +222,8 @@ impl Worker {
     }
 
     fn handle_cmds(&mut self) -> bool {
-        let cmds: Vec<Cmd> = std::mem::take(&mut *self.shared.cmds.lock().unwrap_or_else(|e| e.into_inner()));
+        let cmds: Vec<Cmd> =
+            std::mem::take(&mut *self.shared.cmds.lock().unwrap_or_else(|e| e.into_inner()));
         let mut changed = false;
         for cmd in cmds {
             match cmd {

@@ -6,8 +6,8 @@
 //! total uses `checked_add`, and a chain may hold at most as many
 //! descriptors as its table (which bounds loops).
 
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Cap on segments per chain, whatever the table size.
 pub const MAX_CHAIN_SEGS: usize = 1024;
@@ -213,7 +213,8 @@ mod tests {
 
     fn put(mem: &GuestMemoryMmap, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let d = Descriptor::new(addr, len, flags, next);
-        mem.write_obj(d, GuestAddress(table + u64::from(i) * 16)).unwrap();
+        mem.write_obj(d, GuestAddress(table + u64::from(i) * 16))
+            .unwrap();
     }
 
     fn run(mem: &GuestMemoryMmap, head: u16, dir: Dir) -> Result<u32, ChainError> {

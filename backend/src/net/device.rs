@@ -6,8 +6,8 @@ use std::sync::{Arc, OnceLock};
 use enilab_switch::PortId;
 use serde::Serialize;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use virtio_queue::QueueT;
 use vhost_user_backend::{VringMutex, VringT};
+use virtio_queue::QueueT;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::{bit, NetError, MAX_QUEUE_PAIRS, MAX_QUEUE_SIZE, MQ_FEATURES, OFFERED_FEATURES};
@@ -220,7 +220,6 @@ impl NetDevice {
     }
 }
 
-
 impl Backend for NetDevice {
     fn num_queues(&self) -> usize {
         self.vrings.len()
@@ -231,7 +230,11 @@ impl Backend for NetDevice {
     }
 
     fn features(&self) -> u64 {
-        let mq = if self.cfg.queue_pairs > 1 { MQ_FEATURES } else { 0 };
+        let mq = if self.cfg.queue_pairs > 1 {
+            MQ_FEATURES
+        } else {
+            0
+        };
         OFFERED_FEATURES | mq | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 

@@ -9,7 +9,7 @@ pub mod offload;
 mod queue;
 
 pub use chain::{ChainError, Seg, MAX_CHAIN_SEGS};
-pub use device::{DeviceConfig, NetDevice, QueueStats};
+pub use device::{format_mac, DeviceConfig, NetDevice, QueueStats};
 pub use hdr::{VirtioNetHdr, VNET_HDR_LEN};
 pub(crate) use queue::{RxCtx, TxCtx, BATCH};
 

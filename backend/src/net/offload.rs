@@ -112,7 +112,12 @@ pub fn segment(
     let mss = usize::from(gso.size.max(1));
     let payload = &frame[l.payload..];
     let hdr = &frame[..l.payload];
-    let seq0 = u32::from_be_bytes([frame[l.l4 + 4], frame[l.l4 + 5], frame[l.l4 + 6], frame[l.l4 + 7]]);
+    let seq0 = u32::from_be_bytes([
+        frame[l.l4 + 4],
+        frame[l.l4 + 5],
+        frame[l.l4 + 6],
+        frame[l.l4 + 7],
+    ]);
     let flags0 = frame[l.l4 + 13];
     let id0 = if l.v4 {
         u16::from_be_bytes([frame[l.l3 + 4], frame[l.l3 + 5]])
@@ -199,8 +204,12 @@ mod tests {
         let mut joined = Vec::new();
         for (i, s) in got.iter().enumerate() {
             let p = SlicedPacket::from_ethernet(s).unwrap();
-            let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else { panic!() };
-            let Some(TransportSlice::Tcp(tcp)) = &p.transport else { panic!() };
+            let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+                panic!()
+            };
+            let Some(TransportSlice::Tcp(tcp)) = &p.transport else {
+                panic!()
+            };
             assert_eq!(tcp.sequence_number(), 1000 + (i as u32) * 1448);
             assert_eq!(tcp.psh(), i == 2);
             let expect = tcp
@@ -208,7 +217,10 @@ mod tests {
                 .calc_checksum_ipv4(&ip.header().to_header(), tcp.payload())
                 .unwrap();
             assert_eq!(tcp.checksum(), expect);
-            assert_eq!(ip.header().to_header().calc_header_checksum(), ip.header().header_checksum());
+            assert_eq!(
+                ip.header().to_header().calc_header_checksum(),
+                ip.header().header_checksum()
+            );
             joined.extend_from_slice(tcp.payload());
         }
         assert_eq!(joined, payload);
@@ -221,13 +233,28 @@ mod tests {
         // Replace the full checksum by the pseudo-header sum, as a guest does.
         let l4 = 34;
         let mut sum = sum16(0, &partial[26..34]);
-        sum = sum.wrapping_add(6).wrapping_add((partial.len() - l4) as u32);
+        sum = sum
+            .wrapping_add(6)
+            .wrapping_add((partial.len() - l4) as u32);
         let ph = !fold(sum);
         partial[l4 + 16..l4 + 18].copy_from_slice(&ph.to_be_bytes());
-        complete_csum(&mut partial, CsumOffload { start: 34, offset: 16 }).unwrap();
+        complete_csum(
+            &mut partial,
+            CsumOffload {
+                start: 34,
+                offset: 16,
+            },
+        )
+        .unwrap();
         assert_eq!(partial, frame);
         assert_eq!(
-            complete_csum(&mut partial, CsumOffload { start: 60, offset: 16 }),
+            complete_csum(
+                &mut partial,
+                CsumOffload {
+                    start: 60,
+                    offset: 16
+                }
+            ),
             Err(OffloadError::CsumRange)
         );
     }

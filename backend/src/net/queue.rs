@@ -6,12 +6,12 @@ use std::sync::atomic::Ordering;
 
 use enilab_switch::{GsoKind, PacketMeta};
 use vhost_user_backend::{VringState, VringT};
-#[allow(unused_imports)]
-use virtio_queue::QueueOwnedT;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_MRG_RXBUF,
 };
+#[allow(unused_imports)]
+use virtio_queue::QueueOwnedT;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -97,13 +97,15 @@ impl NetDevice {
             if !enabled {
                 counters.tx_discarded.fetch_add(1, Ordering::Relaxed);
             } else {
-                match chain::walk(&*mem, table, size, head, indirect, Dir::Read, &mut ctx.segs) {
+                match chain::walk(&mem, table, size, head, indirect, Dir::Read, &mut ctx.segs) {
                     Err(e) => {
                         tracing::debug!(eni = %self.cfg.eni_id, qp, error = %e, "bad TX chain");
                         counters.tx_bad_chains.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(total) => {
-                        if let Some(pkt) = self.read_frame(&mem, &ctx.segs, total, hdr_len, pool, counters) {
+                        if let Some(pkt) =
+                            self.read_frame(&mem, &ctx.segs, total, hdr_len, pool, counters)
+                        {
                             counters.tx_packets.fetch_add(1, Ordering::Relaxed);
                             counters
                                 .tx_bytes
@@ -244,7 +246,7 @@ impl NetDevice {
                 }
             }
             let hdr = VirtioNetHdr::from_meta(&pkt.meta);
-            match rx_one(st, &*mem, &pkt.buf, hdr, &rx, ctx, counters) {
+            match rx_one(st, &mem, &pkt.buf, hdr, &rx, ctx, counters) {
                 RxResult::Done => {
                     delivered += 1;
                     counters.rx_packets.fetch_add(1, Ordering::Relaxed);

@@ -12,7 +12,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
-use crate::port::{Pkt, PortHandle, Pool, Waker};
+use crate::port::{Pkt, Pool, PortHandle, Waker};
 use crate::vhost_user::Backend;
 
 const MEM: usize = 0x20_0000;
@@ -54,7 +54,8 @@ impl Ring {
         let slot = self.avail + 4 + u64::from(self.avail_idx % QSIZE) * 2;
         m.write_obj(head, GuestAddress(slot)).unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        m.write_obj(self.avail_idx, GuestAddress(self.avail + 2)).unwrap();
+        m.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+            .unwrap();
     }
 
     /// Add a chain of (addr, len, writable) buffers and publish it.
@@ -165,7 +166,9 @@ impl Rig {
 
     /// Write header + frame at `addr` as one TX buffer.
     fn tx_buf(&self, addr: u64, f: &[u8]) -> u32 {
-        self.mem.write_slice(&[0u8; 12], GuestAddress(addr)).unwrap();
+        self.mem
+            .write_slice(&[0u8; 12], GuestAddress(addr))
+            .unwrap();
         self.mem.write_slice(f, GuestAddress(addr + 12)).unwrap();
         (f.len() + 12) as u32
     }
@@ -177,7 +180,10 @@ fn tx_good_frame_is_taken_and_completed() {
     let f = frame(60);
     let len = r.tx_buf(0x10_0000, &f);
     // Header and frame split over two descriptors.
-    r.tx.chain(&r.mem, &[(0x10_0000, 5, false), (0x10_0005, len - 5, false)]);
+    r.tx.chain(
+        &r.mem,
+        &[(0x10_0000, 5, false), (0x10_0005, len - 5, false)],
+    );
     let out = r.tx_pass();
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].buf, f);
@@ -209,9 +215,13 @@ fn tx_hostile_chains_are_completed_with_zero_and_counted() {
     r.tx.publish(&r.mem, 12);
     // Nested indirect tables.
     r.tx.put_desc(&r.mem, 13, 0x18_0000, 16, F_INDIRECT, 0);
-    r.mem.write_obj(0x18_0000u64, GuestAddress(0x18_0000)).unwrap();
+    r.mem
+        .write_obj(0x18_0000u64, GuestAddress(0x18_0000))
+        .unwrap();
     r.mem.write_obj(16u32, GuestAddress(0x18_0008)).unwrap();
-    r.mem.write_obj(F_INDIRECT, GuestAddress(0x18_000c)).unwrap();
+    r.mem
+        .write_obj(F_INDIRECT, GuestAddress(0x18_000c))
+        .unwrap();
     r.tx.publish(&r.mem, 13);
     let out = r.tx_pass();
     assert!(out.is_empty());
@@ -279,7 +289,9 @@ fn tx_on_disabled_ring_is_discarded() {
 fn tx_garbage_avail_index_does_not_spin_or_crash() {
     let r = rig(features(0));
     // avail.idx far ahead of anything published.
-    r.mem.write_obj(0x8000u16, GuestAddress(r.tx.avail + 2)).unwrap();
+    r.mem
+        .write_obj(0x8000u16, GuestAddress(r.tx.avail + 2))
+        .unwrap();
     assert!(r.tx_pass().is_empty());
 }
 
@@ -405,12 +417,18 @@ fn device_refuses_bad_configs() {
         mtu: 1500,
         queue_pairs: 0,
     };
-    assert!(matches!(NetDevice::new(cfg.clone()), Err(NetError::QueuePairs(0))));
+    assert!(matches!(
+        NetDevice::new(cfg.clone()),
+        Err(NetError::QueuePairs(0))
+    ));
     cfg.queue_pairs = 17;
     assert!(NetDevice::new(cfg.clone()).is_err());
     cfg.queue_pairs = 16;
     cfg.mac = [1, 0, 0, 0, 0, 1];
-    assert!(matches!(NetDevice::new(cfg.clone()), Err(NetError::BadMac(_))));
+    assert!(matches!(
+        NetDevice::new(cfg.clone()),
+        Err(NetError::BadMac(_))
+    ));
     cfg.mac = [2, 0, 0, 0, 0, 1];
     let d = NetDevice::new(cfg).unwrap();
     assert_eq!(d.num_queues(), 32);

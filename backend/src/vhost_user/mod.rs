@@ -10,6 +10,9 @@
 mod session;
 mod wire;
 
+#[cfg(test)]
+mod tests;
+
 pub use session::{Backend, RingEvent, Session, SessionEnd};
 pub use wire::{Channel, Message, FLAG_NEED_REPLY, FLAG_REPLY, FLAG_VERSION_1, HDR_SIZE};
 

@@ -9,10 +9,11 @@ use vhost::vhost_user::message::{
     VhostUserProtocolFeatures, VhostUserSingleMemoryRegion, VhostUserU64, VhostUserVirtioFeatures,
     VhostUserVringAddr, VhostUserVringState,
 };
-use virtio_queue::QueueT;
 use vhost_user_backend::{VringMutex, VringT};
+use virtio_queue::QueueT;
 use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
 };
 
 use super::wire::{Channel, Message};
@@ -140,8 +141,11 @@ impl<'a, B: Backend> Session<'a, B> {
                 return Ok(true);
             }
             Err(e) => {
-                // Tell the frontend before hanging up when it waits for an ack.
-                if need_reply && self.reply_ack_enabled() {
+                // Tell the frontend before hanging up when it waits for an
+                // ack. A request that solicits its own reply never gets a
+                // REPLY_ACK (spec): a u64 `1` in place of GET_VRING_BASE's
+                // 8-byte VringState would read as a valid base of 0.
+                if need_reply && self.reply_ack_enabled() && !solicits_reply(request) {
                     let _ = self.chan.reply_u64(request, 1);
                 }
                 return Err(e);
@@ -185,7 +189,8 @@ impl<'a, B: Backend> Session<'a, B> {
                 }
                 self.acked_features = features;
                 self.features_set = true;
-                let event_idx = features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
+                let event_idx =
+                    features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
                 for vring in self.dev.vrings() {
                     vring.set_queue_event_idx(event_idx);
                     // Without PROTOCOL_FEATURES rings have no enable message
@@ -205,8 +210,8 @@ impl<'a, B: Backend> Session<'a, B> {
             FrontendReq::SET_PROTOCOL_FEATURES => {
                 let value = msg.payload::<VhostUserU64>()?.value;
                 // Keep only what we offered; frontends mask, but be strict.
-                self.acked_protocol =
-                    VhostUserProtocolFeatures::from_bits_truncate(value) & self.dev.protocol_features();
+                self.acked_protocol = VhostUserProtocolFeatures::from_bits_truncate(value)
+                    & self.dev.protocol_features();
                 Ok(false)
             }
             FrontendReq::SET_OWNER => Ok(false),
@@ -240,7 +245,8 @@ impl<'a, B: Backend> Session<'a, B> {
                 let s = msg.payload::<VhostUserVringState>()?;
                 let (index, num) = (s.index, s.num);
                 let vring = self.vring(index)?;
-                if num == 0 || !num.is_power_of_two() || num > u32::from(self.dev.max_queue_size()) {
+                if num == 0 || !num.is_power_of_two() || num > u32::from(self.dev.max_queue_size())
+                {
                     return Err(VhostUserError::BadQueueSize(index, num));
                 }
                 vring.set_queue_size(num as u16);
@@ -282,7 +288,8 @@ impl<'a, B: Backend> Session<'a, B> {
                 vring.set_kick(None);
                 self.dev.ring_event(RingEvent::Stopped(index as u16));
                 let reply = VhostUserVringState::new(index, u32::from(base));
-                self.chan.reply(code, vm_memory::ByteValued::as_slice(&reply))?;
+                self.chan
+                    .reply(code, vm_memory::ByteValued::as_slice(&reply))?;
                 Ok(true)
             }
             FrontendReq::SET_VRING_KICK => {
@@ -325,7 +332,8 @@ impl<'a, B: Backend> Session<'a, B> {
                     return Err(VhostUserError::InvalidPayload(code));
                 }
                 vring.set_enabled(num == 1);
-                self.dev.ring_event(RingEvent::Enabled(index as u16, num == 1));
+                self.dev
+                    .ring_event(RingEvent::Enabled(index as u16, num == 1));
                 Ok(false)
             }
             FrontendReq::GET_CONFIG => {
@@ -432,6 +440,9 @@ impl<'a, B: Backend> Session<'a, B> {
                 user_addr: r.user_addr,
             });
         }
+        // vm-memory wants regions sorted by guest address; the protocol
+        // does not promise any order.
+        regions.sort_by_key(|r| r.start_addr());
         let mem = GuestMemoryMmap::from_regions(regions)
             .map_err(|e| VhostUserError::Memory(e.to_string()))?;
         self.dev
@@ -530,6 +541,19 @@ fn map_region(r: &VhostUserMemoryRegion, file: File) -> Result<GuestRegionMmap, 
         .map_err(|e| VhostUserError::Memory(e.to_string()))?;
     GuestRegionMmap::new(mmap, GuestAddress(r.guest_phys_addr))
         .ok_or_else(|| VhostUserError::Memory("region wraps the address space".into()))
+}
+
+/// Requests answered with their own reply message, never with a REPLY_ACK.
+fn solicits_reply(code: u32) -> bool {
+    matches!(
+        FrontendReq::try_from(code),
+        Ok(FrontendReq::GET_FEATURES
+            | FrontendReq::GET_PROTOCOL_FEATURES
+            | FrontendReq::GET_QUEUE_NUM
+            | FrontendReq::GET_MAX_MEM_SLOTS
+            | FrontendReq::GET_VRING_BASE
+            | FrontendReq::GET_CONFIG)
+    )
 }
 
 fn set_nonblocking(f: &File) {
