@@ -149,3 +149,64 @@ fn serve(listener: UnixListener, dev: &Arc<NetDevice>, stop: &EventFd) {
     }
     dev.reset();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Datapath, DeviceConfig};
+
+    fn cfg(port: u32) -> DeviceConfig {
+        DeviceConfig {
+            eni_id: format!("eni-t{port}"),
+            port,
+            mac: [2, 0, 0, 0, 0, port as u8],
+            mtu: 1500,
+            queue_pairs: 1,
+        }
+    }
+
+    #[test]
+    fn socket_in_use_is_a_clear_error_and_stale_sockets_are_replaced() {
+        let dir = std::env::temp_dir().join(format!("enilab-srv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("e.sock");
+        let dp = Datapath::new(enilab_switch::Switch::new(), 1);
+        let first = dp.add_eni(&path, cfg(1), 0).unwrap();
+        let err = dp.add_eni(&path, cfg(2), 0).err().expect("second bind must fail");
+        assert!(matches!(err, BackendError::SocketInUse(_)), "{err}");
+        assert!(err.to_string().contains("in use"));
+        drop(first);
+        // A stale socket file (nobody listening) is replaced.
+        let _l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        drop(_l);
+        let again = dp.add_eni(&path, cfg(3), 0);
+        assert!(again.is_ok());
+        drop(again);
+        dp.shutdown();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_frontend_can_reconnect_without_a_restart() {
+        let dir = std::env::temp_dir().join(format!("enilab-rc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("e.sock");
+        let dp = Datapath::new(enilab_switch::Switch::new(), 1);
+        let srv = dp.add_eni(&path, cfg(1), 0).unwrap();
+        for round in 1..=3u64 {
+            let fe = vhost::vhost_user::Frontend::connect(&path, 2).unwrap();
+            use vhost::VhostBackend;
+            let f = fe.get_features().unwrap();
+            assert!(f & (1 << 32) != 0, "VERSION_1 offered");
+            drop(fe);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while srv.device().sessions.load(Ordering::Relaxed) < round {
+                assert!(std::time::Instant::now() < deadline, "session {round} not seen");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        drop(srv);
+        dp.shutdown();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
