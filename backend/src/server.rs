@@ -172,7 +172,10 @@ mod tests {
         let path = dir.join("e.sock");
         let dp = Datapath::new(enilab_switch::Switch::new(), 1);
         let first = dp.add_eni(&path, cfg(1), 0).unwrap();
-        let err = dp.add_eni(&path, cfg(2), 0).err().expect("second bind must fail");
+        let err = dp
+            .add_eni(&path, cfg(2), 0)
+            .err()
+            .expect("second bind must fail");
         assert!(matches!(err, BackendError::SocketInUse(_)), "{err}");
         assert!(err.to_string().contains("in use"));
         drop(first);
@@ -201,7 +204,10 @@ mod tests {
             drop(fe);
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
             while srv.device().sessions.load(Ordering::Relaxed) < round {
-                assert!(std::time::Instant::now() < deadline, "session {round} not seen");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "session {round} not seen"
+                );
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
         }

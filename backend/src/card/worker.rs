@@ -150,7 +150,14 @@ impl Worker {
                 }
                 let (slot, is_tx) = ((token / 2) as usize, token % 2 == 1);
                 if let Some(s) = self.slots.get_mut(slot) {
-                    drain_eventfd(ev.fd());
+                    // The token is not the fd: drain the ring's current kick
+                    // eventfd (non-blocking, set when it arrived).
+                    let ring = usize::from(s.qp) * 2 + usize::from(is_tx);
+                    if let Some(v) = s.dev.vring(ring) {
+                        if let Some(k) = v.get_ref().get_kick().as_ref() {
+                            let _ = k.consume();
+                        }
+                    }
                     if is_tx {
                         s.tx_more = true;
                     } else {
@@ -269,6 +276,7 @@ impl Worker {
                 };
                 let fd: Option<RawFd> = v.get_ref().get_kick().as_ref().map(|k| k.as_raw_fd());
                 let token = i as u64 * 2 + dir;
+                tracing::debug!(eni = %s.dev.config().eni_id, qp = s.qp, dir, ?fd, "watch kick");
                 if let Some(fd) = fd {
                     let ev = EpollEvent::new(EventSet::IN, token);
                     match self.epoll.ctl(ControlOperation::Add, fd, ev) {
@@ -283,14 +291,5 @@ impl Worker {
             s.tx_more = true;
             s.rx_more = true;
         }
-    }
-}
-
-fn drain_eventfd(fd: RawFd) {
-    let mut v = 0u64;
-    // SAFETY: reads 8 bytes into a local u64 from an eventfd we watch; the
-    // fd is non-blocking, so this never waits, and errors are ignored.
-    unsafe {
-        libc::read(fd, (&mut v as *mut u64).cast(), 8);
     }
 }

@@ -95,6 +95,7 @@ impl NetDevice {
             }
             done += 1;
             if !enabled {
+                tracing::debug!(eni = %self.cfg.eni_id, qp, "TX on a disabled ring discarded");
                 counters.tx_discarded.fetch_add(1, Ordering::Relaxed);
             } else {
                 match chain::walk(&mem, table, size, head, indirect, Dir::Read, &mut ctx.segs) {

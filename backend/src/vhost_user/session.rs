@@ -127,6 +127,12 @@ impl<'a, B: Backend> Session<'a, B> {
             return Ok(false);
         };
         let request = msg.request;
+        tracing::trace!(
+            request,
+            flags = msg.flags,
+            len = msg.body().len(),
+            "vhost-user request"
+        );
         let need_reply = msg.need_reply();
         let result = self.dispatch(&mut msg);
         self.chan.recycle(msg);
