@@ -39,13 +39,13 @@ const RETRY: Duration = Duration::from_millis(50);
 /// Everything that can go wrong talking to a guest agent.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("cannot connect to the agent socket {path}: {source}; the instance is not running or the path is wrong")]
+    #[error("cannot connect to the agent socket {path}; the instance is not running or the path is wrong")]
     NotRunning {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot create the agent mux socket {path}: {source}")]
+    #[error("cannot create the agent mux socket {path}")]
     Bind {
         path: PathBuf,
         #[source]

@@ -170,7 +170,7 @@ impl Lab {
                 &qemu,
                 &image.kernel,
                 &image.initrd,
-                Some(&lab.opts.run_root),
+                Some(&qemu::default_state_dir()),
             ),
         };
         tracing::info!(accel = %accel.accel, reason = %accel.reason, "accelerator chosen");

@@ -17,8 +17,10 @@
 //! (`/tmp/enl-<pid>-<n>`; unix socket paths are limited to 108 bytes). Its
 //! `Drop` runs even when the test panics: it tears the lab down, kills by
 //! PID whatever QEMU or testpmd it started that is still alive, and removes
-//! the run root. Leftovers of test processes that died without unwinding
-//! are reaped by the next [`TestLab`]. A watchdog bounds every scenario: at
+//! the run root. On failure it first prints each instance's console tail
+//! and QEMU log and copies them to [`FAILED_LOGS`]. Leftovers of test
+//! processes that died without unwinding are reaped by the next
+//! [`TestLab`]. A watchdog bounds every scenario: at
 //! its deadline it kills the lab's processes, so blocked calls fail fast.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -45,6 +47,9 @@ pub const REQUIRE_DPDK: &str = "ENILAB_REQUIRE_DPDK";
 pub const DPDK_MIN_FREE_HUGEPAGES: u64 = 512;
 /// Prefix of every run root (`/tmp/enl-<pid>-<n>`).
 const ROOT_PREFIX: &str = "enl-";
+/// Where the logs of a failed scenario's instances are copied before its
+/// run root is removed.
+pub const FAILED_LOGS: &str = "/tmp/enilab-test-logs";
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
@@ -122,13 +127,14 @@ pub fn guest_prereqs() -> Result<GuestEnv, String> {
     static ENV: OnceLock<Result<GuestEnv, String>> = OnceLock::new();
     ENV.get_or_init(|| {
         let qemu = qemu::find_qemu().map_err(|e| format!("QEMU 10 is not available: {e}"))?;
-        let image = match std::env::var_os("ENILAB_IMAGE_DIR") {
-            Some(d) => Image::in_dir(Path::new(&d)),
-            None => Image::in_dir(&workspace_root().join("images/out")),
-        }
-        .ok_or_else(|| {
-            "the guest image (images/out/vmlinuz, initramfs.img) is not built; run ./setup.sh"
-                .to_string()
+        let dir = std::env::var_os("ENILAB_IMAGE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("images/out"));
+        let image = Image::in_dir(&dir).ok_or_else(|| {
+            format!(
+                "the guest image ({}/vmlinuz, initramfs.img) is not built; run ./setup.sh",
+                dir.display()
+            )
         })?;
         let accel = qemu::select_accel(
             &qemu,
@@ -222,17 +228,31 @@ fn pid_alive(pid: u32) -> bool {
     pid > 0 && unsafe { libc::kill(pid as i32, 0) } == 0
 }
 
-fn cmdline_of(pid: u32) -> String {
+fn cmdline_of(pid: u32) -> Vec<String> {
     std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .map(|b| {
+            b.split(|&c| c == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
-/// SIGKILL `pid` if it is alive and its command line mentions `marker` (so
-/// a recycled PID of some other process is never hit), then reap it if it
-/// is our child. Returns whether a signal was sent.
+/// Whether one of `pid`'s arguments is the directory `dir` or a path
+/// under it.
+fn mentions_dir(pid: u32, dir: &str) -> bool {
+    let under = format!("{}/", dir.trim_end_matches('/'));
+    cmdline_of(pid)
+        .iter()
+        .any(|a| a.trim_end_matches('/') == dir.trim_end_matches('/') || a.contains(&under))
+}
+
+/// SIGKILL `pid` if it is alive and its command line mentions the
+/// directory `marker` (so a recycled PID of some other process is never
+/// hit), then reap it if it is our child. Returns whether a signal was sent.
 pub fn kill_if_ours(pid: u32, marker: &str) -> bool {
-    if !pid_alive(pid) || !cmdline_of(pid).contains(marker) {
+    if !pid_alive(pid) || !mentions_dir(pid, marker) {
         return false;
     }
     // SAFETY: plain syscall on a PID we checked to be one of ours.
@@ -364,9 +384,11 @@ fn reap_stale_roots() {
     });
 }
 
-/// Remove DPDK's hugepage files and runtime directory of every file prefix
-/// starting with `prefix`.
-fn remove_dpdk_files(prefix: &str) {
+/// Remove DPDK's hugepage files and runtime directories of the run root
+/// named `root_name` (file prefixes `<root_name>-<what>`, see
+/// [`TestLab::unique`]).
+fn remove_dpdk_files(root_name: &str) {
+    let prefix = format!("{root_name}-");
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     let mut dirs: Vec<PathBuf> = mounts
         .lines()
@@ -381,7 +403,7 @@ fn remove_dpdk_files(prefix: &str) {
             continue;
         };
         for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with(prefix) {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
                 let p = e.path();
                 if p.is_dir() {
                     let _ = std::fs::remove_dir_all(&p);
@@ -638,20 +660,31 @@ impl Deref for TestLab {
 impl Drop for TestLab {
     fn drop(&mut self) {
         self.done.store(true, Ordering::SeqCst);
-        if self.lab.is_some() {
-            if std::thread::panicking() {
-                let names: Vec<String> = std::fs::read_dir(self.root.join("instances"))
-                    .map(|rd| {
-                        rd.flatten()
-                            .map(|e| e.file_name().to_string_lossy().into_owned())
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                for n in names {
-                    eprintln!(
-                        "---- console of {n} (last 40 lines) ----\n{}",
-                        self.console_tail(&n, 40)
-                    );
+        if std::thread::panicking() {
+            let names: Vec<String> = std::fs::read_dir(self.root.join("instances"))
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let keep = PathBuf::from(FAILED_LOGS).join(self.root.file_name().unwrap_or_default());
+            for n in names {
+                eprintln!(
+                    "---- console of {n} (last 40 lines) ----\n{}",
+                    self.console_tail(&n, 40)
+                );
+                let dir = enilab_control::lab::instance_dir(&self.root, &n);
+                let qemu_log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
+                if !qemu_log.trim().is_empty() {
+                    eprintln!("---- qemu.log of {n} ----\n{}", qemu_log.trim_end());
+                }
+                let to = keep.join(&n);
+                if std::fs::create_dir_all(&to).is_ok() {
+                    for f in ["console.log", "qemu.log", "instance.json"] {
+                        let _ = std::fs::copy(dir.join(f), to.join(f));
+                    }
+                    eprintln!("logs of {n} kept in {}", to.display());
                 }
             }
         }
@@ -672,6 +705,16 @@ impl Drop for TestLab {
         if let Some(w) = self.watchdog.take() {
             let _ = w.join();
         }
+        eprintln!(
+            "[{}] {} after {:.1} s (cleanup included)",
+            self.tag,
+            if std::thread::panicking() {
+                "FAILED"
+            } else {
+                "done"
+            },
+            self.started.elapsed().as_secs_f64()
+        );
     }
 }
 
@@ -763,21 +806,60 @@ impl<'a> Guest<'a> {
         out.stdout_str()
     }
 
-    /// Wait until `eth0` carries the ENI's address; on failure, panic with
-    /// the interface state and the agent log.
+    /// State of the guest's network and of its ENI, for failure messages.
+    pub fn net_diagnostics(&self) -> String {
+        let inside = self
+            .lab
+            .exec(
+                &self.name,
+                &[
+                    "sh",
+                    "-c",
+                    "ip addr; ip -s link; ethtool -l eth0; grep virtio /proc/interrupts; ps",
+                ],
+                Duration::from_secs(10),
+            )
+            .map(|o| o.stdout_str())
+            .unwrap_or_else(|e| format!("(nothing from the guest: {e})"));
+        format!(
+            "{inside}\nswitch port {}: {:?}\nqueues: {:?}\nvhost-user sessions: {:?}",
+            self.port,
+            self.lab.switch().stats(self.port),
+            self.lab.eni_queue_stats(&self.eni),
+            self.lab.eni_sessions(&self.eni)
+        )
+    }
+
+    /// Wait until `eth0` carries the ENI's address. After two thirds of
+    /// `timeout` the guest's udhcpc is told to renew (SIGUSR1) once, with a
+    /// loud warning, and the wait goes on; on failure, panic with the
+    /// interface state and the ENI's counters.
     pub fn wait_dhcp(&self, timeout: Duration) {
-        if let Err(e) = self.lab.wait_ip(&self.name, "eth0", self.ip, timeout) {
-            let diag = self
-                .lab
-                .exec(
-                    &self.name,
-                    &["sh", "-c", "ip addr; ip route; ps"],
-                    Duration::from_secs(10),
-                )
-                .map(|o| o.stdout_str())
-                .unwrap_or_else(|e| format!("(no diagnostics: {e})"));
-            panic!("{}: DHCP: {e}\n{diag}", self.name);
+        let first = timeout * 2 / 3;
+        let Err(e) = self.lab.wait_ip(&self.name, "eth0", self.ip, first) else {
+            return;
+        };
+        eprintln!(
+            "WARNING {}: no DHCP lease after {first:?} ({e}); asking udhcpc to renew\n{}",
+            self.name,
+            self.net_diagnostics()
+        );
+        let _ = self.lab.exec(
+            &self.name,
+            &["killall", "-USR1", "udhcpc"],
+            Duration::from_secs(10),
+        );
+        if let Err(e) = self
+            .lab
+            .wait_ip(&self.name, "eth0", self.ip, timeout - first)
+        {
+            panic!(
+                "{}: DHCP: {e} (also after a renew)\n{}",
+                self.name,
+                self.net_diagnostics()
+            );
         }
+        eprintln!("WARNING {}: DHCP needed a renew", self.name);
     }
 
     /// `ping -c count` to `dst` (0.2 s interval); parsed summary.
@@ -866,11 +948,20 @@ impl Testpmd {
         eal: &[String],
         app: &[String],
     ) -> Self {
-        let mut cmd = Command::new(&env.testpmd);
+        // testpmd's stdout is a pipe here: without line buffering its
+        // progress ("Press enter to exit") would sit in stdio's buffer.
+        let mut cmd = match find_on_path("stdbuf") {
+            Some(stdbuf) => {
+                let mut c = Command::new(stdbuf);
+                c.arg("-oL").arg(&env.testpmd);
+                c
+            }
+            None => Command::new(&env.testpmd),
+        };
         cmd.args(eal).arg("--").args(app);
         lab.step(format!(
             "{label}: {} {}",
-            env.testpmd.display(),
+            cmd.get_program().to_string_lossy(),
             cmd.get_args()
                 .map(|a| a.to_string_lossy().into_owned())
                 .collect::<Vec<_>>()
