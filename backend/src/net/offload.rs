@@ -1,6 +1,7 @@
 //! Software fallbacks for offloads a receiving guest did not negotiate:
 //! completing a partial checksum, and segmenting a TCP super-packet.
 
+use enilab_switch::wire::checksum::{combine, finish, sum};
 use enilab_switch::{CsumOffload, GsoKind, GsoOffload};
 
 /// Why a frame could not be finished in software.
@@ -14,25 +15,6 @@ pub enum OffloadError {
     TooBig,
 }
 
-/// Internet checksum accumulation (RFC 1071) over `data`, from `sum`.
-pub fn sum16(mut sum: u32, data: &[u8]) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        sum = sum.wrapping_add(u32::from(u16::from_be_bytes([c[0], c[1]])));
-    }
-    if let [b] = chunks.remainder() {
-        sum = sum.wrapping_add(u32::from(*b) << 8);
-    }
-    sum
-}
-
-pub fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// Finish a partial checksum: the field holds the pseudo-header sum, and
 /// the sum of `frame[start..]` goes into it.
 pub fn complete_csum(frame: &mut [u8], c: CsumOffload) -> Result<(), OffloadError> {
@@ -41,7 +23,7 @@ pub fn complete_csum(frame: &mut [u8], c: CsumOffload) -> Result<(), OffloadErro
     if at + 2 > frame.len() || start > frame.len() {
         return Err(OffloadError::CsumRange);
     }
-    let sum = fold(sum16(0, &frame[start..]));
+    let sum = finish(sum(&frame[start..]));
     // A computed zero UDP checksum is sent as 0xffff; harmless for TCP.
     let sum = if sum == 0 { 0xffff } else { sum };
     frame[at..at + 2].copy_from_slice(&sum.to_be_bytes());
@@ -140,7 +122,7 @@ pub fn segment(
             s[l.l3 + 4..l.l3 + 6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
             s[l.l3 + 10] = 0;
             s[l.l3 + 11] = 0;
-            let c = fold(sum16(0, &s[l.l3..l.l4]));
+            let c = finish(sum(&s[l.l3..l.l4]));
             s[l.l3 + 10..l.l3 + 12].copy_from_slice(&c.to_be_bytes());
         } else {
             let plen = l4_len as u16;
@@ -158,13 +140,13 @@ pub fn segment(
         s[l.l4 + 13] = flags;
         s[l.l4 + 16] = 0;
         s[l.l4 + 17] = 0;
-        let mut sum = if l.v4 {
-            sum16(0, &s[l.l3 + 12..l.l3 + 20])
+        let addrs = if l.v4 {
+            &s[l.l3 + 12..l.l3 + 20]
         } else {
-            sum16(0, &s[l.l3 + 8..l.l3 + 40])
+            &s[l.l3 + 8..l.l3 + 40]
         };
-        sum = sum.wrapping_add(6).wrapping_add(l4_len as u32);
-        let c = fold(sum16(sum, &s[l.l4..]));
+        let pseudo = combine(sum(addrs), 6 + l4_len as u32);
+        let c = finish(combine(pseudo, sum(&s[l.l4..])));
         s[l.l4 + 16..l.l4 + 18].copy_from_slice(&c.to_be_bytes());
         out(s);
     }
@@ -232,11 +214,8 @@ mod tests {
         let mut partial = frame.clone();
         // Replace the full checksum by the pseudo-header sum, as a guest does.
         let l4 = 34;
-        let mut sum = sum16(0, &partial[26..34]);
-        sum = sum
-            .wrapping_add(6)
-            .wrapping_add((partial.len() - l4) as u32);
-        let ph = !fold(sum);
+        let pseudo = combine(sum(&partial[26..34]), 6 + (partial.len() - l4) as u32);
+        let ph = !finish(pseudo);
         partial[l4 + 16..l4 + 18].copy_from_slice(&ph.to_be_bytes());
         complete_csum(
             &mut partial,
