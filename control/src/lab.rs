@@ -214,6 +214,7 @@ impl Lab {
             vpc_id: vpc.to_string(),
             cidr: (net, prefix),
             dns: None,
+            ..Default::default()
         };
         st.subnets.push(Subnet { cfg, next_host: 4 });
         let idx = st.subnets.len() - 1;
@@ -300,6 +301,7 @@ impl Lab {
                 primary_ip: e.ip,
                 secondary_ips: Vec::new(),
                 mtu: 1500,
+                ..Default::default()
             })
             .collect();
         let snap = Snapshot::build(st.generation, subnets, ports)

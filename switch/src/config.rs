@@ -1,8 +1,18 @@
 //! The immutable configuration snapshot the control plane publishes.
+//!
+//! The control plane describes the VPC as a [`Topology`] (AWS ids, strings,
+//! lists) and compiles it once with [`Snapshot::compile`]; the packet path
+//! only reads the compiled, index-addressed form.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
+use crate::policy::{
+    Cidr, CompiledAcl, CompiledPeer, CompiledRule, ElasticIp, FlowLogConfig, FlowLogScope,
+    NetworkAclConfig, Peer, RouteTableConfig, RouteTarget, SecurityGroupConfig,
+};
 use crate::{PortId, MAX_PORTS};
 
 /// MAC the switch answers with for every subnet router (.1) address.
@@ -11,6 +21,9 @@ pub const GATEWAY_MAC: [u8; 6] = [0x02, 0xe1, 0x1a, 0x00, 0x00, 0x01];
 
 /// Smallest and largest subnet prefix length AWS allows.
 const PREFIX_RANGE: std::ops::RangeInclusive<u8> = 16..=28;
+
+/// Most security groups one ENI may have, as in AWS.
+pub const MAX_GROUPS_PER_ENI: usize = 5;
 
 /// Errors found when a snapshot is assembled.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -34,6 +47,39 @@ pub enum SnapshotError {
     /// addresses AWS reserves (network, router, DNS, future use, broadcast).
     #[error("port {0} cannot use address {1}: it is outside its subnet or reserved")]
     UnusableAddress(PortId, Ipv4Addr),
+    /// A reference to a resource the topology does not hold.
+    #[error("{0} {1} is not in the topology")]
+    Unknown(&'static str, String),
+    /// A resource referenced from another VPC.
+    #[error("{0} {1} belongs to another VPC")]
+    WrongVpc(&'static str, String),
+    /// More than five security groups on one port.
+    #[error("port {0} has more than {MAX_GROUPS_PER_ENI} security groups")]
+    TooManyGroups(PortId),
+    /// A delegated prefix longer than /32 or shorter than /24 (the switch
+    /// indexes every address of a prefix).
+    #[error("port {0} has an unusable delegated prefix {1}")]
+    BadPrefix(PortId, Cidr),
+    /// Two Elastic IPs with the same public address, or one private address
+    /// with two public ones.
+    #[error("Elastic IP {0} is mapped twice")]
+    DuplicateElasticIp(Ipv4Addr),
+    /// The uplink port id collides with an ENI port, or is out of range.
+    #[error("uplink port {0} is out of range or used by an ENI")]
+    BadUplink(PortId),
+}
+
+/// One VPC.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VpcConfig {
+    pub id: String,
+    /// The local route covers these blocks. If empty, each subnet's block is
+    /// local.
+    pub cidrs: Vec<Cidr>,
+    /// The attached internet gateway's id, if any.
+    pub internet_gateway: Option<String>,
+    /// Route table of subnets without an explicit association.
+    pub main_route_table: Option<String>,
 }
 
 /// One subnet.
@@ -45,6 +91,24 @@ pub struct SubnetConfig {
     pub cidr: (Ipv4Addr, u8),
     /// DNS server handed out by DHCP (the .2 address in AWS).
     pub dns: Option<Ipv4Addr>,
+    /// Associated route table; `None` uses the VPC's main table (or the
+    /// local routes alone).
+    pub route_table: Option<String>,
+    /// Associated network ACL; `None` allows everything (AWS's default ACL).
+    pub network_acl: Option<String>,
+}
+
+impl Default for SubnetConfig {
+    fn default() -> Self {
+        SubnetConfig {
+            id: String::new(),
+            vpc_id: String::new(),
+            cidr: (Ipv4Addr::UNSPECIFIED, 0),
+            dns: None,
+            route_table: None,
+            network_acl: None,
+        }
+    }
 }
 
 impl SubnetConfig {
@@ -63,6 +127,11 @@ impl SubnetConfig {
 
     fn network_bits(&self) -> u32 {
         u32::from(self.cidr.0) & self.mask_bits()
+    }
+
+    /// The CIDR block.
+    pub fn block(&self) -> Cidr {
+        Cidr::new(self.cidr.0, self.cidr.1.min(32)).unwrap_or(Cidr::ANY)
     }
 
     /// The router address: the network address plus one.
@@ -98,7 +167,8 @@ impl SubnetConfig {
     }
 }
 
-/// One port (an ENI attached to a running device).
+/// One port (an ENI attached to a running device, or a service port such
+/// as a NAT gateway's).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortConfig {
     pub id: PortId,
@@ -108,7 +178,35 @@ pub struct PortConfig {
     pub subnet: usize,
     pub primary_ip: Ipv4Addr,
     pub secondary_ips: Vec<Ipv4Addr>,
+    /// Delegated prefixes (/28 in AWS); every address in them is the port's.
+    pub prefixes: Vec<Cidr>,
     pub mtu: u16,
+    /// Security group ids, at most five. Empty means unfiltered: a service
+    /// port, or a lab without an API.
+    pub security_groups: Vec<String>,
+    /// Source/destination check (AWS's default is on).
+    pub source_dest_check: bool,
+    /// The service this port implements (a `nat-` id for a NAT gateway), so
+    /// routes can target it.
+    pub service: Option<String>,
+}
+
+impl Default for PortConfig {
+    fn default() -> Self {
+        PortConfig {
+            id: 0,
+            eni_id: String::new(),
+            mac: [0; 6],
+            subnet: 0,
+            primary_ip: Ipv4Addr::UNSPECIFIED,
+            secondary_ips: Vec::new(),
+            prefixes: Vec::new(),
+            mtu: 1500,
+            security_groups: Vec::new(),
+            source_dest_check: true,
+            service: None,
+        }
+    }
 }
 
 impl PortConfig {
@@ -118,10 +216,123 @@ impl PortConfig {
     }
 }
 
+/// The host's link to the "internet" namespace, shared by every internet
+/// gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UplinkConfig {
+    pub port: PortId,
+    /// The MAC the switch uses on the uplink (it answers ARP for Elastic
+    /// IPs with it).
+    pub mac: [u8; 6],
+    /// The MAC of the namespace's interface: every internet-bound frame goes
+    /// to it.
+    pub peer_mac: [u8; 6],
+}
+
+/// Everything the control plane states, by AWS id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Topology {
+    pub generation: u64,
+    pub vpcs: Vec<VpcConfig>,
+    pub subnets: Vec<SubnetConfig>,
+    pub ports: Vec<PortConfig>,
+    pub route_tables: Vec<RouteTableConfig>,
+    pub security_groups: Vec<SecurityGroupConfig>,
+    pub network_acls: Vec<NetworkAclConfig>,
+    pub elastic_ips: Vec<ElasticIp>,
+    pub flow_logs: Vec<FlowLogConfig>,
+    pub uplink: Option<UplinkConfig>,
+}
+
+/// FxHash: the packet path hashes small keys from a table the control plane
+/// filled, so a cryptographic hash buys nothing there.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.write_u64(u64::from(i));
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+pub(crate) type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+
+/// A compiled route-table entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hop {
+    /// Deliver to the owner of the destination address.
+    Local,
+    /// Deliver to this port (an ENI target or a service port).
+    Port(PortId),
+    /// To the internet gateway (the VPC has one attached).
+    Internet,
+    Blackhole,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct CompiledRoute {
+    pub cidr: Cidr,
+    pub hop: Hop,
+}
+
+/// A flow log as workers see it; the `Arc` address identifies it.
+#[derive(Debug)]
+pub(crate) struct FlowLogSpec {
+    pub config: FlowLogConfig,
+}
+
+/// Per-subnet compiled state.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SubnetInfo {
+    /// Longest prefix first.
+    pub routes: Vec<CompiledRoute>,
+    /// (ingress, egress); `None` allows all.
+    pub acl: Option<Arc<(CompiledAcl, CompiledAcl)>>,
+}
+
+/// Per-port compiled state.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PortInfo {
+    /// Dense indexes of the port's groups, sorted.
+    pub groups: Vec<u32>,
+    /// The union of the groups' rules.
+    pub ingress: Vec<CompiledRule>,
+    pub egress: Vec<CompiledRule>,
+    /// Security groups apply (the port has at least one).
+    pub filtered: bool,
+    pub source_dest_check: bool,
+    pub flow_logs: Vec<Arc<FlowLogSpec>>,
+    pub eni: Arc<str>,
+}
+
+/// Per-VPC compiled state.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct VpcInfo {
+    pub has_igw: bool,
+}
+
 /// Everything the datapath needs, built once and never mutated.
 ///
-/// Build it with [`Snapshot::build`]; the derived indexes (`by_addr`, `vpcs`
-/// and the per-subnet VPC index) are only consistent when built that way.
+/// Build it with [`Snapshot::compile`] (or [`Snapshot::build`] for a VPC
+/// without policy); the derived indexes are only consistent when built that
+/// way.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub generation: u64,
@@ -132,13 +343,26 @@ pub struct Snapshot {
     pub by_addr: HashMap<(u32, Ipv4Addr), PortId>,
     /// VPC id -> dense VPC index used in `by_addr`.
     pub vpcs: HashMap<String, u32>,
+    pub uplink: Option<UplinkConfig>,
+    /// The topology this was compiled from.
+    pub topology: Topology,
     /// Subnet index -> dense VPC index, so the packet path never hashes a
     /// string.
     subnet_vpc: Vec<u32>,
+    pub(crate) addr: FxMap<(u32, Ipv4Addr), PortId>,
+    pub(crate) subnet_info: Vec<SubnetInfo>,
+    pub(crate) port_info: Vec<PortInfo>,
+    pub(crate) vpc_info: Vec<VpcInfo>,
+    /// public -> (VPC, private)
+    pub(crate) eip_public: FxMap<Ipv4Addr, (u32, Ipv4Addr)>,
+    /// (VPC, private) -> public
+    pub(crate) eip_private: FxMap<(u32, Ipv4Addr), Ipv4Addr>,
+    pub(crate) has_flow_logs: bool,
 }
 
 impl Snapshot {
-    /// Assemble and validate a snapshot.
+    /// Assemble and validate a snapshot of subnets and ports with no policy:
+    /// local routes only, no security groups, allow-all ACLs.
     ///
     /// VPC indexes are dense and given in order of first appearance in
     /// `subnets`. Overlapping CIDR blocks are allowed in different VPCs.
@@ -147,9 +371,24 @@ impl Snapshot {
         subnets: Vec<SubnetConfig>,
         ports: Vec<PortConfig>,
     ) -> Result<Snapshot, SnapshotError> {
+        Snapshot::compile(Topology {
+            generation,
+            subnets,
+            ports,
+            ..Topology::default()
+        })
+    }
+
+    /// Validate and compile a whole topology.
+    pub fn compile(topo: Topology) -> Result<Snapshot, SnapshotError> {
+        let subnets = &topo.subnets;
         let mut vpcs: HashMap<String, u32> = HashMap::new();
+        for v in &topo.vpcs {
+            let next = u32::try_from(vpcs.len()).unwrap_or(u32::MAX);
+            vpcs.entry(v.id.clone()).or_insert(next);
+        }
         let mut subnet_vpc = Vec::with_capacity(subnets.len());
-        for subnet in &subnets {
+        for subnet in subnets {
             if !subnet.is_valid() {
                 return Err(SnapshotError::InvalidSubnet(subnet.id.clone()));
             }
@@ -157,16 +396,19 @@ impl Snapshot {
             let idx = *vpcs.entry(subnet.vpc_id.clone()).or_insert(next);
             subnet_vpc.push(idx);
         }
+        let vpc_cfg = |id: &str| topo.vpcs.iter().find(|v| v.id == id);
 
-        let len = ports
+        // Ports and addresses.
+        let len = topo
+            .ports
             .iter()
             .map(|p| p.id as usize + 1)
             .max()
             .unwrap_or(0)
             .min(MAX_PORTS);
         let mut slots: Vec<Option<PortConfig>> = vec![None; len];
-        let mut by_addr = HashMap::new();
-        for port in ports {
+        let mut addr: FxMap<(u32, Ipv4Addr), PortId> = FxMap::default();
+        for port in &topo.ports {
             let id = port.id;
             if id as usize >= MAX_PORTS {
                 return Err(SnapshotError::PortOutOfRange(id));
@@ -179,24 +421,280 @@ impl Snapshot {
                 if !subnet.is_assignable(ip) {
                     return Err(SnapshotError::UnusableAddress(id, ip));
                 }
-                if by_addr.insert((vpc, ip), id).is_some() {
+                if addr.insert((vpc, ip), id).is_some() {
                     return Err(SnapshotError::DuplicateAddress(subnet.vpc_id.clone(), ip));
                 }
+            }
+            for prefix in &port.prefixes {
+                if prefix.prefix_len() < 24 {
+                    return Err(SnapshotError::BadPrefix(id, *prefix));
+                }
+                for ip in prefix.addresses() {
+                    if !subnet.is_assignable(ip) {
+                        return Err(SnapshotError::UnusableAddress(id, ip));
+                    }
+                    if addr.insert((vpc, ip), id).is_some() {
+                        return Err(SnapshotError::DuplicateAddress(subnet.vpc_id.clone(), ip));
+                    }
+                }
+            }
+            if port.security_groups.len() > MAX_GROUPS_PER_ENI {
+                return Err(SnapshotError::TooManyGroups(id));
             }
             let slot = &mut slots[id as usize];
             if slot.is_some() {
                 return Err(SnapshotError::DuplicatePort(id));
             }
-            *slot = Some(port);
+            *slot = Some(port.clone());
+        }
+        if let Some(up) = &topo.uplink {
+            if up.port as usize >= MAX_PORTS
+                || slots.get(up.port as usize).is_some_and(Option::is_some)
+            {
+                return Err(SnapshotError::BadUplink(up.port));
+            }
+        }
+        let by_eni = |eni: &str| topo.ports.iter().find(|p| p.eni_id == eni);
+
+        // Security groups: dense indexes, then compiled rules.
+        let sg_index: HashMap<&str, u32> = topo
+            .security_groups
+            .iter()
+            .enumerate()
+            .map(|(i, g)| (g.id.as_str(), i as u32))
+            .collect();
+        let compile_rules =
+            |rules: &[crate::policy::SgRule]| -> Result<Vec<CompiledRule>, SnapshotError> {
+                rules
+                    .iter()
+                    .map(|r| {
+                        let peer = match &r.peer {
+                            Peer::Cidr(c) => CompiledPeer::Cidr(*c),
+                            Peer::Group(g) => {
+                                CompiledPeer::Group(*sg_index.get(g.as_str()).ok_or_else(|| {
+                                    SnapshotError::Unknown("security group", g.clone())
+                                })?)
+                            }
+                        };
+                        Ok(CompiledRule {
+                            protocol: r.protocol,
+                            ports: r.ports,
+                            peer,
+                        })
+                    })
+                    .collect()
+            };
+        let mut sg_rules = Vec::with_capacity(topo.security_groups.len());
+        for g in &topo.security_groups {
+            sg_rules.push((compile_rules(&g.ingress)?, compile_rules(&g.egress)?));
         }
 
+        // Network ACLs.
+        type Acls<'t> = HashMap<&'t str, (&'t NetworkAclConfig, Arc<(CompiledAcl, CompiledAcl)>)>;
+        let acls: Acls<'_> = topo
+            .network_acls
+            .iter()
+            .map(|a| {
+                (
+                    a.id.as_str(),
+                    (
+                        a,
+                        Arc::new((CompiledAcl::new(&a.ingress), CompiledAcl::new(&a.egress))),
+                    ),
+                )
+            })
+            .collect();
+
+        // Flow logs, resolved to the ports they cover.
+        let flow_specs: Vec<Arc<FlowLogSpec>> = topo
+            .flow_logs
+            .iter()
+            .map(|f| Arc::new(FlowLogSpec { config: f.clone() }))
+            .collect();
+
+        let vpc_count = vpcs.len();
+        let mut vpc_info = vec![VpcInfo::default(); vpc_count];
+        for (id, &idx) in &vpcs {
+            if let Some(v) = vpc_cfg(id) {
+                vpc_info[idx as usize].has_igw = v.internet_gateway.is_some();
+            }
+        }
+
+        // Subnets: routes and ACLs.
+        let mut subnet_info = Vec::with_capacity(subnets.len());
+        for (i, s) in subnets.iter().enumerate() {
+            let vpc = subnet_vpc[i];
+            let vcfg = vpc_cfg(&s.vpc_id);
+            let mut routes: Vec<CompiledRoute> = Vec::new();
+            match vcfg.filter(|v| !v.cidrs.is_empty()) {
+                Some(v) => routes.extend(v.cidrs.iter().map(|c| CompiledRoute {
+                    cidr: *c,
+                    hop: Hop::Local,
+                })),
+                None => {
+                    for (j, other) in subnets.iter().enumerate() {
+                        if subnet_vpc[j] == vpc {
+                            routes.push(CompiledRoute {
+                                cidr: other.block(),
+                                hop: Hop::Local,
+                            });
+                        }
+                    }
+                }
+            }
+            let table_id = s
+                .route_table
+                .clone()
+                .or_else(|| vcfg.and_then(|v| v.main_route_table.clone()));
+            if let Some(tid) = table_id {
+                let table = topo
+                    .route_tables
+                    .iter()
+                    .find(|t| t.id == tid)
+                    .ok_or_else(|| SnapshotError::Unknown("route table", tid.clone()))?;
+                if table.vpc_id != s.vpc_id {
+                    return Err(SnapshotError::WrongVpc("route table", tid));
+                }
+                for r in &table.routes {
+                    let hop = match &r.target {
+                        RouteTarget::Local => Hop::Local,
+                        RouteTarget::Blackhole => Hop::Blackhole,
+                        RouteTarget::InternetGateway(g) => {
+                            let attached = vcfg.and_then(|v| v.internet_gateway.as_deref())
+                                == Some(g.as_str());
+                            if attached && topo.uplink.is_some() {
+                                Hop::Internet
+                            } else {
+                                Hop::Blackhole
+                            }
+                        }
+                        RouteTarget::Eni(e) => match by_eni(e) {
+                            Some(p) if subnet_vpc.get(p.subnet) == Some(&vpc) => Hop::Port(p.id),
+                            // Not attached anywhere: AWS shows the route as
+                            // blackhole.
+                            _ => Hop::Blackhole,
+                        },
+                        RouteTarget::NatGateway(n) => {
+                            match topo
+                                .ports
+                                .iter()
+                                .find(|p| p.service.as_deref() == Some(n.as_str()))
+                            {
+                                Some(p) if subnet_vpc.get(p.subnet) == Some(&vpc) => {
+                                    Hop::Port(p.id)
+                                }
+                                _ => Hop::Blackhole,
+                            }
+                        }
+                    };
+                    // An explicit route for exactly a local block replaces
+                    // nothing: the local route wins a tie, as in AWS.
+                    if routes
+                        .iter()
+                        .any(|x| x.cidr == r.destination && x.hop == Hop::Local)
+                    {
+                        continue;
+                    }
+                    routes.push(CompiledRoute {
+                        cidr: r.destination,
+                        hop,
+                    });
+                }
+            }
+            routes.sort_by_key(|r| std::cmp::Reverse(r.cidr.prefix_len()));
+            let acl = match &s.network_acl {
+                None => None,
+                Some(id) => {
+                    let (cfg, compiled) = acls
+                        .get(id.as_str())
+                        .ok_or_else(|| SnapshotError::Unknown("network ACL", id.clone()))?;
+                    if cfg.vpc_id != s.vpc_id {
+                        return Err(SnapshotError::WrongVpc("network ACL", id.clone()));
+                    }
+                    Some(compiled.clone())
+                }
+            };
+            subnet_info.push(SubnetInfo { routes, acl });
+        }
+
+        // Ports: groups, rules, flow logs.
+        let mut port_info = vec![PortInfo::default(); slots.len()];
+        for port in &topo.ports {
+            let vpc_id = &subnets[port.subnet].vpc_id;
+            let mut groups = Vec::with_capacity(port.security_groups.len());
+            let mut ingress = Vec::new();
+            let mut egress = Vec::new();
+            for g in &port.security_groups {
+                let idx = *sg_index
+                    .get(g.as_str())
+                    .ok_or_else(|| SnapshotError::Unknown("security group", g.clone()))?;
+                if &topo.security_groups[idx as usize].vpc_id != vpc_id {
+                    return Err(SnapshotError::WrongVpc("security group", g.clone()));
+                }
+                if !groups.contains(&idx) {
+                    groups.push(idx);
+                    ingress.extend(sg_rules[idx as usize].0.iter().cloned());
+                    egress.extend(sg_rules[idx as usize].1.iter().cloned());
+                }
+            }
+            groups.sort_unstable();
+            let subnet = &subnets[port.subnet];
+            let flow_logs = flow_specs
+                .iter()
+                .filter(|f| match &f.config.scope {
+                    FlowLogScope::Eni(e) => *e == port.eni_id,
+                    FlowLogScope::Subnet(s) => *s == subnet.id,
+                    FlowLogScope::Vpc(v) => v == vpc_id,
+                })
+                .cloned()
+                .collect();
+            port_info[port.id as usize] = PortInfo {
+                filtered: !groups.is_empty(),
+                groups,
+                ingress,
+                egress,
+                source_dest_check: port.source_dest_check && port.service.is_none(),
+                flow_logs,
+                eni: Arc::from(port.eni_id.as_str()),
+            };
+        }
+
+        // Elastic IPs.
+        let mut eip_public = FxMap::default();
+        let mut eip_private = FxMap::default();
+        for e in &topo.elastic_ips {
+            let vpc = *vpcs
+                .get(&e.vpc_id)
+                .ok_or_else(|| SnapshotError::Unknown("VPC", e.vpc_id.clone()))?;
+            if eip_public
+                .insert(e.public_ip, (vpc, e.private_ip))
+                .is_some()
+                || eip_private
+                    .insert((vpc, e.private_ip), e.public_ip)
+                    .is_some()
+            {
+                return Err(SnapshotError::DuplicateElasticIp(e.public_ip));
+            }
+        }
+
+        let by_addr = addr.iter().map(|(k, v)| (*k, *v)).collect();
+        let has_flow_logs = !flow_specs.is_empty();
         Ok(Snapshot {
-            generation,
-            subnets,
+            generation: topo.generation,
+            subnets: topo.subnets.clone(),
             ports: slots,
             by_addr,
             vpcs,
+            uplink: topo.uplink,
             subnet_vpc,
+            addr,
+            subnet_info,
+            port_info,
+            vpc_info,
+            eip_public,
+            eip_private,
+            has_flow_logs,
+            topology: topo,
         })
     }
 
@@ -210,9 +708,11 @@ impl Snapshot {
         self.subnets.get(idx)
     }
 
-    /// The port that owns `ip` (primary or secondary) in VPC index `vpc`.
+    /// The port that owns `ip` (primary, secondary or delegated prefix) in
+    /// VPC index `vpc`.
+    #[inline]
     pub fn lookup(&self, vpc: u32, ip: Ipv4Addr) -> Option<PortId> {
-        self.by_addr.get(&(vpc, ip)).copied()
+        self.addr.get(&(vpc, ip)).copied()
     }
 
     /// Dense VPC index of the subnet at `idx`.
@@ -229,6 +729,24 @@ impl Snapshot {
     pub fn vpc_index(&self, vpc_id: &str) -> Option<u32> {
         self.vpcs.get(vpc_id).copied()
     }
+
+    /// Whether any flow log is configured.
+    pub fn has_flow_logs(&self) -> bool {
+        self.has_flow_logs
+    }
+
+    pub(crate) fn info(&self, id: PortId) -> Option<&PortInfo> {
+        self.port_info.get(id as usize)
+    }
+
+    /// Longest-prefix match in a subnet's route table.
+    #[inline]
+    pub(crate) fn route(&self, subnet: usize, dst: Ipv4Addr) -> Hop {
+        self.subnet_info
+            .get(subnet)
+            .and_then(|s| s.routes.iter().find(|r| r.cidr.contains(dst)))
+            .map_or(Hop::Blackhole, |r| r.hop)
+    }
 }
 
 #[cfg(test)]
@@ -241,6 +759,7 @@ mod tests {
             vpc_id: vpc.into(),
             cidr: (Ipv4Addr::from(net), prefix),
             dns: None,
+            ..Default::default()
         }
     }
 
@@ -253,6 +772,7 @@ mod tests {
             primary_ip: Ipv4Addr::from(ip),
             secondary_ips: secondary.iter().map(|a| Ipv4Addr::from(*a)).collect(),
             mtu: 1500,
+            ..Default::default()
         }
     }
 

@@ -31,6 +31,9 @@ pub enum DropReason {
     RateLimit,
     /// The destination's queue was full (counted on the destination port).
     QueueFull,
+    /// A new flow found no room in the connection-tracking table (AWS's
+    /// `conntrack_allowance_exceeded`).
+    ConntrackFull,
     /// The ingress port is not in the current snapshot.
     PortDown,
     /// A well-formed frame of a kind the switch does not handle.
@@ -39,7 +42,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 10;
+    pub const COUNT: usize = 11;
 
     /// Every reason, in counter order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
@@ -51,6 +54,7 @@ impl DropReason {
         DropReason::Nacl,
         DropReason::RateLimit,
         DropReason::QueueFull,
+        DropReason::ConntrackFull,
         DropReason::PortDown,
         DropReason::Unsupported,
     ];
@@ -66,6 +70,7 @@ impl DropReason {
             DropReason::Nacl => "nacl",
             DropReason::RateLimit => "rate_limit",
             DropReason::QueueFull => "queue_full",
+            DropReason::ConntrackFull => "conntrack_full",
             DropReason::PortDown => "port_down",
             DropReason::Unsupported => "unsupported",
         }
@@ -102,6 +107,8 @@ pub struct PortCounters {
     pub arp_replies: AtomicU64,
     /// DHCP replies (OFFER, ACK, NAK) the switch sent to this port.
     pub dhcp_replies: AtomicU64,
+    /// Flows this port took part in that connection tracking admitted.
+    pub new_flows: AtomicU64,
     drops: [AtomicU64; DropReason::COUNT],
 }
 
@@ -118,6 +125,12 @@ impl PortCounters {
     pub fn add_rx(&self, bytes: usize) {
         self.rx_packets.fetch_add(1, Ordering::Relaxed);
         self.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Count one newly tracked flow.
+    #[inline]
+    pub fn add_new_flow(&self) {
+        self.new_flows.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Count one drop. Public so the backend can count its own drops (for
@@ -145,6 +158,7 @@ impl PortCounters {
             rx_bytes: self.rx_bytes.load(Ordering::Relaxed),
             arp_replies: self.arp_replies.load(Ordering::Relaxed),
             dhcp_replies: self.dhcp_replies.load(Ordering::Relaxed),
+            new_flows: self.new_flows.load(Ordering::Relaxed),
             drops,
         }
     }
@@ -159,6 +173,7 @@ impl PortCounters {
             &self.rx_bytes,
             &self.arp_replies,
             &self.dhcp_replies,
+            &self.new_flows,
         ]
         .into_iter()
         .chain(&self.drops)
@@ -182,6 +197,7 @@ pub struct PortStats {
     pub rx_bytes: u64,
     pub arp_replies: u64,
     pub dhcp_replies: u64,
+    pub new_flows: u64,
     #[serde(serialize_with = "serialize_drops")]
     pub drops: [u64; DropReason::COUNT],
 }
@@ -255,7 +271,7 @@ mod tests {
             assert_eq!(s.drops(*r), i as u64 + 1, "{r:?}");
             assert_eq!(c.drops(*r), i as u64 + 1, "{r:?}");
         }
-        assert_eq!(s.total_drops(), 55);
+        assert_eq!(s.total_drops(), 66);
         c.reset();
         assert_eq!(c.stats(), PortStats::default());
     }

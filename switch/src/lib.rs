@@ -11,13 +11,26 @@
 //! cache, so the packet path takes no lock.
 
 mod config;
+mod conntrack;
 mod counters;
+mod flowlog;
 mod pipeline;
+pub mod policy;
 pub mod wire;
 
-pub use config::{PortConfig, Snapshot, SnapshotError, SubnetConfig, GATEWAY_MAC};
+pub use config::{
+    PortConfig, Snapshot, SnapshotError, SubnetConfig, Topology, UplinkConfig, VpcConfig,
+    GATEWAY_MAC, MAX_GROUPS_PER_ENI,
+};
+pub use conntrack::{ConntrackStats, Timeouts};
 pub use counters::{DropReason, PortCounters, PortStats};
-pub use pipeline::{flow_hash, Switch, SwitchWorker};
+pub use flowlog::HEADER as FLOW_LOG_HEADER;
+pub use pipeline::{flow_hash, Switch, SwitchOptions, SwitchWorker};
+pub use policy::{
+    AclEntry, Cidr, ElasticIp, FlowLogConfig, FlowLogScope, NetworkAclConfig, Peer, PolicyError,
+    PortMatch, Protocol, Route, RouteTableConfig, RouteTarget, SecurityGroupConfig, SgRule,
+    TrafficType,
+};
 
 /// Dense port number. The control plane allocates it and reuses it only
 /// after the port has left the snapshot. A port is one ENI (or, later, a

@@ -18,15 +18,23 @@ mod dhcp;
 mod flow;
 mod ipv4;
 #[cfg(test)]
+mod policy_tests;
+#[cfg(test)]
 mod tests;
+mod uplink;
 
+use std::cell::Cell;
 use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, Cache};
 
-use crate::config::{PortConfig, Snapshot, SubnetConfig};
+use crate::config::{PortConfig, PortInfo, Snapshot, SubnetConfig};
+use crate::conntrack::{Conntrack, ConntrackStats, Timeouts};
 use crate::counters::{DropReason, PortCounters, PortStats};
+use crate::flowlog::{FlowLogWriter, LocalLog};
 use crate::wire::ethernet::{self, ethertype};
 use crate::{Egress, PacketMeta, PortId, Verdict, MAX_PORTS};
 
@@ -36,10 +44,56 @@ pub use flow::flow_hash;
 /// message is 342 bytes, an ARP reply 42).
 const SCRATCH_LEN: usize = 1024;
 
-/// The shared half of the switch: the published snapshot and the counters.
+/// How the switch is built.
+#[derive(Debug, Clone)]
+pub struct SwitchOptions {
+    /// Connection-tracking slots (rounded up to a power of two); 32 bytes
+    /// each. Keep the load under about a half.
+    pub conntrack_slots: usize,
+    pub timeouts: Timeouts,
+    /// Drive the switch's clock by hand (seconds since start), for tests.
+    pub manual_clock: Option<Arc<AtomicU32>>,
+}
+
+impl Default for SwitchOptions {
+    fn default() -> Self {
+        SwitchOptions {
+            conntrack_slots: 1 << 20,
+            timeouts: Timeouts::default(),
+            manual_clock: None,
+        }
+    }
+}
+
+/// Coarse seconds: monotonic since start, or a manual counter.
+#[derive(Debug, Clone)]
+struct Clock {
+    start: Instant,
+    start_unix: u64,
+    manual: Option<Arc<AtomicU32>>,
+}
+
+impl Clock {
+    fn now(&self) -> u32 {
+        match &self.manual {
+            Some(m) => m.load(Ordering::Relaxed),
+            None => u32::try_from(self.start.elapsed().as_secs()).unwrap_or(u32::MAX),
+        }
+    }
+
+    fn unix(&self, now: u32) -> u64 {
+        self.start_unix + u64::from(now)
+    }
+}
+
+/// The shared half of the switch: the published snapshot, the counters and
+/// the connection-tracking table.
 pub struct Switch {
     snapshot: Arc<ArcSwap<Snapshot>>,
     counters: Box<[PortCounters]>,
+    conntrack: Conntrack,
+    clock: Clock,
+    flowlog: FlowLogWriter,
 }
 
 impl fmt::Debug for Switch {
@@ -51,18 +105,35 @@ impl fmt::Debug for Switch {
 }
 
 impl Switch {
-    /// A switch with an empty snapshot (generation 0, no ports) and
-    /// [`MAX_PORTS`] zeroed counter blocks.
+    /// A switch with an empty snapshot (generation 0, no ports),
+    /// [`MAX_PORTS`] zeroed counter blocks and default options.
     pub fn new() -> Arc<Switch> {
+        Switch::with_options(SwitchOptions::default())
+    }
+
+    pub fn with_options(opts: SwitchOptions) -> Arc<Switch> {
         let counters = (0..MAX_PORTS).map(|_| PortCounters::default()).collect();
+        let clock = Clock {
+            start: Instant::now(),
+            start_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            manual: opts.manual_clock.clone(),
+        };
+        let c2 = clock.clone();
         Arc::new(Switch {
             snapshot: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
             counters,
+            conntrack: Conntrack::new(opts.conntrack_slots, opts.timeouts),
+            flowlog: FlowLogWriter::start(Arc::new(move || c2.unix(c2.now()))),
+            clock,
         })
     }
 
     /// Replace the configuration. Workers pick it up on their next frame;
-    /// a frame already being processed finishes on the old one.
+    /// a frame already being processed finishes on the old one. Tracked
+    /// connections are kept: a rule change never cuts a tracked flow.
     pub fn publish(&self, snapshot: Snapshot) {
         tracing::debug!(
             generation = snapshot.generation,
@@ -88,11 +159,40 @@ impl Switch {
             .unwrap_or_default()
     }
 
-    /// Zero a port's counters; call it before a port id is reused.
+    /// Zero a port's counters and forget its tracked flows; call it before
+    /// a port id is given to another ENI.
     pub fn reset_counters(&self, port: PortId) {
         if let Some(c) = self.counters(port) {
             c.reset();
         }
+        self.conntrack.forget_port(port);
+    }
+
+    /// Tracked flows in total and per port id (an entry counts for both of
+    /// its ports). Walks the whole table: for metrics, not the packet path.
+    pub fn conntrack_census(&self) -> (ConntrackStats, Vec<u64>) {
+        let mut per_port = vec![0u64; MAX_PORTS];
+        let stats = self.conntrack.census(self.clock.now(), &mut per_port);
+        (stats, per_port)
+    }
+
+    /// Forget every tracked flow.
+    pub fn clear_conntrack(&self) -> usize {
+        self.conntrack.clear()
+    }
+
+    /// Bytes of memory per connection-tracking slot.
+    pub const CONNTRACK_SLOT_BYTES: usize = 32;
+
+    /// Write every pending flow-log record now, closed window or not. Hand
+    /// over workers' records first ([`SwitchWorker::flush_flow_logs`]).
+    pub fn flush_flow_logs(&self) {
+        self.flowlog.flush();
+    }
+
+    /// Seconds on the switch's clock.
+    pub fn now(&self) -> u32 {
+        self.clock.now()
     }
 
     /// A per-thread handle for the packet path.
@@ -101,6 +201,9 @@ impl Switch {
             switch: Arc::clone(self),
             snapshot: Cache::new(Arc::clone(&self.snapshot)),
             scratch: vec![0u8; SCRATCH_LEN].into_boxed_slice(),
+            log: LocalLog::new(&self.flowlog),
+            now: self.clock.now(),
+            tick: 0,
         }
     }
 }
@@ -110,12 +213,26 @@ pub struct SwitchWorker {
     switch: Arc<Switch>,
     snapshot: Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>,
     scratch: Box<[u8]>,
+    log: LocalLog,
+    /// The switch clock, refreshed every 64 frames and by `housekeeping`.
+    now: u32,
+    tick: u32,
 }
 
 impl fmt::Debug for SwitchWorker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SwitchWorker").finish_non_exhaustive()
     }
+}
+
+/// Per-worker mutable state the stages share.
+pub(crate) struct Work<'a> {
+    pub scratch: &'a mut [u8],
+    pub log: &'a mut LocalLog,
+    pub now: u32,
+    pub unix: u64,
+    pub conntrack: &'a Conntrack,
+    pub counters: &'a [PortCounters],
 }
 
 impl SwitchWorker {
@@ -130,15 +247,32 @@ impl SwitchWorker {
         &self.switch
     }
 
+    /// Call when idle (at least once a second): refreshes the clock and
+    /// hands aggregated flow-log records to the writer.
+    pub fn housekeeping(&mut self) {
+        self.now = self.switch.clock.now();
+        let unix = self.switch.clock.unix(self.now);
+        self.log.handoff(unix, false);
+    }
+
+    /// Hand every aggregated flow-log record to the writer now.
+    pub fn flush_flow_logs(&mut self) {
+        self.now = self.switch.clock.now();
+        let unix = self.switch.clock.unix(self.now);
+        self.log.handoff(unix, true);
+    }
+
     /// Decide what to do with one Ethernet frame (no virtio header) that the
     /// guest behind `ingress` transmitted, and emit whatever must leave.
     ///
-    /// The frame may be rewritten in place (MAC addresses; an echo request
-    /// turned into its reply). Never panics, takes no lock and does not
-    /// allocate. Counts the frame as `tx` on `ingress`, a drop under the
-    /// returned reason on `ingress` (except `QueueFull`, counted on the port
-    /// whose queue refused the frame), and `rx` on every port that accepted
-    /// a frame.
+    /// The frame may be rewritten in place (MAC addresses, Elastic IP
+    /// translation, an echo request turned into its reply). Never panics and
+    /// takes no lock; allocates only to aggregate flow-log records. Counts
+    /// the frame as `tx` on `ingress`; a drop under the returned reason on
+    /// the port whose policy refused it (the ingress port, or the
+    /// destination for its own ingress rules and checks), except
+    /// `QueueFull`, counted on the port whose queue refused the frame; and
+    /// `rx` on every port that accepted a frame.
     pub fn process<E: Egress + ?Sized>(
         &mut self,
         ingress: PortId,
@@ -146,10 +280,21 @@ impl SwitchWorker {
         meta: &PacketMeta,
         out: &mut E,
     ) -> Verdict {
+        self.tick = self.tick.wrapping_add(1);
+        if self.tick & 63 == 0 || self.switch.clock.manual.is_some() {
+            self.now = self.switch.clock.now();
+            if self.tick & 63 == 0 && !self.log.is_empty() {
+                let unix = self.switch.clock.unix(self.now);
+                self.log.handoff(unix, false);
+            }
+        }
         let SwitchWorker {
             switch,
             snapshot,
             scratch,
+            log,
+            now,
+            ..
         } = self;
         let snap: &Snapshot = snapshot.load();
         let counters: &[PortCounters] = &switch.counters;
@@ -157,18 +302,35 @@ impl SwitchWorker {
         if let Some(c) = ingress_counters {
             c.add_tx(frame.len());
         }
+        let mut work = Work {
+            scratch,
+            log,
+            now: *now,
+            unix: switch.clock.unix(*now),
+            conntrack: &switch.conntrack,
+            counters,
+        };
+        let blame = Cell::new(None);
 
-        let verdict = match Ctx::new(snap, counters, ingress) {
-            Some(ctx) => {
-                let mut tx = Tx { out, counters };
-                ctx.dispatch(frame, meta, scratch, &mut tx)
+        let verdict = if snap.uplink.is_some_and(|u| u.port == ingress) {
+            let mut tx = Tx { out, counters };
+            uplink::handle(snap, &blame, frame, meta, &mut work, &mut tx)
+        } else {
+            match Ctx::new(snap, counters, ingress, &blame) {
+                Some(ctx) => {
+                    let mut tx = Tx { out, counters };
+                    ctx.dispatch(frame, meta, &mut work, &mut tx)
+                }
+                None => Verdict::Dropped(DropReason::PortDown),
             }
-            None => Verdict::Dropped(DropReason::PortDown),
         };
 
-        if let (Verdict::Dropped(reason), Some(c)) = (verdict, ingress_counters) {
+        if let Verdict::Dropped(reason) = verdict {
             if reason != DropReason::QueueFull {
-                c.count_drop(reason);
+                let at = blame.get().unwrap_or(ingress);
+                if let Some(c) = counters.get(at as usize) {
+                    c.count_drop(reason);
+                }
             }
             tracing::trace!(ingress, reason = reason.as_str(), "switch drop");
         }
@@ -177,27 +339,38 @@ impl SwitchWorker {
 }
 
 /// What the stages know about the ingress port.
-struct Ctx<'a> {
+pub(crate) struct Ctx<'a> {
     snap: &'a Snapshot,
     counters: &'a [PortCounters],
     ingress: PortId,
     port: &'a PortConfig,
+    info: &'a PortInfo,
     subnet: &'a SubnetConfig,
     vpc: u32,
+    /// The port a drop is counted on, when it is not the ingress port.
+    blame: &'a Cell<Option<PortId>>,
 }
 
 impl<'a> Ctx<'a> {
-    fn new(snap: &'a Snapshot, counters: &'a [PortCounters], ingress: PortId) -> Option<Self> {
+    fn new(
+        snap: &'a Snapshot,
+        counters: &'a [PortCounters],
+        ingress: PortId,
+        blame: &'a Cell<Option<PortId>>,
+    ) -> Option<Self> {
         let port = snap.port(ingress)?;
         let subnet = snap.subnet(port.subnet)?;
         let vpc = snap.vpc_of_subnet(port.subnet)?;
+        let info = snap.info(ingress)?;
         Some(Ctx {
             snap,
             counters,
             ingress,
             port,
+            info,
             subnet,
             vpc,
+            blame,
         })
     }
 
@@ -209,15 +382,15 @@ impl<'a> Ctx<'a> {
         &self,
         frame: &mut [u8],
         meta: &PacketMeta,
-        scratch: &mut [u8],
+        work: &mut Work<'_>,
         tx: &mut Tx<'_, E>,
     ) -> Verdict {
         let Ok(eth) = ethernet::Frame::new_checked(&*frame) else {
             return Verdict::Dropped(DropReason::Malformed);
         };
         match eth.ethertype() {
-            ethertype::ARP => arp::handle(self, &eth, scratch, tx),
-            ethertype::IPV4 => ipv4::handle(self, frame, meta, scratch, tx),
+            ethertype::ARP => arp::handle(self, &eth, work.scratch, tx),
+            ethertype::IPV4 => ipv4::handle(self, frame, meta, work, tx),
             // IPv6 is not forwarded yet; guests mostly send ND/MLD multicast.
             ethertype::IPV6 => Verdict::Dropped(DropReason::Broadcast),
             _ if ethernet::is_group(&eth.dst()) => Verdict::Dropped(DropReason::Broadcast),
@@ -227,7 +400,7 @@ impl<'a> Ctx<'a> {
 }
 
 /// The egress side: emits and counts what was emitted.
-struct Tx<'a, E: Egress + ?Sized> {
+pub(crate) struct Tx<'a, E: Egress + ?Sized> {
     out: &'a mut E,
     counters: &'a [PortCounters],
 }

@@ -76,7 +76,11 @@ pub(super) fn handle<E: Egress + ?Sized>(
     }
 }
 
-fn write_reply(out: &mut [u8], dst: [u8; 6], reply: &arp::Repr) -> Result<usize, WireError> {
+pub(super) fn write_reply(
+    out: &mut [u8],
+    dst: [u8; 6],
+    reply: &arp::Repr,
+) -> Result<usize, WireError> {
     ethernet::emit(out, dst, reply.sender_hw, ethernet::ethertype::ARP)?;
     let body = out
         .get_mut(ethernet::HEADER_LEN..)

@@ -1,19 +1,26 @@
-//! IPv4: unicast forwarding inside the VPC, and the .1 router's echo
-//! replies. DHCP requests are passed on to [`super::dhcp`].
+//! IPv4 from an ENI: source check, route lookup, network ACLs, security
+//! groups with connection tracking, flow logs, delivery inside the VPC or
+//! out through the internet gateway; and the .1 router's echo replies.
+//! DHCP requests are passed on to [`super::dhcp`].
+//!
+//! [`admit`] is shared with [`super::uplink`] (traffic from the internet).
 
 use std::net::Ipv4Addr;
 
-use super::{dhcp, flow, Ctx, Tx};
-use crate::config::GATEWAY_MAC;
+use super::{dhcp, flow, Ctx, Tx, Work};
+use crate::config::{Hop, PortInfo, Snapshot, GATEWAY_MAC};
+use crate::conntrack::{flag, Tuple};
 use crate::counters::DropReason;
-use crate::wire::{dhcp as dhcp_wire, ethernet, icmpv4, ipv4};
-use crate::{Egress, PacketMeta, Verdict};
+use crate::flowlog::Observation;
+use crate::policy::Probe;
+use crate::wire::{checksum, dhcp as dhcp_wire, ethernet, icmpv4, ipv4};
+use crate::{Egress, PacketMeta, PortId, Verdict};
 
 pub(super) fn handle<E: Egress + ?Sized>(
     ctx: &Ctx<'_>,
     frame: &mut [u8],
     meta: &PacketMeta,
-    scratch: &mut [u8],
+    work: &mut Work<'_>,
     tx: &mut Tx<'_, E>,
 ) -> Verdict {
     let Ok(eth) = ethernet::Frame::new_checked(&*frame) else {
@@ -24,6 +31,7 @@ pub(super) fn handle<E: Egress + ?Sized>(
         return Verdict::Dropped(DropReason::Malformed);
     };
     let dst = ip.dst();
+    let src = ip.src();
     let gateway = ctx.subnet.gateway();
 
     if ip.protocol() == ipv4::protocol::UDP
@@ -33,7 +41,7 @@ pub(super) fn handle<E: Egress + ?Sized>(
         if ip.is_fragment() {
             return Verdict::Dropped(DropReason::Unsupported);
         }
-        return dhcp::handle(ctx, &ip, scratch, tx);
+        return dhcp::handle(ctx, &ip, work.scratch, tx);
     }
 
     if ethernet::is_group(&eth_dst)
@@ -43,22 +51,48 @@ pub(super) fn handle<E: Egress + ?Sized>(
     {
         return Verdict::Dropped(DropReason::Broadcast);
     }
+    if ctx.info.source_dest_check && ctx.snap.lookup(ctx.vpc, src) != Some(ctx.ingress) {
+        return Verdict::Dropped(DropReason::SourceCheck);
+    }
     if dst == gateway {
         return router(ctx, frame, meta, tx);
     }
 
-    let Some(dest) = ctx.snap.lookup(ctx.vpc, dst) else {
-        return Verdict::Dropped(DropReason::NoRoute);
+    let flow = Flow::of(&ip, meta);
+    let hash = flow::of_ipv4(&ip);
+    let from = End {
+        port: ctx.ingress,
+        info: Some(ctx.info),
+        subnet: Some(ctx.port.subnet),
+        vpc: ctx.vpc,
     };
-    let Some(dest_port) = ctx.snap.port(dest) else {
-        return Verdict::Dropped(DropReason::NoRoute);
+
+    let dest = match ctx.snap.route(ctx.port.subnet, dst) {
+        Hop::Local => match ctx.snap.lookup(ctx.vpc, dst) {
+            Some(d) => d,
+            None => return Verdict::Dropped(DropReason::NoRoute),
+        },
+        Hop::Port(p) => p,
+        Hop::Internet => return to_internet(ctx, frame, meta, &flow, hash, &from, work, tx),
+        Hop::Blackhole => return Verdict::Dropped(DropReason::NoRoute),
     };
     if dest == ctx.ingress {
         return Verdict::Dropped(DropReason::NoRoute);
     }
-    let hash = flow::of_ipv4(&ip);
-    let routed = dest_port.subnet != ctx.port.subnet;
+    let (Some(dest_port), Some(dest_info)) = (ctx.snap.port(dest), ctx.snap.info(dest)) else {
+        return Verdict::Dropped(DropReason::NoRoute);
+    };
+    let to = End {
+        port: dest,
+        info: Some(dest_info),
+        subnet: Some(dest_port.subnet),
+        vpc: ctx.vpc,
+    };
+    if let Err(reason) = admit(ctx.snap, ctx.blame, work, &flow, &from, &to) {
+        return Verdict::Dropped(reason);
+    }
 
+    let routed = dest_port.subnet != ctx.port.subnet || ctx.snap.lookup(ctx.vpc, dst) != Some(dest);
     let Ok(mut eth) = ethernet::Frame::new_checked(&mut *frame) else {
         return Verdict::Dropped(DropReason::Malformed);
     };
@@ -71,6 +105,421 @@ pub(super) fn handle<E: Egress + ?Sized>(
     } else {
         Verdict::Dropped(DropReason::QueueFull)
     }
+}
+
+/// Out through the internet gateway: the source must have a public
+/// address, which replaces it.
+#[allow(clippy::too_many_arguments)]
+fn to_internet<E: Egress + ?Sized>(
+    ctx: &Ctx<'_>,
+    frame: &mut [u8],
+    meta: &PacketMeta,
+    flow: &Flow,
+    hash: u32,
+    from: &End<'_>,
+    work: &mut Work<'_>,
+    tx: &mut Tx<'_, E>,
+) -> Verdict {
+    let (Some(uplink), Some(public)) = (
+        ctx.snap.uplink,
+        ctx.snap.eip_private.get(&(ctx.vpc, flow.src)).copied(),
+    ) else {
+        // No public address: AWS drops it at the gateway.
+        return Verdict::Dropped(DropReason::NoRoute);
+    };
+    let to = End {
+        port: uplink.port,
+        info: None,
+        subnet: None,
+        vpc: ctx.vpc,
+    };
+    if let Err(reason) = admit(ctx.snap, ctx.blame, work, flow, from, &to) {
+        return Verdict::Dropped(reason);
+    }
+    if !rewrite_address(frame, meta, Side::Src, public) {
+        return Verdict::Dropped(DropReason::Malformed);
+    }
+    let Ok(mut eth) = ethernet::Frame::new_checked(&mut *frame) else {
+        return Verdict::Dropped(DropReason::Malformed);
+    };
+    eth.set_dst(uplink.peer_mac);
+    eth.set_src(uplink.mac);
+    if tx.send(uplink.port, hash, frame, meta) {
+        Verdict::Forwarded(uplink.port)
+    } else {
+        Verdict::Dropped(DropReason::QueueFull)
+    }
+}
+
+/// One end of a hop through the switch.
+pub(super) struct End<'a> {
+    pub port: PortId,
+    /// `None` for the uplink (no security groups, no flow logs).
+    pub info: Option<&'a PortInfo>,
+    /// `None` outside the VPC.
+    pub subnet: Option<usize>,
+    pub vpc: u32,
+}
+
+/// What the policy stages need of a packet.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Flow {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub protocol: u8,
+    /// Ports for connection tracking (TCP/UDP ports; the ICMP query id on
+    /// both sides; zero otherwise).
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// Destination port, or ICMP type << 8 | code, for rule matching.
+    pub l4: u16,
+    pub tcp_flags: u8,
+    /// For an ICMP error: the tuple of the packet it quotes, reversed into
+    /// the direction this error travels.
+    pub related: Option<(Ipv4Addr, Ipv4Addr, u8, u16, u16)>,
+    /// IP bytes and wire packets (a segmentation-offload frame is several).
+    pub bytes: usize,
+    pub packets: u64,
+}
+
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+
+impl Flow {
+    pub fn of<T: AsRef<[u8]>>(ip: &ipv4::Packet<T>, meta: &PacketMeta) -> Flow {
+        let protocol = ip.protocol();
+        let l4 = ip.payload();
+        let mut f = Flow {
+            src: ip.src(),
+            dst: ip.dst(),
+            protocol,
+            src_port: 0,
+            dst_port: 0,
+            l4: 0,
+            tcp_flags: 0,
+            related: None,
+            bytes: ip.total_len(),
+            packets: 1,
+        };
+        if let Some(gso) = meta.gso {
+            let hdr = usize::from(gso.hdr_len).saturating_sub(ethernet::HEADER_LEN);
+            let data = f.bytes.saturating_sub(hdr);
+            let mss = usize::from(gso.size.max(1));
+            f.packets = data.div_ceil(mss).max(1) as u64;
+        }
+        if ip.is_later_fragment() {
+            return f;
+        }
+        match protocol {
+            ipv4::protocol::TCP | ipv4::protocol::UDP => {
+                if let [a, b, c, d, ..] = l4 {
+                    f.src_port = u16::from_be_bytes([*a, *b]);
+                    f.dst_port = u16::from_be_bytes([*c, *d]);
+                    f.l4 = f.dst_port;
+                }
+                if protocol == ipv4::protocol::TCP {
+                    f.tcp_flags = l4.get(13).copied().unwrap_or(0);
+                }
+            }
+            ipv4::protocol::ICMP => {
+                let (t, c) = match l4 {
+                    [t, c, ..] => (*t, *c),
+                    _ => (0, 0),
+                };
+                f.l4 = (u16::from(t) << 8) | u16::from(c);
+                match t {
+                    // echo, timestamp, information: the id pairs the two ways
+                    0 | 8 | 13 | 14 | 15 | 16 => {
+                        if let Some(id) = l4.get(4..6) {
+                            let id = u16::from_be_bytes([id[0], id[1]]);
+                            f.src_port = id;
+                            f.dst_port = id;
+                        }
+                    }
+                    // unreachable, source quench, redirect, time exceeded,
+                    // parameter problem: quote the offending packet
+                    3 | 4 | 5 | 11 | 12 => {
+                        f.related = l4.get(icmpv4::HEADER_LEN..).and_then(quoted)
+                    }
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+        f
+    }
+
+    fn tuple(&self, from: PortId, to: PortId) -> Tuple {
+        Tuple {
+            src: self.src,
+            dst: self.dst,
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+            protocol: self.protocol,
+            from,
+            to,
+        }
+    }
+
+    fn observation(&self, accept: bool) -> Observation {
+        let ports = self.protocol == ipv4::protocol::TCP || self.protocol == ipv4::protocol::UDP;
+        Observation {
+            src: self.src,
+            dst: self.dst,
+            src_port: if ports { self.src_port } else { 0 },
+            dst_port: if ports { self.dst_port } else { 0 },
+            protocol: self.protocol,
+            bytes: self.bytes,
+            packets: self.packets,
+            accept,
+        }
+    }
+}
+
+/// The quoted packet of an ICMP error, as (src, dst, protocol, ports) of
+/// the flow it belongs to, turned around: the error travels back toward the
+/// quoted packet's sender.
+fn quoted(inner: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr, u8, u16, u16)> {
+    let ihl = usize::from(inner.first()? & 0x0f) * 4;
+    if inner.first()? >> 4 != 4 || ihl < ipv4::MIN_HEADER_LEN {
+        return None;
+    }
+    let h = inner.get(..ihl)?;
+    let proto = h[9];
+    let src = Ipv4Addr::new(h[12], h[13], h[14], h[15]);
+    let dst = Ipv4Addr::new(h[16], h[17], h[18], h[19]);
+    let l4 = inner.get(ihl..)?;
+    let (sp, dp) = match (proto, l4) {
+        (ipv4::protocol::TCP | ipv4::protocol::UDP, [a, b, c, d, ..]) => {
+            (u16::from_be_bytes([*a, *b]), u16::from_be_bytes([*c, *d]))
+        }
+        (ipv4::protocol::ICMP, [_, _, _, _, a, b, ..]) => {
+            let id = u16::from_be_bytes([*a, *b]);
+            (id, id)
+        }
+        _ => (0, 0),
+    };
+    // The quoted packet went src -> dst; the error goes back to src.
+    Some((dst, src, proto, dp, sp))
+}
+
+/// Network ACLs at subnet boundaries, security groups with connection
+/// tracking, and the destination check; counts flow-log records. On a drop,
+/// the port to blame is set when it is the destination.
+pub(super) fn admit(
+    snap: &Snapshot,
+    blame: &std::cell::Cell<Option<PortId>>,
+    work: &mut Work<'_>,
+    flow: &Flow,
+    from: &End<'_>,
+    to: &End<'_>,
+) -> Result<(), DropReason> {
+    if let Some(info) = to.info {
+        if info.source_dest_check && snap.lookup(to.vpc, flow.dst) != Some(to.port) {
+            blame.set(Some(to.port));
+            return Err(DropReason::SourceCheck);
+        }
+    }
+
+    if from.subnet != to.subnet {
+        let out = Probe {
+            protocol: flow.protocol,
+            l4: flow.l4,
+            peer_ip: flow.dst,
+        };
+        if let Some(acl) = from
+            .subnet
+            .and_then(|s| snap.subnet_info.get(s))
+            .and_then(|s| s.acl.as_ref())
+        {
+            if !acl.1.allows(&out) {
+                log(work, from.info, flow, false);
+                return Err(DropReason::Nacl);
+            }
+        }
+        let inn = Probe {
+            peer_ip: flow.src,
+            ..out
+        };
+        if let Some(acl) = to
+            .subnet
+            .and_then(|s| snap.subnet_info.get(s))
+            .and_then(|s| s.acl.as_ref())
+        {
+            if !acl.0.allows(&inn) {
+                log(work, from.info, flow, true);
+                log(work, to.info, flow, false);
+                blame.set(Some(to.port));
+                return Err(DropReason::Nacl);
+            }
+        }
+    }
+
+    let filtered = |e: &End<'_>| e.info.is_some_and(|i| i.filtered);
+    if filtered(from) || filtered(to) {
+        let key = flow.tuple(from.port, to.port).key();
+        if let Some(hit) = work.conntrack.lookup(&key, work.now) {
+            let created_by_b = hit.flags() & flag::FROM_B != 0;
+            let mut add = if created_by_b != key.from_b {
+                flag::REPLIED
+            } else {
+                0
+            };
+            if flow.tcp_flags & TCP_FIN != 0 {
+                add |= if key.from_b { flag::FIN_B } else { flag::FIN_A };
+            }
+            if flow.tcp_flags & TCP_RST != 0 {
+                add |= flag::RST;
+            }
+            work.conntrack.touch(&hit, work.now, add);
+        } else if !related_is_tracked(work, flow, from, to) {
+            fn groups<'a>(e: &End<'a>, vpc: u32) -> &'a [u32] {
+                match e.info {
+                    Some(i) if e.vpc == vpc => &i.groups,
+                    _ => &[],
+                }
+            }
+            if let Some(info) = from.info.filter(|i| i.filtered) {
+                let p = Probe {
+                    protocol: flow.protocol,
+                    l4: flow.l4,
+                    peer_ip: flow.dst,
+                };
+                if !info
+                    .egress
+                    .iter()
+                    .any(|r| r.admits(&p, groups(to, from.vpc)))
+                {
+                    log(work, from.info, flow, false);
+                    return Err(DropReason::SecurityGroup);
+                }
+            }
+            if let Some(info) = to.info.filter(|i| i.filtered) {
+                let p = Probe {
+                    protocol: flow.protocol,
+                    l4: flow.l4,
+                    peer_ip: flow.src,
+                };
+                if !info
+                    .ingress
+                    .iter()
+                    .any(|r| r.admits(&p, groups(from, to.vpc)))
+                {
+                    log(work, from.info, flow, true);
+                    log(work, to.info, flow, false);
+                    blame.set(Some(to.port));
+                    return Err(DropReason::SecurityGroup);
+                }
+            }
+            let mut flags = 0;
+            if flow.tcp_flags & TCP_RST != 0 {
+                flags |= flag::RST;
+            }
+            if work.conntrack.insert(&key, work.now, flags).is_err() {
+                return Err(DropReason::ConntrackFull);
+            }
+            for e in [from, to] {
+                if let Some(c) = work.counters.get(e.port as usize) {
+                    c.add_new_flow();
+                }
+            }
+        }
+    }
+
+    log(work, from.info, flow, true);
+    log(work, to.info, flow, true);
+    Ok(())
+}
+
+/// An ICMP error is admitted when the flow it quotes is tracked on this hop.
+fn related_is_tracked(work: &Work<'_>, flow: &Flow, from: &End<'_>, to: &End<'_>) -> bool {
+    let Some((src, dst, protocol, src_port, dst_port)) = flow.related else {
+        return false;
+    };
+    let t = Tuple {
+        src,
+        dst,
+        src_port,
+        dst_port,
+        protocol,
+        from: from.port,
+        to: to.port,
+    };
+    work.conntrack.lookup(&t.key(), work.now).is_some()
+}
+
+fn log(work: &mut Work<'_>, info: Option<&PortInfo>, flow: &Flow, accept: bool) {
+    if let Some(info) = info {
+        if !info.flow_logs.is_empty() {
+            work.log.observe(
+                &info.flow_logs,
+                &info.eni,
+                &flow.observation(accept),
+                work.unix,
+            );
+        }
+    }
+}
+
+/// Which address [`rewrite_address`] replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Side {
+    Src,
+    Dst,
+}
+
+/// Replace the source or destination address and fix the IP header
+/// checksum and the TCP/UDP checksum incrementally (RFC 1624), also when the
+/// L4 field holds a partial sum for checksum offload. False if the frame
+/// is too short for the headers it claims.
+pub(super) fn rewrite_address(
+    frame: &mut [u8],
+    meta: &PacketMeta,
+    side: Side,
+    new: Ipv4Addr,
+) -> bool {
+    let Ok(mut eth) = ethernet::Frame::new_checked(&mut *frame) else {
+        return false;
+    };
+    let Ok(mut ip) = ipv4::Packet::new_checked(eth.payload_mut()) else {
+        return false;
+    };
+    let old = match side {
+        Side::Src => ip.src(),
+        Side::Dst => ip.dst(),
+    };
+    match side {
+        Side::Src => ip.set_src(new),
+        Side::Dst => ip.set_dst(new),
+    }
+    ip.fill_checksum();
+    if ip.is_later_fragment() {
+        return true;
+    }
+    let proto = ip.protocol();
+    let at = match proto {
+        ipv4::protocol::TCP => 16,
+        ipv4::protocol::UDP => 6,
+        _ => return true,
+    };
+    let l4 = ip.payload_mut();
+    let Some(field) = l4.get_mut(at..at + 2) else {
+        return proto != ipv4::protocol::TCP && proto != ipv4::protocol::UDP;
+    };
+    let cur = u16::from_be_bytes([field[0], field[1]]);
+    let next = if meta.csum.is_some() {
+        checksum::adjust_partial(cur, old, new)
+    } else if proto == ipv4::protocol::UDP && cur == 0 {
+        // UDP without a checksum stays without one.
+        0
+    } else {
+        match checksum::adjust(cur, old, new) {
+            0 if proto == ipv4::protocol::UDP => 0xffff,
+            c => c,
+        }
+    };
+    field.copy_from_slice(&next.to_be_bytes());
+    true
 }
 
 /// UDP from port 68 to port 67, read without trusting the UDP length.
