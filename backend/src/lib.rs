@@ -128,6 +128,18 @@ impl Datapath {
         )?)
     }
 
+    /// Queue `frame` for `port` the way the switch's egress does (and wake
+    /// its worker), bypassing the pipeline and its counters: for frames the
+    /// control plane originates (announcements on the uplink) and for tests.
+    /// False if the port is unknown or its queue is full.
+    pub fn inject(&self, port: enilab_switch::PortId, frame: &[u8]) -> bool {
+        use enilab_switch::Egress;
+        let mut egress = port::PortEgress::new(&self.ports, &self.pool);
+        let ok = egress.emit(port, 0, frame, &enilab_switch::PacketMeta::default());
+        egress.wake_all();
+        ok
+    }
+
     /// Stop every card.
     pub fn shutdown(&self) {
         for c in self.cards() {

@@ -220,6 +220,15 @@ impl<'a> PortEgress<'a> {
     }
 }
 
+impl PortEgress<'_> {
+    /// Wake every worker that got frames (for callers that are no worker).
+    pub fn wake_all(&mut self) {
+        for w in self.wake.drain(..) {
+            w.wake();
+        }
+    }
+}
+
 impl Egress for PortEgress<'_> {
     fn emit(&mut self, port: PortId, flow_hash: u32, frame: &[u8], meta: &PacketMeta) -> bool {
         let Some(handle) = self.ports.get(port) else {

@@ -218,8 +218,7 @@ impl Fixture {
     fn inject(&self, frame: &[u8], meta: &PacketMeta) -> bool {
         let mut egress = PortEgress::new(&self.dp.ports, &self.dp.pool);
         let ok = egress.emit(PORT, 0, frame, meta);
-        let other = Arc::new(Waker::new().expect("eventfd"));
-        egress.wake_others(&other);
+        egress.wake_all();
         ok
     }
 
