@@ -514,6 +514,8 @@ mod tests {
     }
 
     fn netns() -> Option<Netns> {
+        // Left by killed test runs (this crate's and the backend's).
+        Netns::sweep_stale("enilab-test");
         match Netns::create("enilab-test") {
             Ok(ns) => Some(ns),
             Err(e @ NetnsError::NotPermitted) | Err(e @ NetnsError::Spawn(..)) => {

@@ -28,6 +28,7 @@ const PORT: PortId = 7;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// `<prefix><pid in hex>-<n>`: short enough for an interface name.
 fn unique(prefix: &str) -> String {
     format!(
         "{prefix}{:x}-{}",
@@ -83,7 +84,13 @@ struct TestNs {
 
 impl TestNs {
     fn new() -> Result<TestNs, String> {
-        let name = unique("enilab-test-");
+        // `enilab-test-<decimal pid>-<n>`, the form enilab-control's
+        // `Netns::sweep_stale` recognises after a killed run.
+        let name = format!(
+            "enilab-test-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
         run(&["ip", "netns", "add", &name])?;
         Ok(TestNs {
             name,
@@ -350,15 +357,16 @@ fn frame_from_namespace_enters_switch_on_uplink_port() {
     wait_for("the switch to count ingress on the uplink port", || {
         sw.stats(PORT).tx_packets > before.tx_packets
     });
-    let after = sw.stats(PORT);
-    // The port is in no snapshot yet, so every frame is dropped as PortDown.
-    assert_eq!(
-        after.drops(DropReason::PortDown) - before.drops(DropReason::PortDown),
-        after.tx_packets - before.tx_packets
-    );
-    let st = fx.uplink().stats();
-    assert_eq!(st.read_packets, after.tx_packets - before.tx_packets);
-    assert_eq!(st.dropped, st.read_packets, "{st:?}");
+    // The port is in no snapshot, so every frame read is dropped as
+    // PortDown. ARP retries may still be arriving: wait for the counters
+    // to agree rather than reading them once.
+    wait_for("uplink and switch counters to agree", || {
+        let st = fx.uplink().stats();
+        let now = sw.stats(PORT);
+        let tx = now.tx_packets - before.tx_packets;
+        let down = now.drops(DropReason::PortDown) - before.drops(DropReason::PortDown);
+        st.read_packets == tx && down == tx && st.dropped == tx
+    });
 }
 
 /// Both directions through the real pipeline: the namespace is a port of
