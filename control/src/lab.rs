@@ -730,7 +730,7 @@ impl Drop for Lab {
 
 #[cfg(test)]
 mod internet_tests {
-    use std::io::Read;
+    use std::io::{Read, Write};
     use std::sync::mpsc;
 
     use super::*;
@@ -742,7 +742,11 @@ mod internet_tests {
         if std::env::var("ENILAB_REQUIRE_GUESTS").as_deref() == Ok("1") {
             panic!("internet test cannot run and ENILAB_REQUIRE_GUESTS=1: {reason}");
         }
-        eprintln!("SKIPPED: internet test needs root and /dev/net/tun: {reason}");
+        // Straight to stderr: libtest does not capture it, so the skip shows.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: internet test needs root and /dev/net/tun: {reason}"
+        );
         true
     }
 

@@ -502,6 +502,8 @@ impl Drop for NetnsChild {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+
     use super::*;
 
     /// Returns true (after saying so loudly) when the test cannot run here.
@@ -509,7 +511,11 @@ mod tests {
         if std::env::var("ENILAB_REQUIRE_GUESTS").as_deref() == Ok("1") {
             panic!("namespace test cannot run and ENILAB_REQUIRE_GUESTS=1: {reason}");
         }
-        eprintln!("SKIPPED: namespace test needs root: {reason}");
+        // Straight to stderr: libtest does not capture it, so the skip shows.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: namespace test needs root: {reason}"
+        );
         true
     }
 

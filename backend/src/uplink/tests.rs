@@ -42,7 +42,11 @@ fn skip(reason: &str) -> bool {
     if std::env::var("ENILAB_REQUIRE_GUESTS").as_deref() == Ok("1") {
         panic!("uplink test cannot run and ENILAB_REQUIRE_GUESTS=1: {reason}");
     }
-    eprintln!("SKIPPED: uplink test needs root and /dev/net/tun: {reason}");
+    // Straight to stderr: libtest does not capture it, so the skip shows.
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED: uplink test needs root and /dev/net/tun: {reason}"
+    );
     true
 }
 
