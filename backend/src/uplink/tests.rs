@@ -440,6 +440,31 @@ fn namespace_pings_the_vpc_router_through_the_switch() {
     assert!(sw.stats(PORT).arp_replies >= 1);
 }
 
+/// User plus system CPU ticks of this process's thread named `name`
+/// (truncated to the kernel's 15 bytes).
+fn thread_cpu_ticks(name: &str) -> u64 {
+    let comm = &name[..name.len().min(15)];
+    for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
+        let dir = task.expect("task entry").path();
+        let Ok(c) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        if c.trim_end() != comm {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).expect("task stat");
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        // After the name: state is field 3, utime 14, stime 15.
+        let utime: u64 = fields[11].parse().expect("utime");
+        let stime: u64 = fields[12].parse().expect("stime");
+        return utime + stime;
+    }
+    panic!("no thread named {comm}");
+}
+
 #[test]
 fn uplink_survives_its_namespace_going_away() {
     let Some(mut fx) = Fixture::new("203.0.113.1/24") else {
@@ -457,11 +482,13 @@ fn uplink_survives_its_namespace_going_away() {
         fx.uplink().stats().write_errors >= 1
     });
     assert!(fx.uplink().is_running());
-    let wakeups = fx.uplink().stats().wakeups;
-    std::thread::sleep(Duration::from_millis(300));
+    let cpu = thread_cpu_ticks(&format!("uplink-{}", fx.uplink().name()));
+    std::thread::sleep(Duration::from_millis(500));
+    let spent = thread_cpu_ticks(&format!("uplink-{}", fx.uplink().name())) - cpu;
+    // A spinning thread burns ~50 ticks (USER_HZ 100) in 500 ms.
     assert!(
-        fx.uplink().stats().wakeups <= wakeups + 1,
-        "the thread spins"
+        spent < 10,
+        "the uplink thread spins: {spent} ticks in 500 ms"
     );
     fx.uplink.take();
 }
