@@ -6,11 +6,16 @@
 //! it is attached to. A frame's way: guest TX ring -> card worker -> switch
 //! pipeline -> destination port queue -> destination card worker -> guest
 //! RX ring.
+//!
+//! An [`Uplink`] is a TAP interface served as one more switch port (the
+//! lab's internet side): TAP -> uplink thread -> switch pipeline -> port
+//! queue, and back.
 
 mod card;
 pub mod net;
 mod port;
 mod server;
+mod uplink;
 pub mod vhost_user;
 
 use std::collections::BTreeMap;
@@ -22,6 +27,7 @@ pub use enilab_switch as switch;
 pub use net::{DeviceConfig, NetDevice, NetError, QueueStats};
 pub use port::{Pool, PortTable};
 pub use server::EniServer;
+pub use uplink::{Uplink, UplinkError, UplinkStats};
 
 /// Errors of the backend.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +42,8 @@ pub enum BackendError {
     Net(#[from] NetError),
     #[error(transparent)]
     Card(#[from] CardError),
+    #[error(transparent)]
+    Uplink(#[from] UplinkError),
     #[error("I/O error")]
     Io(#[source] std::io::Error),
 }
@@ -100,6 +108,36 @@ impl Datapath {
         let dev = NetDevice::new(cfg)?;
         let card = self.card(card)?;
         EniServer::start(socket, dev, card)
+    }
+
+    /// Create TAP interface `name` (in this process's network namespace)
+    /// and serve it as switch port `port`: frames read from it enter the
+    /// switch under `port`, frames the switch sends to `port` are written
+    /// to it. Dropping the [`Uplink`] stops it and deletes the interface.
+    pub fn add_uplink(
+        &self,
+        name: &str,
+        port: enilab_switch::PortId,
+    ) -> Result<Uplink, BackendError> {
+        Ok(Uplink::start(
+            name,
+            port,
+            &self.switch,
+            self.ports.clone(),
+            self.pool.clone(),
+        )?)
+    }
+
+    /// Queue `frame` for `port` the way the switch's egress does (and wake
+    /// its worker), bypassing the pipeline and its counters: for frames the
+    /// control plane originates (announcements on the uplink) and for tests.
+    /// False if the port is unknown or its queue is full.
+    pub fn inject(&self, port: enilab_switch::PortId, frame: &[u8]) -> bool {
+        use enilab_switch::Egress;
+        let mut egress = port::PortEgress::new(&self.ports, &self.pool);
+        let ok = egress.emit(port, 0, frame, &enilab_switch::PacketMeta::default());
+        egress.wake_all();
+        ok
     }
 
     /// Stop every card.

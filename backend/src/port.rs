@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use crossbeam_queue::ArrayQueue;
-use enilab_switch::{PacketMeta, PortId};
+use enilab_switch::{Egress, PacketMeta, PortId};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Frames one RX queue holds while its guest has no buffers posted.
@@ -184,5 +184,69 @@ impl PortTable {
             *slot = None;
         }
         self.ports.store(Arc::new(v));
+    }
+}
+
+/// The switch's view of where frames go: port RX queues. Every thread that
+/// runs the switch (card workers, uplinks) emits through one of these, then
+/// wakes the workers it queued frames for.
+pub(crate) struct PortEgress<'a> {
+    ports: &'a PortTable,
+    pool: &'a Pool,
+    wake: Vec<Arc<Waker>>,
+}
+
+impl<'a> PortEgress<'a> {
+    pub fn new(ports: &'a PortTable, pool: &'a Pool) -> Self {
+        PortEgress {
+            ports,
+            pool,
+            wake: Vec::new(),
+        }
+    }
+
+    /// Wake every worker that got frames, except `own` (the caller, which
+    /// serves its queues next anyway). Returns true if `own` got frames.
+    pub fn wake_others(&mut self, own: &Arc<Waker>) -> bool {
+        let mut mine = false;
+        for w in self.wake.drain(..) {
+            if Arc::ptr_eq(&w, own) {
+                mine = true;
+            } else {
+                w.wake();
+            }
+        }
+        mine
+    }
+}
+
+impl PortEgress<'_> {
+    /// Wake every worker that got frames (for callers that are no worker).
+    pub fn wake_all(&mut self) {
+        for w in self.wake.drain(..) {
+            w.wake();
+        }
+    }
+}
+
+impl Egress for PortEgress<'_> {
+    fn emit(&mut self, port: PortId, flow_hash: u32, frame: &[u8], meta: &PacketMeta) -> bool {
+        let Some(handle) = self.ports.get(port) else {
+            return false;
+        };
+        let mut buf = self.pool.get();
+        buf.extend_from_slice(frame);
+        match handle.enqueue(flow_hash, Pkt { buf, meta: *meta }) {
+            Ok(w) => {
+                if !self.wake.iter().any(|x| Arc::ptr_eq(x, w)) {
+                    self.wake.push(w.clone());
+                }
+                true
+            }
+            Err(pkt) => {
+                self.pool.put(pkt.buf);
+                false
+            }
+        }
     }
 }

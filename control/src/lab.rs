@@ -2,18 +2,25 @@
 //! ENIs published to the switch as snapshots, and QEMU instances with their
 //! guest agents. The demo, the real-guest tests and (later) the daemon are
 //! built on it.
+//!
+//! A lab may also have an [`Internet`]: a network namespace of its own
+//! (203.0.113.1/24 by default) joined to the switch by an uplink port, where
+//! test servers stand in for the outside world.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use enilab_backend::{Datapath, DeviceConfig, EniServer};
+use enilab_backend::{Datapath, DeviceConfig, EniServer, Uplink, UplinkStats};
 use enilab_switch::{PortConfig, PortId, Snapshot, SubnetConfig, Switch};
 
 use crate::agent::{AgentClient, AgentError, AgentMux, Output};
 use crate::image::Image;
+use crate::netns::{Netns, NetnsChild, NetnsError};
 use crate::qemu::{
     self, Accel, AccelChoice, Instance, InstanceSpec, NicSpec, QemuBinary, QemuError,
 };
@@ -29,6 +36,8 @@ pub enum LabError {
     Backend(#[from] enilab_backend::BackendError),
     #[error(transparent)]
     Image(#[from] crate::image::ImageError),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
     /// The switch refused the topology.
     #[error("topology rejected: {0}")]
     Topology(String),
@@ -113,6 +122,159 @@ struct State {
     instances: BTreeMap<String, Arc<LabInstance>>,
     next_port: PortId,
     generation: u64,
+    internet: Option<Arc<Internet>>,
+}
+
+/// The lab internet's address: TEST-NET-3's .1 (RFC 5737), never routed.
+pub const INTERNET_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+pub const INTERNET_PREFIX: u8 = 24;
+/// The internet side's MAC: 02:e1 and its address, like an ENI's.
+pub const INTERNET_MAC: [u8; 6] = [0x02, 0xe1, 203, 0, 113, 1];
+/// Prefix of the internet namespaces: `enilab-inet-<pid>-<n>`.
+pub const INTERNET_NETNS_PREFIX: &str = "enilab-inet";
+
+/// How the lab's internet namespace is addressed.
+#[derive(Debug, Clone)]
+pub struct InternetOptions {
+    /// Address of the namespace's interface (the "internet" host).
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+    /// More addresses on the same interface (other "internet" hosts).
+    pub extra_addrs: Vec<(Ipv4Addr, u8)>,
+    /// MAC to give the interface; `None` keeps the kernel's random one.
+    pub mac: Option<[u8; 6]>,
+}
+
+impl Default for InternetOptions {
+    fn default() -> Self {
+        InternetOptions {
+            addr: INTERNET_ADDR,
+            prefix: INTERNET_PREFIX,
+            extra_addrs: Vec::new(),
+            mac: Some(INTERNET_MAC),
+        }
+    }
+}
+
+static NEXT_TAP: AtomicU32 = AtomicU32::new(0);
+
+/// The lab's internet: a network namespace whose interface is the TAP of
+/// an uplink port of the switch. Frames the switch sends to [`port`]
+/// arrive on that interface, addressed to [`mac`]; whatever the namespace
+/// sends on it enters the switch on [`port`].
+///
+/// [`port`]: Internet::port
+/// [`mac`]: Internet::mac
+pub struct Internet {
+    netns_name: String,
+    ifname: String,
+    mac: [u8; 6],
+    addr: Ipv4Addr,
+    prefix: u8,
+    port: PortId,
+    /// Taken on close: the uplink stops (its TAP goes), then the namespace
+    /// is deleted with everything running in it.
+    inner: Mutex<Option<(Uplink, Arc<Netns>)>>,
+}
+
+impl std::fmt::Debug for Internet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Internet")
+            .field("netns", &self.netns_name)
+            .field("ifname", &self.ifname)
+            .field("addr", &self.addr)
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Internet {
+    /// Name of the network namespace (`ip netns exec <name> ...`).
+    pub fn netns(&self) -> &str {
+        &self.netns_name
+    }
+
+    /// Name of the interface inside the namespace (the uplink's TAP).
+    pub fn ifname(&self) -> &str {
+        &self.ifname
+    }
+
+    /// MAC of the namespace's interface: the destination of every frame
+    /// the switch sends to the internet.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    pub fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// The switch port of the uplink.
+    pub fn port(&self) -> PortId {
+        self.port
+    }
+
+    fn ns(&self) -> Result<Arc<Netns>, LabError> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|(_, ns)| ns.clone())
+            .ok_or_else(|| LabError::NotFound("internet", self.netns_name.clone()))
+    }
+
+    /// Run `argv` in the namespace (killed after `timeout`); the exit
+    /// status is the caller's to judge.
+    pub fn exec(&self, argv: &[&str], timeout: Duration) -> Result<std::process::Output, LabError> {
+        Ok(self.ns()?.exec(argv, timeout)?)
+    }
+
+    /// Run `argv` in the namespace and return its stdout; an error if it
+    /// fails.
+    pub fn run(&self, argv: &[&str], timeout: Duration) -> Result<String, LabError> {
+        Ok(self.ns()?.run(argv, timeout)?)
+    }
+
+    /// Start a server in the namespace; stopped when the handle is dropped
+    /// or the internet is closed.
+    pub fn spawn(
+        &self,
+        argv: &[&str],
+        stdout: Stdio,
+        stderr: Stdio,
+    ) -> Result<NetnsChild, LabError> {
+        Ok(self.ns()?.spawn(argv, stdout, stderr)?)
+    }
+
+    /// The uplink's counters (`None` once closed).
+    pub fn stats(&self) -> Option<UplinkStats> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|(u, _)| u.stats())
+    }
+
+    /// Stop the uplink and delete the namespace. Idempotent.
+    pub fn close(&self) {
+        let taken = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((uplink, ns)) = taken {
+            drop(uplink);
+            // A command still running in it holds a clone; the namespace
+            // goes when that finishes.
+            drop(ns);
+        }
+    }
+}
+
+impl Drop for Internet {
+    fn drop(&mut self) {
+        self.close();
+    }
 }
 
 /// A running lab.
@@ -310,6 +472,75 @@ impl Lab {
         Ok(())
     }
 
+    /// Give the lab an internet with the default addressing
+    /// (203.0.113.1/24, MAC 02:e1:cb:00:71:01).
+    pub fn add_internet(&self) -> Result<Arc<Internet>, LabError> {
+        self.add_internet_with(InternetOptions::default())
+    }
+
+    /// Create the internet namespace and its uplink port: the TAP is created
+    /// here (in our namespace, down, unaddressed), moved into the new
+    /// namespace, then addressed and brought up there. The uplink takes the
+    /// next port id; frames sent to it reach the namespace, but the switch
+    /// decides what it sends there.
+    pub fn add_internet_with(&self, opts: InternetOptions) -> Result<Arc<Internet>, LabError> {
+        let mut st = self.state();
+        if st.internet.is_some() {
+            return Err(LabError::Exists("the lab's internet".into()));
+        }
+        Netns::sweep_stale(INTERNET_NETNS_PREFIX);
+        let netns = Netns::create(INTERNET_NETNS_PREFIX)?;
+        let port = st.next_port;
+        let ifname = format!(
+            "eup{:x}-{}",
+            std::process::id(),
+            NEXT_TAP.fetch_add(1, Ordering::Relaxed)
+        );
+        self.switch.reset_counters(port);
+        let uplink = self.datapath.add_uplink(&ifname, port)?;
+        netns.disable_ipv6()?;
+        netns.move_link(&ifname)?;
+        netns.set_up("lo")?;
+        if let Some(mac) = opts.mac {
+            netns.set_mac(&ifname, mac)?;
+        }
+        netns.add_addr(&ifname, opts.addr, opts.prefix)?;
+        for (a, p) in &opts.extra_addrs {
+            netns.add_addr(&ifname, *a, *p)?;
+        }
+        netns.set_up(&ifname)?;
+        let mac = netns.mac(&ifname)?;
+        st.next_port += 1;
+        let internet = Arc::new(Internet {
+            netns_name: netns.name().to_string(),
+            ifname,
+            mac,
+            addr: opts.addr,
+            prefix: opts.prefix,
+            port,
+            inner: Mutex::new(Some((uplink, Arc::new(netns)))),
+        });
+        tracing::info!(netns = %internet.netns_name, port, addr = %opts.addr, "internet added");
+        st.internet = Some(internet.clone());
+        Ok(internet)
+    }
+
+    /// The lab's internet, if it has one.
+    pub fn internet(&self) -> Option<Arc<Internet>> {
+        self.state().internet.clone()
+    }
+
+    /// Close and forget the lab's internet.
+    pub fn remove_internet(&self) -> Result<(), LabError> {
+        let inet = self
+            .state()
+            .internet
+            .take()
+            .ok_or_else(|| LabError::NotFound("internet", self.opts.name.clone()))?;
+        inet.close();
+        Ok(())
+    }
+
     pub fn eni_ip(&self, eni: &str) -> Option<Ipv4Addr> {
         self.state().enis.get(eni).map(|e| e.ip)
     }
@@ -484,6 +715,10 @@ impl Lab {
         }
         let enis = std::mem::take(&mut self.state().enis);
         drop(enis);
+        let internet = self.state().internet.take();
+        if let Some(i) = internet {
+            i.close();
+        }
         self.datapath.shutdown();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -492,5 +727,211 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.teardown();
+    }
+}
+
+#[cfg(test)]
+mod internet_tests {
+    use std::io::{Read, Write};
+    use std::sync::mpsc;
+
+    use super::*;
+    use enilab_backend::{BackendError, UplinkError};
+    use enilab_switch::wire::checksum::{finish, sum};
+
+    /// Returns true (after saying so loudly) when the test cannot run here.
+    fn skip(reason: &str) -> bool {
+        if std::env::var("ENILAB_REQUIRE_GUESTS").as_deref() == Ok("1") {
+            panic!("internet test cannot run and ENILAB_REQUIRE_GUESTS=1: {reason}");
+        }
+        // Straight to stderr: libtest does not capture it, so the skip shows.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: internet test needs root and /dev/net/tun: {reason}"
+        );
+        true
+    }
+
+    /// A datapath-only lab under a run root of its own; remove the root
+    /// with [`done`] after dropping the lab.
+    fn lab() -> (Lab, PathBuf) {
+        let root = std::env::temp_dir().join(format!(
+            "enilab-inet-test-{}-{}",
+            std::process::id(),
+            NEXT_TAP.fetch_add(1, Ordering::Relaxed)
+        ));
+        let lab = Lab::new_datapath(LabOptions {
+            run_root: root.clone(),
+            name: "lab".into(),
+            ..Default::default()
+        })
+        .expect("lab");
+        (lab, root)
+    }
+
+    fn done(lab: Lab, root: PathBuf) {
+        drop(lab);
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    fn internet(lab: &Lab) -> Option<Arc<Internet>> {
+        match lab.add_internet() {
+            Ok(i) => Some(i),
+            Err(
+                e @ (LabError::Netns(NetnsError::NotPermitted)
+                | LabError::Backend(BackendError::Uplink(
+                    UplinkError::NotPermitted(_) | UplinkError::TunMissing(_),
+                ))),
+            ) => {
+                skip(&e.to_string());
+                None
+            }
+            Err(e) => panic!("add_internet: {e}"),
+        }
+    }
+
+    fn netns_listed(name: &str) -> bool {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .expect("ip netns list");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(name))
+    }
+
+    /// A UDP datagram from 203.0.113.77 to the internet's address.
+    fn udp_to(inet: &Internet, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&inet.mac());
+        f.extend_from_slice(&[0x02, 0xe1, 0, 0, 0, 0x77]);
+        f.extend_from_slice(&[0x08, 0x00]);
+        let udp_len = 8 + payload.len() as u16;
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&(20 + udp_len).to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 17;
+        ip[12..16].copy_from_slice(&[203, 0, 113, 77]);
+        ip[16..20].copy_from_slice(&inet.addr().octets());
+        let c = finish(sum(&ip));
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(&40000u16.to_be_bytes());
+        f.extend_from_slice(&dport.to_be_bytes());
+        f.extend_from_slice(&udp_len.to_be_bytes());
+        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn internet_carries_frames_both_ways_and_goes_away() {
+        let (lab, root) = lab();
+        let Some(inet) = internet(&lab) else {
+            return done(lab, root);
+        };
+        assert!(inet
+            .netns()
+            .starts_with(&format!("enilab-inet-{}-", std::process::id())));
+        assert!(netns_listed(inet.netns()));
+        assert_eq!(inet.mac(), INTERNET_MAC);
+        assert_eq!(inet.addr(), INTERNET_ADDR);
+        let addrs = inet
+            .run(
+                &["ip", "-4", "-o", "addr", "show", "dev", inet.ifname()],
+                Duration::from_secs(5),
+            )
+            .unwrap();
+        assert!(addrs.contains("203.0.113.1/24"), "{addrs}");
+        assert!(matches!(lab.add_internet(), Err(LabError::Exists(_))));
+
+        // Switch -> internet: the TAP was created here and moved; its fd
+        // still carries frames into the namespace.
+        let mut server = inet
+            .spawn(
+                &[
+                    "socat",
+                    "-u",
+                    "UDP4-RECVFROM:40003,bind=203.0.113.1",
+                    "STDOUT",
+                ],
+                Stdio::piped(),
+                Stdio::null(),
+            )
+            .unwrap();
+        let mut out = server.take_stdout().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = out.read_to_string(&mut s);
+            let _ = tx.send(s);
+        });
+        let frame = udp_to(&inet, 40003, b"from-the-vpc\n");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let got = loop {
+            assert!(
+                Instant::now() < deadline,
+                "nothing reached the namespace; {:?}",
+                inet.stats()
+            );
+            assert!(lab.datapath().inject(inet.port(), &frame));
+            if let Ok(s) = rx.recv_timeout(Duration::from_millis(200)) {
+                break s;
+            }
+        };
+        assert_eq!(got, "from-the-vpc\n");
+
+        // Internet -> switch: what the namespace sends enters on the port.
+        let before = lab.switch().stats(inet.port()).tx_packets;
+        let out = inet
+            .exec(
+                &[
+                    "sh",
+                    "-c",
+                    "echo x | socat -u STDIN UDP4-SENDTO:203.0.113.9:9",
+                ],
+                Duration::from_secs(5),
+            )
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while lab.switch().stats(inet.port()).tx_packets == before {
+            assert!(Instant::now() < deadline, "no ingress; {:?}", inet.stats());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(inet.stats().unwrap().read_packets >= 1);
+
+        // Removal takes the namespace, its processes and the TAP.
+        let (name, ifname, pid) = (
+            inet.netns().to_string(),
+            inet.ifname().to_string(),
+            server.pid() as i32,
+        );
+        lab.remove_internet().unwrap();
+        assert!(!netns_listed(&name));
+        assert!(server.try_wait().unwrap().is_some(), "server survived");
+        assert!(!crate::qemu::sys::pid_alive(pid));
+        assert!(!Path::new("/sys/class/net").join(&ifname).exists());
+        assert!(inet.stats().is_none());
+        assert!(matches!(
+            inet.run(&["true"], Duration::from_secs(1)),
+            Err(LabError::NotFound(..))
+        ));
+        assert!(lab.internet().is_none());
+        done(lab, root);
+    }
+
+    #[test]
+    fn lab_teardown_removes_its_internet() {
+        let (lab, root) = lab();
+        let Some(inet) = internet(&lab) else {
+            return done(lab, root);
+        };
+        let name = inet.netns().to_string();
+        drop(inet);
+        assert!(netns_listed(&name), "the lab still owns its internet");
+        done(lab, root);
+        assert!(!netns_listed(&name));
     }
 }

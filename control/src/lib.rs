@@ -5,4 +5,5 @@ pub mod agent;
 pub mod demo;
 pub mod image;
 pub mod lab;
+pub mod netns;
 pub mod qemu;

@@ -6,12 +6,12 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use enilab_switch::{Egress, PacketMeta, PortId, Switch, SwitchWorker, Verdict};
+use enilab_switch::{PortId, Switch, SwitchWorker, Verdict};
 use vhost_user_backend::VringT;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::net::{NetDevice, RxCtx, TxCtx};
-use crate::port::{Pkt, Pool, PortHandle, PortTable, Waker};
+use crate::port::{Pkt, Pool, PortEgress, PortHandle, PortTable, Waker};
 
 const WAKE_TOKEN: u64 = u64::MAX;
 
@@ -47,35 +47,6 @@ struct Slot {
     pending: VecDeque<Pkt>,
     tx_more: bool,
     rx_more: bool,
-}
-
-/// The switch's view of where frames go: port RX queues.
-struct PortEgress<'a> {
-    ports: &'a PortTable,
-    pool: &'a Pool,
-    wake: Vec<Arc<Waker>>,
-}
-
-impl Egress for PortEgress<'_> {
-    fn emit(&mut self, port: PortId, flow_hash: u32, frame: &[u8], meta: &PacketMeta) -> bool {
-        let Some(handle) = self.ports.get(port) else {
-            return false;
-        };
-        let mut buf = self.pool.get();
-        buf.extend_from_slice(frame);
-        match handle.enqueue(flow_hash, Pkt { buf, meta: *meta }) {
-            Ok(w) => {
-                if !self.wake.iter().any(|x| Arc::ptr_eq(x, w)) {
-                    self.wake.push(w.clone());
-                }
-                true
-            }
-            Err(pkt) => {
-                self.pool.put(pkt.buf);
-                false
-            }
-        }
-    }
 }
 
 pub(crate) struct Worker {
@@ -175,11 +146,7 @@ impl Worker {
 
     /// One pass over every slot: TX, then RX.
     fn pass(&mut self) {
-        let mut egress = PortEgress {
-            ports: &self.ports,
-            pool: &self.pool,
-            wake: Vec::new(),
-        };
+        let mut egress = PortEgress::new(&self.ports, &self.pool);
         for s in &mut self.slots {
             if !s.tx_more {
                 continue;
@@ -206,13 +173,9 @@ impl Worker {
                 self.pool.put(pkt.buf);
             }
         }
-        for w in egress.wake.drain(..) {
-            if !Arc::ptr_eq(&w, &self.shared.waker) {
-                w.wake();
-            } else {
-                for s in &mut self.slots {
-                    s.rx_more = true;
-                }
+        if egress.wake_others(&self.shared.waker) {
+            for s in &mut self.slots {
+                s.rx_more = true;
             }
         }
         for s in &mut self.slots {

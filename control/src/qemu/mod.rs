@@ -16,7 +16,7 @@ mod binary;
 mod cmdline;
 mod instance;
 mod qmp;
-mod sys;
+pub(crate) mod sys;
 
 #[cfg(test)]
 mod real_tests;
