@@ -2,7 +2,9 @@
 //! `enilab` command's library half.
 
 pub mod agent;
+pub mod api;
 pub mod demo;
 pub mod image;
 pub mod lab;
 pub mod qemu;
+pub mod store;
