@@ -130,6 +130,9 @@ fn measure(
     Ok((total, total as f64 / secs))
 }
 
+/// Builds the body of call `n` on worker `w`.
+type BodyFn<'a> = Box<dyn Fn(usize, u64) -> String + Sync + 'a>;
+
 /// Create a VPC and a /16 subnet, then measure DescribeVpcs,
 /// DescribeNetworkInterfaces (filtered), CreateTags and
 /// CreateNetworkInterface.
@@ -157,7 +160,7 @@ pub fn run(addr: SocketAddr, dur: Duration, conns: usize) -> Result<String, Benc
         "enilab bench-api: {addr}, {conns} connections, {}s per action",
         dur.as_secs()
     );
-    let cases: Vec<(&str, Box<dyn Fn(usize, u64) -> String + Sync>)> = vec![
+    let cases: Vec<(&str, BodyFn)> = vec![
         (
             "DescribeVpcs (one VPC by ID)",
             Box::new(|_, _| format!("Action=DescribeVpcs{v}&VpcId.1={vpc}")),

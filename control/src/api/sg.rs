@@ -40,7 +40,8 @@ pub fn default_group(id: &str, vpc_id: &str) -> SecurityGroup {
 
 fn write_perms(x: &mut Xml, st: &State, name: &str, rules: &[SgRule]) {
     // AWS groups rules with the same protocol and ports into one permission.
-    let mut groups: Vec<(&str, Option<i32>, Option<i32>, Vec<&SgRule>)> = Vec::new();
+    type Perm<'a> = (&'a str, Option<i32>, Option<i32>, Vec<&'a SgRule>);
+    let mut groups: Vec<Perm<'_>> = Vec::new();
     for r in rules {
         match groups
             .iter_mut()
