@@ -788,7 +788,7 @@ class CliTests(unittest.TestCase):
     """A few `aws --endpoint-url ... ec2 ...` invocations."""
 
     def test_aws_cli(self):
-        aws = shutil.which("aws")
+        aws = shutil.which("aws", path=os.path.dirname(sys.executable)) or shutil.which("aws")
         if not aws:
             if os.environ.get("ENILAB_REQUIRE_API") == "1":
                 self.fail("the aws CLI is not installed")
