@@ -502,10 +502,8 @@ pub fn run_instances(api: &Api, p: &Params) -> Result<String, ApiError> {
         }
         Ok(ids)
     })?;
-    for id in &ids {
-        api.jobs.push(Job::Launch(id.clone()));
-    }
-    api.store.read(|st| {
+    // Answer with the committed `pending` state, then start the jobs.
+    let xml = api.store.read(|st| {
         let insts: Vec<&Instance> = ids.iter().filter_map(|i| st.get::<Instance>(i)).collect();
         let mut x = Xml::new();
         x.text(
@@ -520,8 +518,12 @@ pub fn run_instances(api: &Api, p: &Params) -> Result<String, ApiError> {
         x.set("instancesSet", insts, |x, i| {
             write_instance(x, st, i, owner)
         });
-        Ok(x.finish())
-    })
+        x.finish()
+    });
+    for id in &ids {
+        api.jobs.push(Job::Launch(id.clone()));
+    }
+    Ok(xml)
 }
 
 const INSTANCE_FILTERS: &[&str] = &[
