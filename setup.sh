@@ -32,7 +32,7 @@ if ! apt-cache policy 2>/dev/null | grep -q 'bookworm-backports'; then
 fi
 
 PKGS=(busybox-static iproute2 ethtool iperf3 cpio gzip xz-utils socat
-      dpdk dpdk-dev tshark python3-pip jq graphviz kmod)
+      dpdk dpdk-dev tshark python3-pip python3-venv jq graphviz kmod)
 need=()
 for p in "${PKGS[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
@@ -56,6 +56,13 @@ fi
 if ! mountpoint -q /dev/hugepages 2>/dev/null; then
     $SUDO mkdir -p /dev/hugepages
     $SUDO mount -t hugetlbfs nodev /dev/hugepages || echo "setup: could not mount hugetlbfs" >&2
+fi
+
+# --- boto3 and the AWS CLI for the API tests (tests/api, control/tests/api.rs) ---
+if ! python3 -c 'import boto3, botocore' >/dev/null 2>&1 && ! .venv-api/bin/python3 -c 'import boto3' >/dev/null 2>&1; then
+    step "installing boto3 and awscli from PyPI into .venv-api"
+    python3 -m venv .venv-api
+    .venv-api/bin/pip install -q boto3 awscli
 fi
 
 # --- the release binary ---

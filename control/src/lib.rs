@@ -2,8 +2,10 @@
 //! `enilab` command's library half.
 
 pub mod agent;
+pub mod api;
 pub mod demo;
 pub mod image;
 pub mod lab;
 pub mod netns;
 pub mod qemu;
+pub mod store;

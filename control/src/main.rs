@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use enilab_control::agent::{AgentClient, Stream};
-use enilab_control::{demo, image, lab};
+use enilab_control::{api, demo, image, lab, qemu};
 
 #[derive(Parser)]
 #[command(
@@ -49,6 +49,32 @@ enum Cmd {
     Image {
         #[command(subcommand)]
         cmd: ImageCmd,
+    },
+    /// Serve the EC2 Query API (version 2016-11-15) for boto3 and the AWS CLI.
+    Serve {
+        /// Address to listen on (loopback only is recommended: requests are
+        /// not authenticated).
+        #[arg(long, default_value = "127.0.0.1:8990")]
+        listen: std::net::SocketAddr,
+        /// Where the state database and config.json live
+        /// (default: <state dir>/api, see $ENILAB_STATE_DIR).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Elastic IP pool, a CIDR (default 203.0.113.0/24, TEST-NET-3).
+        #[arg(long)]
+        public_pool: Option<String>,
+    },
+    /// Measure API calls per second against a running `enilab serve`.
+    BenchApi {
+        /// The daemon's address.
+        #[arg(long, default_value = "127.0.0.1:8990")]
+        endpoint: std::net::SocketAddr,
+        /// Seconds per measured action.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Parallel connections.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
     },
     /// List running instances.
     #[command(alias = "ls")]
@@ -124,6 +150,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             let _ = std::io::stdout().flush();
             Ok(ExitCode::from(status.code.clamp(0, 255) as u8))
+        }
+        Cmd::Serve {
+            listen,
+            state_dir,
+            public_pool,
+        } => {
+            let dir = state_dir.unwrap_or_else(|| qemu::default_state_dir().join("api"));
+            let mut config = api::Config::load(&dir)?;
+            if let Some(p) = public_pool {
+                config.set_pool(&p)?;
+            }
+            api::http::run_daemon(
+                listen,
+                &dir,
+                config,
+                std::sync::Arc::new(api::RecordingDriver),
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::BenchApi {
+            endpoint,
+            seconds,
+            connections,
+        } => {
+            let report = api::bench::run(endpoint, Duration::from_secs(seconds), connections)?;
+            print!("{report}");
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Image { cmd } => match cmd {
             ImageCmd::Build { force } => {

@@ -1,0 +1,115 @@
+//! The seam between the API and the machines: what happens to instances and
+//! attachments once a change is committed.
+//!
+//! The API commits a transitional state (`pending`, `stopping`,
+//! `shutting-down`, attachment `attaching`/`detaching`) and answers. A
+//! [`Job`] then goes to the [`InstanceDriver`] on a worker thread; when the
+//! driver returns, the API commits the final state (`running`, `stopped`,
+//! `terminated`, `attached`, `detached`) or, on failure, a state that says
+//! so. Jobs of one instance run in order on one worker.
+//!
+//! [`RecordingDriver`] only records: every operation succeeds at once. The
+//! QEMU driver (hot-plug over QMP, the switch snapshot from
+//! [`InstanceDriver::on_change`]) plugs in here.
+
+use crate::store::model::{Eni, Instance};
+use crate::store::State;
+
+/// What a driver could not do.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// A reason the API shows as the instance's state reason.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Work to do after a commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Job {
+    /// Boot a new instance (its ENIs are on the command line).
+    Launch(String),
+    /// Boot a stopped instance.
+    Start(String),
+    Stop(String),
+    Terminate(String),
+    /// Attach `eni` to `instance` (hot when running).
+    Attach {
+        eni: String,
+        instance: String,
+    },
+    /// Detach `eni` from `instance` (hot-unplug when running).
+    Detach {
+        eni: String,
+        instance: String,
+        force: bool,
+    },
+}
+
+impl Job {
+    /// The instance the job is about: jobs of one instance run in order.
+    pub fn instance(&self) -> &str {
+        match self {
+            Job::Launch(i) | Job::Start(i) | Job::Stop(i) | Job::Terminate(i) => i,
+            Job::Attach { instance, .. } | Job::Detach { instance, .. } => instance,
+        }
+    }
+}
+
+/// Runs instances. Every method is called on a worker thread, never with
+/// the store locked, and may block.
+pub trait InstanceDriver: Send + Sync + 'static {
+    /// Called after every committed change (with the store locked: be quick,
+    /// e.g. build and swap a switch snapshot).
+    fn on_change(&self, _state: &State) {}
+
+    /// Boot `inst` with `enis` (the attachments, device order).
+    fn launch(&self, _inst: &Instance, _enis: &[Eni]) -> Result<(), DriverError> {
+        Ok(())
+    }
+
+    /// Boot a stopped instance again.
+    fn start(&self, inst: &Instance, enis: &[Eni]) -> Result<(), DriverError> {
+        self.launch(inst, enis)
+    }
+
+    fn stop(&self, _inst: &Instance) -> Result<(), DriverError> {
+        Ok(())
+    }
+
+    fn terminate(&self, _inst: &Instance) -> Result<(), DriverError> {
+        Ok(())
+    }
+
+    /// Attach `eni` (its `attachment` says where) to `inst`, which may be
+    /// running (hot-plug), stopped (takes effect at the next start) or
+    /// pending.
+    fn attach(&self, _inst: &Instance, _eni: &Eni) -> Result<(), DriverError> {
+        Ok(())
+    }
+
+    /// Detach `eni` from `inst`; `force` does not wait for the guest.
+    fn detach(&self, _inst: &Instance, _eni: &Eni, _force: bool) -> Result<(), DriverError> {
+        Ok(())
+    }
+
+    /// Called once at start-up for each instance the state says is running:
+    /// is it still? The recording driver says yes.
+    fn is_running(&self, _inst: &Instance) -> bool {
+        true
+    }
+}
+
+/// Records state only: no machines.
+#[derive(Debug, Default)]
+pub struct RecordingDriver;
+
+impl InstanceDriver for RecordingDriver {}
+
+/// Adapts a driver to the store's observer hook.
+pub(super) struct DriverObserver(pub std::sync::Arc<dyn InstanceDriver>);
+
+impl crate::store::Observer for DriverObserver {
+    fn on_change(&self, state: &State) {
+        self.0.on_change(state)
+    }
+}

@@ -1,0 +1,197 @@
+//! The HTTP side: hyper 1 on a tokio listener. Each request's body is read
+//! under a size limit, decoded into [`Params`] and handed to [`Api::call`]
+//! on a blocking thread (the store and SQLite are synchronous).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use super::query::Params;
+use super::{xml, Api, ApiError, Reply};
+use crate::store::ids;
+
+fn error_reply(e: &ApiError) -> Reply {
+    Reply {
+        status: e.status(),
+        body: xml::error(e.code(), &e.message(), &ids::request_id()),
+    }
+}
+
+fn to_response(r: Reply) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(r.body)));
+    *resp.status_mut() =
+        hyper::StatusCode::from_u16(r.status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/xml;charset=UTF-8"),
+    );
+    resp
+}
+
+/// Turn one HTTP request into a reply. Never fails: every problem is an
+/// EC2 error document.
+pub async fn handle(
+    api: Arc<Api>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(to_response(handle_inner(api, req).await))
+}
+
+async fn handle_inner(api: Arc<Api>, req: Request<Incoming>) -> Reply {
+    let max = api.config.max_body;
+    if req.method() != Method::POST && req.method() != Method::GET {
+        return error_reply(&ApiError::new(
+            "UnsupportedHttpVerb",
+            format!(
+                "The HTTP verb {} is not supported; use POST or GET.",
+                req.method()
+            ),
+        ));
+    }
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return error_reply(&ApiError::TooLarge(max));
+    }
+    let query = req.uri().query().unwrap_or("").as_bytes().to_vec();
+    if query.len() > max {
+        return error_reply(&ApiError::TooLarge(max));
+    }
+    let body = match Limited::new(req.into_body(), max).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                return error_reply(&ApiError::TooLarge(max));
+            }
+            return error_reply(&ApiError::new(
+                "IncompleteBody",
+                "The request body could not be read.",
+            ));
+        }
+    };
+    let params = match Params::parse(&[&query, &body]) {
+        Ok(p) => p,
+        Err(e) => return error_reply(&ApiError::Query(e)),
+    };
+    match tokio::task::spawn_blocking(move || api.call(&params)).await {
+        Ok(r) => r,
+        Err(_) => error_reply(&ApiError::internal(
+            "the request handler stopped unexpectedly",
+        )),
+    }
+}
+
+/// Bind `addr`.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serve connections on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    api: Arc<Api>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            a = listener.accept() => a,
+        };
+        let (stream, _peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let api = api.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| handle(api.clone(), req));
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .max_buf_size(64 * 1024)
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!("connection ended: {e}");
+            }
+        });
+    }
+}
+
+/// Failures starting the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot listen on {0}")]
+    Bind(SocketAddr, #[source] std::io::Error),
+    #[error("cannot open the API state")]
+    Api(#[source] ApiError),
+}
+
+/// Run the daemon until SIGINT or SIGTERM. Prints `listening on http://ADDR`
+/// on stdout once the socket is bound (the port is real when ADDR asked
+/// for port 0).
+pub fn run_daemon(
+    listen: SocketAddr,
+    state_dir: &std::path::Path,
+    config: super::Config,
+    driver: Arc<dyn super::InstanceDriver>,
+) -> Result<(), HttpError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("enilab-api")
+        .build()
+        .map_err(HttpError::Runtime)?;
+    let api = Api::open(state_dir, config, driver).map_err(HttpError::Api)?;
+    rt.block_on(async move {
+        let listener = bind(listen).await.map_err(|e| HttpError::Bind(listen, e))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| HttpError::Bind(listen, e))?;
+        {
+            use std::io::Write;
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "listening on http://{local}");
+            let _ = out.flush();
+        }
+        tracing::info!("state in {}", api.store.path().display());
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = async {
+                    match term.as_mut() {
+                        Some(t) => { t.recv().await; }
+                        None => std::future::pending::<()>().await,
+                    }
+                } => {},
+            }
+        };
+        serve(listener, api.clone(), shutdown).await;
+        // Every change is already committed; give running jobs a moment.
+        api.jobs.wait_idle(Duration::from_secs(5));
+        Ok(())
+    })
+}

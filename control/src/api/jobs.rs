@@ -1,0 +1,336 @@
+//! Runs [`Job`]s on worker threads after their change is committed, and
+//! commits the outcome.
+
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+
+use crate::store::model::*;
+use crate::store::{Store, Txn};
+
+use super::driver::{InstanceDriver, Job};
+use super::eni::remove_eni;
+use super::instance::instance_enis;
+use super::ApiError;
+
+/// Worker threads; jobs of one instance always go to the same one.
+const WORKERS: usize = 4;
+
+pub struct JobQueue {
+    senders: Vec<Mutex<Sender<Job>>>,
+    idle: Arc<(Mutex<usize>, std::sync::Condvar)>,
+}
+
+impl JobQueue {
+    pub fn start(store: Arc<Store>, driver: Arc<dyn InstanceDriver>) -> JobQueue {
+        let idle = Arc::new((Mutex::new(0usize), std::sync::Condvar::new()));
+        let mut senders = Vec::new();
+        for n in 0..WORKERS {
+            let (tx, rx) = channel::<Job>();
+            let store = store.clone();
+            let driver = driver.clone();
+            let idle = idle.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("enilab-job-{n}"))
+                .spawn(move || {
+                    while let Ok(job) = rx.recv() {
+                        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            run(&store, driver.as_ref(), &job)
+                        }));
+                        match res {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => tracing::warn!(?job, "job failed: {e}"),
+                            Err(_) => tracing::error!(?job, "job panicked"),
+                        }
+                        let (m, cv) = &*idle;
+                        let mut pending = m.lock().unwrap_or_else(|e| e.into_inner());
+                        *pending = pending.saturating_sub(1);
+                        cv.notify_all();
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!("cannot start job worker: {e}");
+            }
+            senders.push(Mutex::new(tx));
+        }
+        JobQueue { senders, idle }
+    }
+
+    pub fn push(&self, job: Job) {
+        let h = job.instance().bytes().fold(0usize, |a, b| {
+            a.wrapping_mul(31).wrapping_add(usize::from(b))
+        });
+        let idx = h % self.senders.len().max(1);
+        {
+            let (m, _) = &*self.idle;
+            *m.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        }
+        let sent = self.senders[idx]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(job);
+        if let Err(e) = sent {
+            tracing::error!("job worker gone; job {:?} dropped", e.0);
+            let (m, _) = &*self.idle;
+            let mut p = m.lock().unwrap_or_else(|e| e.into_inner());
+            *p = p.saturating_sub(1);
+        }
+    }
+
+    /// Wait until no job is queued or running (tests, shutdown).
+    pub fn wait_idle(&self, timeout: std::time::Duration) -> bool {
+        let (m, cv) = &*self.idle;
+        let guard = m.lock().unwrap_or_else(|e| e.into_inner());
+        let (g, _) = cv
+            .wait_timeout_while(guard, timeout, |p| *p > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        *g == 0
+    }
+}
+
+fn snapshot(store: &Store, id: &str) -> Option<(Instance, Vec<Eni>)> {
+    store.read(|st| {
+        st.get::<Instance>(id).map(|i| {
+            (
+                i.clone(),
+                instance_enis(st, id).into_iter().cloned().collect(),
+            )
+        })
+    })
+}
+
+fn set_state(
+    t: &mut Txn<'_>,
+    id: &str,
+    from: InstanceState,
+    to: InstanceState,
+    reason: Option<(String, String)>,
+) {
+    if let Some(mut i) = t.get::<Instance>(id).cloned() {
+        if i.state == from {
+            i.state = to;
+            i.state_reason = reason;
+            t.put(i);
+        }
+    }
+}
+
+/// Terminated: delete-on-termination interfaces go, the others are detached.
+fn release_interfaces(t: &mut Txn<'_>, id: &str) {
+    let enis: Vec<Eni> = instance_enis(t, id).into_iter().cloned().collect();
+    for mut e in enis {
+        if e.attachment
+            .as_ref()
+            .is_some_and(|a| a.delete_on_termination)
+        {
+            remove_eni(t, &e.id);
+        } else {
+            e.attachment = None;
+            t.put(e);
+        }
+    }
+}
+
+/// Run one job: call the driver with nothing locked, then commit.
+pub fn run(store: &Store, driver: &dyn InstanceDriver, job: &Job) -> Result<(), ApiError> {
+    use InstanceState::*;
+    match job {
+        Job::Launch(id) | Job::Start(id) => {
+            let Some((inst, enis)) = snapshot(store, id) else {
+                return Ok(());
+            };
+            if inst.state != Pending {
+                return Ok(());
+            }
+            let res = if matches!(job, Job::Launch(_)) {
+                driver.launch(&inst, &enis)
+            } else {
+                driver.start(&inst, &enis)
+            };
+            store.write(|t| {
+                match &res {
+                    Ok(()) => set_state(t, id, Pending, Running, None),
+                    Err(e) => {
+                        let reason = Some((
+                            "Server.InternalError".to_string(),
+                            format!("Server.InternalError: {e}"),
+                        ));
+                        if matches!(job, Job::Launch(_)) {
+                            set_state(t, id, Pending, Terminated, reason);
+                            release_interfaces(t, id);
+                        } else {
+                            set_state(t, id, Pending, Stopped, reason);
+                        }
+                    }
+                }
+                Ok::<_, ApiError>(())
+            })
+        }
+        Job::Stop(id) => {
+            let Some((inst, _)) = snapshot(store, id) else {
+                return Ok(());
+            };
+            if inst.state != Stopping {
+                return Ok(());
+            }
+            let res = driver.stop(&inst);
+            store.write(|t| {
+                let reason = match &res {
+                    Ok(()) => inst.state_reason.clone(),
+                    Err(e) => Some((
+                        "Server.InternalError".to_string(),
+                        format!("stopped after an error: {e}"),
+                    )),
+                };
+                set_state(t, id, Stopping, Stopped, reason);
+                Ok::<_, ApiError>(())
+            })
+        }
+        Job::Terminate(id) => {
+            let Some((inst, _)) = snapshot(store, id) else {
+                return Ok(());
+            };
+            if inst.state != ShuttingDown {
+                return Ok(());
+            }
+            if let Err(e) = driver.terminate(&inst) {
+                tracing::warn!("terminate {id}: {e}; recording it as terminated");
+            }
+            store.write(|t| {
+                set_state(t, id, ShuttingDown, Terminated, inst.state_reason.clone());
+                release_interfaces(t, id);
+                Ok::<_, ApiError>(())
+            })
+        }
+        Job::Attach { eni, instance } => {
+            let found = store.read(|st| {
+                let e = st.get::<Eni>(eni)?.clone();
+                let i = st.get::<Instance>(instance)?.clone();
+                e.attachment
+                    .as_ref()
+                    .filter(|a| {
+                        a.instance_id == *instance && a.status == AttachmentStatus::Attaching
+                    })
+                    .map(|_| (e.clone(), i))
+            });
+            let Some((e, inst)) = found else {
+                return Ok(());
+            };
+            let res = driver.attach(&inst, &e);
+            store.write(|t| {
+                if let Some(mut cur) = t.get::<Eni>(eni).cloned() {
+                    let Some(a) = cur.attachment.as_mut() else {
+                        return Ok(());
+                    };
+                    if a.status != AttachmentStatus::Attaching {
+                        return Ok(());
+                    }
+                    match &res {
+                        Ok(()) => a.status = AttachmentStatus::Attached,
+                        Err(err) => {
+                            tracing::warn!("attach {eni} to {instance} failed: {err}");
+                            cur.attachment = None;
+                        }
+                    }
+                    t.put(cur);
+                }
+                Ok::<_, ApiError>(())
+            })
+        }
+        Job::Detach {
+            eni,
+            instance,
+            force,
+        } => {
+            let found = store.read(|st| {
+                let e = st.get::<Eni>(eni)?.clone();
+                let i = st.get::<Instance>(instance)?.clone();
+                e.attachment
+                    .as_ref()
+                    .filter(|a| {
+                        a.instance_id == *instance && a.status == AttachmentStatus::Detaching
+                    })
+                    .map(|_| (e.clone(), i))
+            });
+            let Some((e, inst)) = found else {
+                return Ok(());
+            };
+            let res = driver.detach(&inst, &e, *force);
+            store.write(|t| {
+                if let Some(mut cur) = t.get::<Eni>(eni).cloned() {
+                    let Some(a) = cur.attachment.as_mut() else {
+                        return Ok(());
+                    };
+                    if a.status != AttachmentStatus::Detaching {
+                        return Ok(());
+                    }
+                    match &res {
+                        Ok(()) => cur.attachment = None,
+                        Err(err) if *force => {
+                            tracing::warn!("forced detach of {eni}: {err}; detached anyway");
+                            cur.attachment = None;
+                        }
+                        Err(err) => {
+                            tracing::warn!("detach {eni} failed: {err}; still attached");
+                            a.status = AttachmentStatus::Attached;
+                        }
+                    }
+                    t.put(cur);
+                }
+                Ok::<_, ApiError>(())
+            })
+        }
+    }
+}
+
+/// After a restart: the jobs that transitional states still need, and
+/// running instances the driver no longer has recorded as stopped.
+pub fn recover(store: &Store, driver: &dyn InstanceDriver) -> Result<Vec<Job>, ApiError> {
+    let (jobs, lost) = store.read(|st| {
+        let mut jobs = Vec::new();
+        let mut lost = Vec::new();
+        for i in st.iter::<Instance>() {
+            match i.state {
+                InstanceState::Pending => jobs.push(Job::Start(i.id.clone())),
+                InstanceState::Stopping => jobs.push(Job::Stop(i.id.clone())),
+                InstanceState::ShuttingDown => jobs.push(Job::Terminate(i.id.clone())),
+                InstanceState::Running if !driver.is_running(i) => lost.push(i.id.clone()),
+                _ => {}
+            }
+        }
+        for e in st.iter::<Eni>() {
+            if let Some(a) = &e.attachment {
+                match a.status {
+                    AttachmentStatus::Attaching => jobs.push(Job::Attach {
+                        eni: e.id.clone(),
+                        instance: a.instance_id.clone(),
+                    }),
+                    AttachmentStatus::Detaching => jobs.push(Job::Detach {
+                        eni: e.id.clone(),
+                        instance: a.instance_id.clone(),
+                        force: a.force_detach,
+                    }),
+                    _ => {}
+                }
+            }
+        }
+        (jobs, lost)
+    });
+    if !lost.is_empty() {
+        store.write(|t| {
+            for id in &lost {
+                set_state(
+                    t,
+                    id,
+                    InstanceState::Running,
+                    InstanceState::Stopped,
+                    Some((
+                        "Server.InternalError".into(),
+                        "the instance was not running after a daemon restart".into(),
+                    )),
+                );
+            }
+            Ok::<_, ApiError>(())
+        })?;
+    }
+    Ok(jobs)
+}

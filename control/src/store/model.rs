@@ -1,0 +1,437 @@
+//! The resources the API manages, as they are stored.
+//!
+//! Every top-level resource is keyed by its AWS ID; IDs carry their type in
+//! the prefix (`vpc-`, `subnet-`, ...), so one ordered map holds them all and
+//! a prefix range lists one type. Sub-objects that have IDs of their own
+//! (attachments, associations) live inside their parent.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub type Tags = BTreeMap<String, String>;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Vpc {
+    pub id: String,
+    pub cidr: String,
+    pub cidr_assoc_id: String,
+    pub tenancy: String,
+    pub main_route_table: String,
+    pub default_acl: String,
+    pub default_sg: String,
+    pub tags: Tags,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Subnet {
+    pub id: String,
+    pub vpc_id: String,
+    pub cidr: String,
+    pub az: String,
+    pub map_public_ip_on_launch: bool,
+    pub tags: Tags,
+}
+
+/// One atomic security group rule: a protocol/port range and one peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SgRule {
+    /// "tcp", "udp", "icmp", "-1" or a protocol number.
+    pub protocol: String,
+    pub from_port: Option<i32>,
+    pub to_port: Option<i32>,
+    pub peer: SgPeer,
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SgPeer {
+    Cidr(String),
+    Group(String),
+}
+
+impl SgRule {
+    /// Two rules are duplicates when everything but the description matches.
+    pub fn same_as(&self, o: &SgRule) -> bool {
+        self.protocol == o.protocol
+            && self.from_port == o.from_port
+            && self.to_port == o.to_port
+            && self.peer == o.peer
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecurityGroup {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub vpc_id: String,
+    pub ingress: Vec<SgRule>,
+    pub egress: Vec<SgRule>,
+    pub tags: Tags,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RouteTarget {
+    Local,
+    Gateway(String),
+    NatGateway(String),
+    NetworkInterface(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Route {
+    pub destination: String,
+    pub target: RouteTarget,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RtbAssociation {
+    pub id: String,
+    /// None for the main association.
+    pub subnet_id: Option<String>,
+    pub main: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouteTable {
+    pub id: String,
+    pub vpc_id: String,
+    /// Routes other than the implied local one.
+    pub routes: Vec<Route>,
+    pub associations: Vec<RtbAssociation>,
+    pub tags: Tags,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InternetGateway {
+    pub id: String,
+    pub vpc_id: Option<String>,
+    pub tags: Tags,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AclEntry {
+    pub rule_number: u16,
+    pub egress: bool,
+    /// "-1" or a protocol number.
+    pub protocol: String,
+    pub allow: bool,
+    pub cidr: String,
+    pub icmp: Option<(i32, i32)>,
+    pub ports: Option<(i32, i32)>,
+}
+
+/// The rule number AWS shows as `*`: the final deny.
+pub const ACL_DEFAULT_RULE: u16 = 32767;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AclAssociation {
+    pub id: String,
+    pub subnet_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetworkAcl {
+    pub id: String,
+    pub vpc_id: String,
+    pub default: bool,
+    pub entries: Vec<AclEntry>,
+    pub associations: Vec<AclAssociation>,
+    pub tags: Tags,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AttachmentStatus {
+    Attaching,
+    Attached,
+    Detaching,
+    Detached,
+}
+
+impl AttachmentStatus {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AttachmentStatus::Attaching => "attaching",
+            AttachmentStatus::Attached => "attached",
+            AttachmentStatus::Detaching => "detaching",
+            AttachmentStatus::Detached => "detached",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub id: String,
+    pub instance_id: String,
+    pub device_index: u32,
+    pub card_index: u32,
+    pub status: AttachmentStatus,
+    /// Milliseconds since the epoch.
+    pub attach_time: u64,
+    pub delete_on_termination: bool,
+    pub ena_queue_count: Option<u32>,
+    /// A detach asked for Force.
+    #[serde(default)]
+    pub force_detach: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrivateIp {
+    pub ip: String,
+    pub primary: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Eni {
+    pub id: String,
+    pub subnet_id: String,
+    pub vpc_id: String,
+    pub az: String,
+    pub description: String,
+    pub mac: String,
+    /// The primary address first.
+    pub private_ips: Vec<PrivateIp>,
+    /// Delegated /28 prefixes.
+    pub prefixes: Vec<String>,
+    pub groups: Vec<String>,
+    pub source_dest_check: bool,
+    pub attachment: Option<Attachment>,
+    pub tags: Tags,
+}
+
+impl Eni {
+    pub fn primary_ip(&self) -> &str {
+        self.private_ips
+            .iter()
+            .find(|p| p.primary)
+            .or(self.private_ips.first())
+            .map(|p| p.ip.as_str())
+            .unwrap_or("")
+    }
+
+    pub fn has_ip(&self, ip: &str) -> bool {
+        self.private_ips.iter().any(|p| p.ip == ip)
+    }
+
+    /// Addresses and prefixes as AWS counts them against the per-ENI limit.
+    pub fn ipv4_count(&self) -> usize {
+        self.private_ips.len() + self.prefixes.len()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InstanceState {
+    Pending,
+    Running,
+    ShuttingDown,
+    Terminated,
+    Stopping,
+    Stopped,
+}
+
+impl InstanceState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            InstanceState::Pending => "pending",
+            InstanceState::Running => "running",
+            InstanceState::ShuttingDown => "shutting-down",
+            InstanceState::Terminated => "terminated",
+            InstanceState::Stopping => "stopping",
+            InstanceState::Stopped => "stopped",
+        }
+    }
+
+    /// EC2's state code.
+    pub fn code(&self) -> u32 {
+        match self {
+            InstanceState::Pending => 0,
+            InstanceState::Running => 16,
+            InstanceState::ShuttingDown => 32,
+            InstanceState::Terminated => 48,
+            InstanceState::Stopping => 64,
+            InstanceState::Stopped => 80,
+        }
+    }
+
+    pub fn gone(&self) -> bool {
+        matches!(
+            self,
+            InstanceState::ShuttingDown | InstanceState::Terminated
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Instance {
+    pub id: String,
+    pub reservation_id: String,
+    pub image_id: String,
+    pub instance_type: String,
+    pub state: InstanceState,
+    pub state_reason: Option<(String, String)>,
+    pub transition_reason: String,
+    pub subnet_id: String,
+    pub vpc_id: String,
+    pub az: String,
+    pub launch_time: u64,
+    pub launch_index: u32,
+    pub key_name: Option<String>,
+    pub client_token: Option<String>,
+    pub user_data: Option<String>,
+    pub tags: Tags,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EipAssociation {
+    pub id: String,
+    pub eni_id: String,
+    pub private_ip: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Address {
+    pub id: String,
+    pub public_ip: String,
+    pub association: Option<EipAssociation>,
+    pub tags: Tags,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowLog {
+    pub id: String,
+    pub resource_id: String,
+    pub traffic_type: String,
+    pub destination_type: String,
+    pub destination: String,
+    pub max_aggregation_interval: u32,
+    pub log_format: String,
+    pub creation_time: u64,
+    pub tags: Tags,
+}
+
+/// Every stored resource.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Resource {
+    Vpc(Vpc),
+    Subnet(Subnet),
+    SecurityGroup(SecurityGroup),
+    RouteTable(RouteTable),
+    InternetGateway(InternetGateway),
+    NetworkAcl(NetworkAcl),
+    Eni(Eni),
+    Instance(Instance),
+    Address(Address),
+    FlowLog(FlowLog),
+}
+
+/// A stored type: its ID prefix and how to get it out of a [`Resource`].
+pub trait Kind: Sized + Clone + Into<Resource> + 'static {
+    const PREFIX: &'static str;
+    fn from_ref(r: &Resource) -> Option<&Self>;
+    fn id(&self) -> &str;
+    fn tags(&self) -> &Tags;
+    fn tags_mut(&mut self) -> &mut Tags;
+}
+
+macro_rules! kind {
+    ($t:ident, $prefix:literal) => {
+        impl Kind for $t {
+            const PREFIX: &'static str = $prefix;
+            fn from_ref(r: &Resource) -> Option<&Self> {
+                match r {
+                    Resource::$t(x) => Some(x),
+                    _ => None,
+                }
+            }
+            fn id(&self) -> &str {
+                &self.id
+            }
+            fn tags(&self) -> &Tags {
+                &self.tags
+            }
+            fn tags_mut(&mut self) -> &mut Tags {
+                &mut self.tags
+            }
+        }
+        impl From<$t> for Resource {
+            fn from(x: $t) -> Resource {
+                Resource::$t(x)
+            }
+        }
+    };
+}
+
+kind!(Vpc, "vpc-");
+kind!(Subnet, "subnet-");
+kind!(SecurityGroup, "sg-");
+kind!(RouteTable, "rtb-");
+kind!(InternetGateway, "igw-");
+kind!(NetworkAcl, "acl-");
+kind!(Eni, "eni-");
+kind!(Instance, "i-");
+kind!(Address, "eipalloc-");
+kind!(FlowLog, "fl-");
+
+impl Resource {
+    pub fn id(&self) -> &str {
+        match self {
+            Resource::Vpc(x) => &x.id,
+            Resource::Subnet(x) => &x.id,
+            Resource::SecurityGroup(x) => &x.id,
+            Resource::RouteTable(x) => &x.id,
+            Resource::InternetGateway(x) => &x.id,
+            Resource::NetworkAcl(x) => &x.id,
+            Resource::Eni(x) => &x.id,
+            Resource::Instance(x) => &x.id,
+            Resource::Address(x) => &x.id,
+            Resource::FlowLog(x) => &x.id,
+        }
+    }
+
+    pub fn tags_mut(&mut self) -> &mut Tags {
+        match self {
+            Resource::Vpc(x) => &mut x.tags,
+            Resource::Subnet(x) => &mut x.tags,
+            Resource::SecurityGroup(x) => &mut x.tags,
+            Resource::RouteTable(x) => &mut x.tags,
+            Resource::InternetGateway(x) => &mut x.tags,
+            Resource::NetworkAcl(x) => &mut x.tags,
+            Resource::Eni(x) => &mut x.tags,
+            Resource::Instance(x) => &mut x.tags,
+            Resource::Address(x) => &mut x.tags,
+            Resource::FlowLog(x) => &mut x.tags,
+        }
+    }
+
+    pub fn tags(&self) -> &Tags {
+        match self {
+            Resource::Vpc(x) => &x.tags,
+            Resource::Subnet(x) => &x.tags,
+            Resource::SecurityGroup(x) => &x.tags,
+            Resource::RouteTable(x) => &x.tags,
+            Resource::InternetGateway(x) => &x.tags,
+            Resource::NetworkAcl(x) => &x.tags,
+            Resource::Eni(x) => &x.tags,
+            Resource::Instance(x) => &x.tags,
+            Resource::Address(x) => &x.tags,
+            Resource::FlowLog(x) => &x.tags,
+        }
+    }
+
+    /// The `ResourceType` name used by TagSpecification and DescribeTags.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Resource::Vpc(_) => "vpc",
+            Resource::Subnet(_) => "subnet",
+            Resource::SecurityGroup(_) => "security-group",
+            Resource::RouteTable(_) => "route-table",
+            Resource::InternetGateway(_) => "internet-gateway",
+            Resource::NetworkAcl(_) => "network-acl",
+            Resource::Eni(_) => "network-interface",
+            Resource::Instance(_) => "instance",
+            Resource::Address(_) => "elastic-ip",
+            Resource::FlowLog(_) => "vpc-flow-log",
+        }
+    }
+}
