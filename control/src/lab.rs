@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use enilab_backend::{Datapath, DeviceConfig, EniServer, Uplink, UplinkStats};
-use enilab_switch::{PortConfig, PortId, Snapshot, SubnetConfig, Switch};
+use enilab_switch::{PortConfig, PortId, Snapshot, SubnetConfig, Switch, Topology, UplinkConfig};
 
 use crate::agent::{AgentClient, AgentError, AgentMux, Output};
 use crate::image::Image;
@@ -105,6 +105,9 @@ struct Eni {
     #[allow(dead_code)] // reported by `status` once the daemon lands
     card: u32,
     queue_pairs: u16,
+    secondary_ips: Vec<Ipv4Addr>,
+    security_groups: Vec<String>,
+    source_dest_check: bool,
 }
 
 pub struct LabInstance {
@@ -123,7 +126,13 @@ struct State {
     next_port: PortId,
     generation: u64,
     internet: Option<Arc<Internet>>,
+    /// VPCs, route tables, groups, ACLs, Elastic IPs and flow logs; its
+    /// subnets and ports are ignored (they come from `subnets` and `enis`).
+    policy: Topology,
 }
+
+/// The MAC the switch uses on the uplink (it answers ARP for Elastic IPs).
+pub const UPLINK_MAC: [u8; 6] = [0x02, 0xe1, 0x1a, 0x00, 0x00, 0x02];
 
 /// The lab internet's address: TEST-NET-3's .1 (RFC 5737), never routed.
 pub const INTERNET_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
@@ -438,6 +447,9 @@ impl Lab {
                 server,
                 card,
                 queue_pairs,
+                secondary_ips: Vec::new(),
+                security_groups: Vec::new(),
+                source_dest_check: true,
             },
         );
         st.next_port += 1;
@@ -461,14 +473,127 @@ impl Lab {
                 mac: e.mac,
                 subnet: e.subnet,
                 primary_ip: e.ip,
-                secondary_ips: Vec::new(),
+                secondary_ips: e.secondary_ips.clone(),
                 mtu: 1500,
+                security_groups: e.security_groups.clone(),
+                source_dest_check: e.source_dest_check,
                 ..Default::default()
             })
             .collect();
-        let snap = Snapshot::build(st.generation, subnets, ports)
-            .map_err(|e| LabError::Topology(e.to_string()))?;
+        let topo = Topology {
+            generation: st.generation,
+            subnets,
+            ports,
+            uplink: st.internet.as_ref().map(|i| UplinkConfig {
+                port: i.port(),
+                mac: UPLINK_MAC,
+                peer_mac: i.mac(),
+            }),
+            ..st.policy.clone()
+        };
+        let snap = Snapshot::compile(topo).map_err(|e| LabError::Topology(e.to_string()))?;
         self.switch.publish(snap);
+        Ok(())
+    }
+
+    /// Change the lab's VPC policy (VPCs, route tables, security groups,
+    /// network ACLs, Elastic IPs, flow logs) and publish it. The change is
+    /// rolled back if the result does not compile.
+    pub fn update_policy(&self, f: impl FnOnce(&mut Topology)) -> Result<(), LabError> {
+        let mut st = self.state();
+        let old = st.policy.clone();
+        f(&mut st.policy);
+        if let Err(e) = self.publish(&mut st) {
+            st.policy = old;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Associate a subnet with a route table and a network ACL (`None`: the
+    /// VPC's main table; allow-all).
+    pub fn set_subnet_policy(
+        &self,
+        subnet: usize,
+        route_table: Option<String>,
+        network_acl: Option<String>,
+    ) -> Result<(), LabError> {
+        self.update_eni_or_subnet(|st| {
+            let s = st
+                .subnets
+                .get_mut(subnet)
+                .ok_or_else(|| LabError::NotFound("subnet", subnet.to_string()))?;
+            s.cfg.route_table = route_table;
+            s.cfg.network_acl = network_acl;
+            Ok(())
+        })
+    }
+
+    /// Put an ENI in these security groups (empty: unfiltered).
+    pub fn set_eni_groups(&self, eni: &str, groups: &[&str]) -> Result<(), LabError> {
+        let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+        self.update_eni_or_subnet(|st| {
+            Self::eni_mut(st, eni)?.security_groups = groups;
+            Ok(())
+        })
+    }
+
+    /// Turn an ENI's source/destination check on or off.
+    pub fn set_source_dest_check(&self, eni: &str, on: bool) -> Result<(), LabError> {
+        self.update_eni_or_subnet(|st| {
+            Self::eni_mut(st, eni)?.source_dest_check = on;
+            Ok(())
+        })
+    }
+
+    /// Give an ENI a secondary private address.
+    pub fn add_secondary_ip(&self, eni: &str, ip: Ipv4Addr) -> Result<(), LabError> {
+        self.update_eni_or_subnet(|st| {
+            Self::eni_mut(st, eni)?.secondary_ips.push(ip);
+            Ok(())
+        })
+    }
+
+    fn eni_mut<'s>(st: &'s mut State, eni: &str) -> Result<&'s mut Eni, LabError> {
+        st.enis
+            .get_mut(eni)
+            .ok_or_else(|| LabError::NotFound("ENI", eni.to_string()))
+    }
+
+    /// Apply a change to subnets or ENIs and publish; undo it if the
+    /// snapshot does not compile.
+    fn update_eni_or_subnet(
+        &self,
+        f: impl FnOnce(&mut State) -> Result<(), LabError>,
+    ) -> Result<(), LabError> {
+        let mut st = self.state();
+        let subnets: Vec<SubnetConfig> = st.subnets.iter().map(|s| s.cfg.clone()).collect();
+        let enis: Vec<(String, Vec<Ipv4Addr>, Vec<String>, bool)> = st
+            .enis
+            .values()
+            .map(|e| {
+                (
+                    e.id.clone(),
+                    e.secondary_ips.clone(),
+                    e.security_groups.clone(),
+                    e.source_dest_check,
+                )
+            })
+            .collect();
+        f(&mut st)?;
+        if let Err(e) = self.publish(&mut st) {
+            for (s, cfg) in st.subnets.iter_mut().zip(subnets) {
+                s.cfg = cfg;
+            }
+            for (id, sec, groups, check) in enis {
+                if let Some(e) = st.enis.get_mut(&id) {
+                    e.secondary_ips = sec;
+                    e.security_groups = groups;
+                    e.source_dest_check = check;
+                }
+            }
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -522,6 +647,7 @@ impl Lab {
         });
         tracing::info!(netns = %internet.netns_name, port, addr = %opts.addr, "internet added");
         st.internet = Some(internet.clone());
+        self.publish(&mut st)?;
         Ok(internet)
     }
 

@@ -587,18 +587,21 @@ impl Snapshot {
                             }
                         }
                     };
-                    // An explicit route for exactly a local block replaces
-                    // nothing: the local route wins a tie, as in AWS.
-                    if routes
-                        .iter()
-                        .any(|x| x.cidr == r.destination && x.hop == Hop::Local)
-                    {
+                    // The VPC's own CIDR keeps its local route. A route for
+                    // exactly a subnet's block (or anything more specific)
+                    // wins over the implied local route, as AWS's middlebox
+                    // routing allows.
+                    if vcfg.is_some_and(|v| v.cidrs.contains(&r.destination)) {
                         continue;
                     }
-                    routes.push(CompiledRoute {
-                        cidr: r.destination,
-                        hop,
-                    });
+                    routes.retain(|x| !(x.cidr == r.destination && x.hop == Hop::Local));
+                    routes.insert(
+                        0,
+                        CompiledRoute {
+                            cidr: r.destination,
+                            hop,
+                        },
+                    );
                 }
             }
             routes.sort_by_key(|r| std::cmp::Reverse(r.cidr.prefix_len()));

@@ -586,9 +586,17 @@ impl TestLab {
     /// Boot every spec in parallel (one new ENI each in `subnet`), wait for
     /// each agent, then for DHCP on `eth0`.
     pub fn boot(&self, subnet: usize, specs: &[GuestSpec]) -> Vec<Guest<'_>> {
-        let enis: Vec<String> = specs
+        let placed: Vec<(usize, GuestSpec)> = specs.iter().map(|s| (subnet, s.clone())).collect();
+        self.boot_each(&placed)
+    }
+
+    /// Boot every spec in parallel, each with one new ENI in its own
+    /// subnet; wait for each agent, then for DHCP on `eth0`.
+    pub fn boot_each(&self, placed: &[(usize, GuestSpec)]) -> Vec<Guest<'_>> {
+        let specs: Vec<&GuestSpec> = placed.iter().map(|(_, s)| s).collect();
+        let enis: Vec<String> = placed
             .iter()
-            .map(|s| self.eni(subnet, s.queue_pairs))
+            .map(|(subnet, s)| self.eni(*subnet, s.queue_pairs))
             .collect();
         self.step(format!(
             "booting {}",

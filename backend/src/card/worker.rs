@@ -140,6 +140,8 @@ impl Worker {
                 self.register_all();
             }
             self.pass();
+            // Clock refresh and flow-log hand-off, also when idle.
+            self.switch.housekeeping();
         }
         self.shared.alive.store(false, Ordering::Release);
     }

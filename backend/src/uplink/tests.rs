@@ -389,6 +389,7 @@ fn namespace_pings_the_vpc_router_through_the_switch() {
             vpc_id: "vpc-t".into(),
             cidr: (Ipv4Addr::new(10, 9, 0, 0), 24),
             dns: None,
+            ..Default::default()
         }],
         vec![PortConfig {
             id: PORT,
@@ -398,6 +399,7 @@ fn namespace_pings_the_vpc_router_through_the_switch() {
             primary_ip: Ipv4Addr::new(10, 9, 0, 10),
             secondary_ips: Vec::new(),
             mtu: 1500,
+            ..Default::default()
         }],
     )
     .expect("snapshot");

@@ -107,6 +107,7 @@ impl UplinkWorker {
             if write_more {
                 write_more = self.write_batch();
             }
+            self.switch.housekeeping();
         }
         // Frames still queued are dropped with the port.
         while let Some(p) = self.handle.rxq[0].ring.pop() {
