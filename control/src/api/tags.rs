@@ -74,7 +74,7 @@ pub fn delete_tags(api: &Api, p: &Params) -> Result<String, ApiError> {
             }
             for (k, v) in &specs {
                 let tags = r.tags_mut();
-                if v.as_ref().map_or(true, |v| tags.get(k) == Some(v)) {
+                if v.as_ref().is_none_or(|v| tags.get(k) == Some(v)) {
                     tags.remove(k);
                 }
             }
