@@ -15,6 +15,9 @@
 //!   sender's egress and the receiver's ingress rules, insert.
 //! * `tracked-1M`: 1,000,000 established flows in a 2^21-slot table, every
 //!   frame a conntrack hit, flows visited in a shuffled order.
+//! * `tracked-1M+pf`: the same, calling `SwitchWorker::prefetch` on the
+//!   frame four places ahead before each `process` (what a backend holding
+//!   a burst of descriptors can do).
 //! * `hot-1k`: the same path with a working set of 1,000 flows (cache-hot).
 //!
 //! Environment: `BENCH_FLOWS` (default 1000000), `BENCH_PASSES` (default 7),
@@ -36,6 +39,8 @@ const SUBNETS: usize = 4;
 const GROUPS: usize = 50;
 const RULES_PER_DIRECTION: usize = 10;
 const FRAME_LEN: usize = 60;
+/// How far ahead the `+pf` variants hint with `SwitchWorker::prefetch`.
+const AHEAD: usize = 4;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -306,13 +311,22 @@ impl Egress for Count {
 
 /// Push every frame once; return the elapsed seconds. Fails the run if a
 /// frame is not forwarded to its destination.
-fn run(worker: &mut SwitchWorker, frames: &mut [Frame], label: &str) -> f64 {
+/// With `ahead` > 0, `SwitchWorker::prefetch` is called on the frame that
+/// many places ahead before each `process`, as a backend holding a burst
+/// would.
+fn run(worker: &mut SwitchWorker, frames: &mut [Frame], label: &str, ahead: usize) -> f64 {
     let meta = PacketMeta::default();
     let mut out = Count::default();
     let mut forwarded = 0u64;
     let mut dest_sum = 0u64;
     let start = Instant::now();
-    for f in frames.iter_mut() {
+    for i in 0..frames.len() {
+        if ahead > 0 {
+            if let Some(next) = frames.get(i + ahead) {
+                worker.prefetch(next.ingress, &next.bytes[..FRAME_LEN]);
+            }
+        }
+        let f = &mut frames[i];
         let v = worker.process(f.ingress, &mut f.bytes[..FRAME_LEN], &meta, &mut out);
         if let Verdict::Forwarded(p) = v {
             forwarded += 1;
@@ -402,21 +416,34 @@ fn main() {
     let mut secs = Vec::new();
     for _ in 0..passes {
         switch.clear_conntrack();
-        secs.push(run(&mut worker, &mut fwd, "new-flow"));
+        secs.push(run(&mut worker, &mut fwd, "new-flow", 0));
     }
     report("new-flow", flows, &mut secs);
+    let mut secs = Vec::new();
+    for _ in 0..passes {
+        switch.clear_conntrack();
+        secs.push(run(&mut worker, &mut fwd, "new-flow+prefetch", AHEAD));
+    }
+    report("new-flow+pf", flows, &mut secs);
 
     // Replies make every flow established (the long TCP timeout).
     let mut rev: Vec<Frame> = order.iter().map(|&k| frame(&flow(k), true)).collect();
-    run(&mut worker, &mut rev, "replies");
+    run(&mut worker, &mut rev, "replies", 0);
     drop(rev);
 
     // Tracked flows, visited in a shuffled order.
     let mut secs = Vec::new();
     for _ in 0..passes {
-        secs.push(run(&mut worker, &mut fwd, "tracked"));
+        secs.push(run(&mut worker, &mut fwd, "tracked", 0));
     }
     report(&format!("tracked-{}", short(flows)), flows, &mut secs);
+
+    // The same, with the prefetch hint four frames ahead.
+    let mut secs = Vec::new();
+    for _ in 0..passes {
+        secs.push(run(&mut worker, &mut fwd, "tracked+prefetch", AHEAD));
+    }
+    report(&format!("tracked-{}+pf", short(flows)), flows, &mut secs);
 
     // Hot working set: 1,000 of those flows, replayed.
     let hot_n = flows.min(1000);
@@ -425,7 +452,7 @@ fn main() {
         .collect();
     let mut secs = Vec::new();
     for _ in 0..passes {
-        secs.push(run(&mut worker, &mut hot, "hot"));
+        secs.push(run(&mut worker, &mut hot, "hot", 0));
     }
     report(&format!("hot-{}", short(hot_n)), hot.len(), &mut secs);
 

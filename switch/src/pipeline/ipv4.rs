@@ -44,6 +44,14 @@ pub(super) fn handle<E: Egress + ?Sized>(
         return dhcp::handle(ctx, &ip, work.scratch, tx);
     }
 
+    let flow = Flow::of(&ip, meta);
+    // Start loading the flow's connection-tracking buckets now: the checks,
+    // route, address and ACL lookups below run while they arrive.
+    if ctx.snap.any_filtered {
+        work.conntrack
+            .prefetch(&flow.tuple(ctx.ingress, ctx.ingress));
+    }
+
     if ethernet::is_group(&eth_dst)
         || dst.is_broadcast()
         || dst.is_multicast()
@@ -58,13 +66,6 @@ pub(super) fn handle<E: Egress + ?Sized>(
         return router(ctx, frame, meta, tx);
     }
 
-    let flow = Flow::of(&ip, meta);
-    // Start loading the flow's connection-tracking buckets now: the route,
-    // address and ACL lookups below run while they arrive.
-    if ctx.snap.any_filtered {
-        work.conntrack
-            .prefetch(&flow.tuple(ctx.ingress, ctx.ingress));
-    }
     let hash = if ip.is_fragment() {
         flow::flow_hash(src, dst, flow.protocol, 0, 0)
     } else {
