@@ -358,6 +358,8 @@ pub struct Snapshot {
     /// (VPC, private) -> public
     pub(crate) eip_private: FxMap<(u32, Ipv4Addr), Ipv4Addr>,
     pub(crate) has_flow_logs: bool,
+    /// Some port has security groups (connection tracking is in use).
+    pub(crate) any_filtered: bool,
 }
 
 impl Snapshot {
@@ -682,6 +684,7 @@ impl Snapshot {
 
         let by_addr = addr.iter().map(|(k, v)| (*k, *v)).collect();
         let has_flow_logs = !flow_specs.is_empty();
+        let any_filtered = port_info.iter().any(|p| p.filtered);
         Ok(Snapshot {
             generation: topo.generation,
             subnets: topo.subnets.clone(),
@@ -697,6 +700,7 @@ impl Snapshot {
             eip_public,
             eip_private,
             has_flow_logs,
+            any_filtered,
             topology: topo,
         })
     }

@@ -262,6 +262,30 @@ impl SwitchWorker {
         self.log.handoff(unix, true);
     }
 
+    /// Hint that `frame`, transmitted by the guest behind `ingress`, will go
+    /// through [`process`](Self::process) soon: starts loading the
+    /// connection-tracking entry its flow would use, so that lookup does not
+    /// wait on memory. Call it a few frames ahead when a burst is at hand
+    /// (a virtqueue's available ring); with a table of millions of flows it
+    /// hides most of a cache miss per frame. Changes nothing and never
+    /// panics; a frame it cannot parse is ignored.
+    #[inline]
+    pub fn prefetch(&self, ingress: PortId, frame: &[u8]) {
+        let Ok(eth) = ethernet::Frame::new_checked(frame) else {
+            return;
+        };
+        if eth.ethertype() != ethertype::IPV4 {
+            return;
+        }
+        let Ok(ip) = crate::wire::ipv4::Packet::new_checked(eth.payload()) else {
+            return;
+        };
+        let flow = ipv4::Flow::of(&ip, &PacketMeta::default());
+        self.switch
+            .conntrack
+            .prefetch(&flow.tuple(ingress, ingress));
+    }
+
     /// Decide what to do with one Ethernet frame (no virtio header) that the
     /// guest behind `ingress` transmitted, and emit whatever must leave.
     ///

@@ -44,6 +44,14 @@ pub(super) fn handle<E: Egress + ?Sized>(
         return dhcp::handle(ctx, &ip, work.scratch, tx);
     }
 
+    let flow = Flow::of(&ip, meta);
+    // Start loading the flow's connection-tracking buckets now: the checks,
+    // route, address and ACL lookups below run while they arrive.
+    if ctx.snap.any_filtered {
+        work.conntrack
+            .prefetch(&flow.tuple(ctx.ingress, ctx.ingress));
+    }
+
     if ethernet::is_group(&eth_dst)
         || dst.is_broadcast()
         || dst.is_multicast()
@@ -58,21 +66,25 @@ pub(super) fn handle<E: Egress + ?Sized>(
         return router(ctx, frame, meta, tx);
     }
 
-    let flow = Flow::of(&ip, meta);
-    let hash = flow::of_ipv4(&ip);
+    let hash = if ip.is_fragment() {
+        flow::flow_hash(src, dst, flow.protocol, 0, 0)
+    } else {
+        flow.hash()
+    };
     let from = End {
         port: ctx.ingress,
         info: Some(ctx.info),
         subnet: Some(ctx.port.subnet),
         vpc: ctx.vpc,
+        owns_dst: false,
     };
 
-    let dest = match ctx.snap.route(ctx.port.subnet, dst) {
+    let (dest, owner) = match ctx.snap.route(ctx.port.subnet, dst) {
         Hop::Local => match ctx.snap.lookup(ctx.vpc, dst) {
-            Some(d) => d,
+            Some(d) => (d, Some(d)),
             None => return Verdict::Dropped(DropReason::NoRoute),
         },
-        Hop::Port(p) => p,
+        Hop::Port(p) => (p, ctx.snap.lookup(ctx.vpc, dst)),
         Hop::Internet => return to_internet(ctx, frame, meta, &flow, hash, &from, work, tx),
         Hop::Blackhole => return Verdict::Dropped(DropReason::NoRoute),
     };
@@ -87,12 +99,13 @@ pub(super) fn handle<E: Egress + ?Sized>(
         info: Some(dest_info),
         subnet: Some(dest_port.subnet),
         vpc: ctx.vpc,
+        owns_dst: owner == Some(dest),
     };
     if let Err(reason) = admit(ctx.snap, ctx.blame, work, &flow, &from, &to) {
         return Verdict::Dropped(reason);
     }
 
-    let routed = dest_port.subnet != ctx.port.subnet || ctx.snap.lookup(ctx.vpc, dst) != Some(dest);
+    let routed = dest_port.subnet != ctx.port.subnet || owner != Some(dest);
     let Ok(mut eth) = ethernet::Frame::new_checked(&mut *frame) else {
         return Verdict::Dropped(DropReason::Malformed);
     };
@@ -132,6 +145,7 @@ fn to_internet<E: Egress + ?Sized>(
         info: None,
         subnet: None,
         vpc: ctx.vpc,
+        owns_dst: false,
     };
     if let Err(reason) = admit(ctx.snap, ctx.blame, work, flow, from, &to) {
         return Verdict::Dropped(reason);
@@ -159,6 +173,9 @@ pub(super) struct End<'a> {
     /// `None` outside the VPC.
     pub subnet: Option<usize>,
     pub vpc: u32,
+    /// The port owns the flow's destination address in `vpc` (read for the
+    /// destination end only: its destination check).
+    pub owns_dst: bool,
 }
 
 /// What the policy stages need of a packet.
@@ -249,7 +266,19 @@ impl Flow {
         f
     }
 
-    fn tuple(&self, from: PortId, to: PortId) -> Tuple {
+    /// The flow hash handed to the egress (what [`flow::of_ipv4`] gives for
+    /// an unfragmented packet).
+    fn hash(&self) -> u32 {
+        let ports = self.protocol == ipv4::protocol::TCP || self.protocol == ipv4::protocol::UDP;
+        let (sp, dp) = if ports {
+            (self.src_port, self.dst_port)
+        } else {
+            (0, 0)
+        };
+        flow::flow_hash(self.src, self.dst, self.protocol, sp, dp)
+    }
+
+    pub(super) fn tuple(&self, from: PortId, to: PortId) -> Tuple {
         Tuple {
             src: self.src,
             dst: self.dst,
@@ -315,7 +344,7 @@ pub(super) fn admit(
     to: &End<'_>,
 ) -> Result<(), DropReason> {
     if let Some(info) = to.info {
-        if info.source_dest_check && snap.lookup(to.vpc, flow.dst) != Some(to.port) {
+        if info.source_dest_check && !to.owns_dst {
             blame.set(Some(to.port));
             return Err(DropReason::SourceCheck);
         }

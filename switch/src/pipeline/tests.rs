@@ -1788,3 +1788,26 @@ fn packet_path_does_not_allocate() {
     assert!(count() > after, "counting allocator is not installed");
     drop(v);
 }
+
+#[test]
+fn prefetch_hint_takes_any_bytes() {
+    let switch = Switch::new();
+    let worker = switch.worker();
+    let mut state = 0x0123_4567_89ab_cdefu64;
+    let mut frame = [0u8; 80];
+    for round in 0..2000 {
+        for b in frame.iter_mut() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *b = state as u8;
+        }
+        // Make most of them parse as far as the IPv4 header.
+        frame[12] = 0x08;
+        frame[13] = 0x00;
+        frame[14] = 0x45;
+        for len in [0, 13, 14, 33, 34, 38, 54, 80] {
+            worker.prefetch(round % 7, &frame[..len]);
+        }
+    }
+}

@@ -123,12 +123,15 @@ fn inbound<E: Egress + ?Sized>(
         info: None,
         subnet: None,
         vpc,
+        owns_dst: false,
     };
     let to = End {
         port: dest,
         info: Some(dest_info),
         subnet: Some(dest_port.subnet),
         vpc,
+        // `dest` is the owner of `private`, the flow's destination.
+        owns_dst: true,
     };
     if let Err(reason) = admit(snap, blame, work, &flow, &from, &to) {
         return Verdict::Dropped(reason);
