@@ -519,6 +519,168 @@ class AddressTests(Base):
         self.err("InvalidParameterValue", self.ec2.allocate_address, Domain="vpc", Address="198.51.100.1")
 
 
+class PublicIpTests(Base):
+    """Public IPv4 addresses at launch, from the Elastic IP pool."""
+
+    POOL = "198.51.100."
+
+    @classmethod
+    def setUpClass(cls):
+        cls.d = Daemon(extra=["--public-pool", "198.51.100.0/28"])
+        cls.ec2 = cls.d.client()
+
+    def inst(self, iid):
+        return self.ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
+
+    def public(self, iid):
+        return self.inst(iid).get("PublicIpAddress")
+
+    def run_nic(self, **nic):
+        nic.setdefault("DeviceIndex", 0)
+        r = self.ec2.run_instances(ImageId=IMAGE, MinCount=1, MaxCount=1, NetworkInterfaces=[nic])
+        return r["Instances"][0]["InstanceId"]
+
+    def test_launch_stop_start_and_overrides(self):
+        v = self.vpc("10.61.0.0/16")
+        on = self.subnet(v, "10.61.1.0/24")
+        off = self.subnet(v, "10.61.2.0/24")
+        self.ec2.modify_subnet_attribute(SubnetId=on, MapPublicIpOnLaunch={"Value": True})
+        a = self.launch(on)
+        ip = self.public(a)
+        self.assertTrue(ip and ip.startswith(self.POOL), ip)
+        i = self.inst(a)
+        ni = i["NetworkInterfaces"][0]
+        self.assertEqual(ni["Association"]["PublicIp"], ip)
+        self.assertEqual(ni["Association"]["IpOwnerId"], "amazon")
+        self.assertEqual(ni["PrivateIpAddresses"][0]["Association"]["PublicIp"], ip)
+        e = self.eni(ni["NetworkInterfaceId"])
+        self.assertEqual((e["Association"]["PublicIp"], e["Association"]["IpOwnerId"]), (ip, "amazon"))
+        self.assertNotIn("AllocationId", e["Association"])
+        self.assertEqual(self.ec2.describe_addresses()["Addresses"], [], "not an allocation")
+        got = self.ec2.describe_instances(Filters=[{"Name": "ip-address", "Values": [ip]}])["Reservations"]
+        self.assertEqual([x["InstanceId"] for r in got for x in r["Instances"]], [a])
+        got = self.ec2.describe_network_interfaces(Filters=[{"Name": "association.public-ip", "Values": [ip]}])["NetworkInterfaces"]
+        self.assertEqual([x["NetworkInterfaceId"] for x in got], [ni["NetworkInterfaceId"]])
+
+        b = self.launch(off)
+        self.assertIsNone(self.public(b))
+        self.assertNotIn("Association", self.inst(b)["NetworkInterfaces"][0])
+        # AssociatePublicIpAddress overrides the subnet both ways.
+        c = self.run_nic(SubnetId=off, AssociatePublicIpAddress=True)
+        self.assertTrue(self.public(c).startswith(self.POOL))
+        dd = self.run_nic(SubnetId=on, AssociatePublicIpAddress=False)
+        self.assertIsNone(self.public(dd))
+        self.assertNotEqual(self.public(a), self.public(c))
+        # AWS's restrictions on the parameter.
+        self.err("InvalidParameterCombination", self.ec2.run_instances, ImageId=IMAGE, InstanceType="m5.large", MinCount=1, MaxCount=1,
+                 NetworkInterfaces=[{"DeviceIndex": 0, "SubnetId": off}, {"DeviceIndex": 1, "SubnetId": off, "AssociatePublicIpAddress": True}])
+        self.err("InvalidParameterCombination", self.ec2.run_instances, ImageId=IMAGE, InstanceType="m5.large", MinCount=1, MaxCount=1,
+                 NetworkInterfaces=[{"DeviceIndex": 0, "SubnetId": off, "AssociatePublicIpAddress": True}, {"DeviceIndex": 1, "SubnetId": off}])
+        spare = self.ec2.create_network_interface(SubnetId=on)["NetworkInterface"]["NetworkInterfaceId"]
+        self.err("InvalidParameterCombination", self.run_nic, NetworkInterfaceId=spare, AssociatePublicIpAddress=True)
+        # An existing interface at device 0 gets none, even in a mapping subnet.
+        x = self.run_nic(NetworkInterfaceId=spare)
+        self.assertIsNone(self.public(x))
+        # Two interfaces at launch: no public IP even in a mapping subnet.
+        two = self.ec2.run_instances(ImageId=IMAGE, InstanceType="m5.large", MinCount=1, MaxCount=1,
+                                     NetworkInterfaces=[{"DeviceIndex": 0, "SubnetId": on}, {"DeviceIndex": 1, "SubnetId": on}])["Instances"][0]["InstanceId"]
+        self.assertIsNone(self.public(two))
+
+        # Stop releases the address, start hands out one again.
+        self.wait_state(a, "running")
+        self.ec2.stop_instances(InstanceIds=[a])
+        self.assertIsNone(self.public(a))
+        self.wait_state(a, "stopped")
+        self.assertIsNone(self.public(a))
+        self.assertNotIn("Association", self.inst(a)["NetworkInterfaces"][0])
+        self.ec2.start_instances(InstanceIds=[a])
+        self.wait_state(a, "running")
+        self.assertTrue(self.public(a).startswith(self.POOL))
+
+        # An Elastic IP on the primary address replaces it; disassociating
+        # gives a launch address back.
+        igw = self.ec2.create_internet_gateway()["InternetGateway"]["InternetGatewayId"]
+        self.ec2.attach_internet_gateway(InternetGatewayId=igw, VpcId=v)
+        launch_ip = self.public(c)
+        eip = self.ec2.allocate_address(Domain="vpc")
+        self.assertNotIn(eip["PublicIp"], [self.public(a), launch_ip])
+        assoc = self.ec2.associate_address(AllocationId=eip["AllocationId"], InstanceId=c)["AssociationId"]
+        self.assertEqual(self.public(c), eip["PublicIp"])
+        self.assertNotEqual(self.inst(c)["NetworkInterfaces"][0]["Association"]["IpOwnerId"], "amazon")
+        self.ec2.disassociate_address(AssociationId=assoc)
+        back = self.public(c)
+        self.assertTrue(back and back.startswith(self.POOL) and back != eip["PublicIp"], back)
+        self.ec2.release_address(AllocationId=eip["AllocationId"])
+
+        ids = [a, b, c, dd, x, two]
+        self.ec2.terminate_instances(InstanceIds=ids)
+        for i in ids:
+            self.assertIsNone(self.public(i))
+            self.wait_state(i, "terminated")
+        # The kept interface (not delete-on-termination) has no address.
+        self.assertNotIn("Association", self.eni(spare))
+
+    def test_pool_is_shared_released_at_terminate_and_durable(self):
+        d = Daemon(extra=["--public-pool", "192.0.2.0/30"])  # two usable addresses
+        try:
+            ec2 = d.client()
+            v = ec2.create_vpc(CidrBlock="10.62.0.0/16")["Vpc"]["VpcId"]
+            s = ec2.create_subnet(VpcId=v, CidrBlock="10.62.1.0/24")["Subnet"]["SubnetId"]
+            ec2.modify_subnet_attribute(SubnetId=s, MapPublicIpOnLaunch={"Value": True})
+
+            def run():
+                return ec2.run_instances(ImageId=IMAGE, MinCount=1, MaxCount=1, SubnetId=s)["Instances"][0]["InstanceId"]
+
+            def pub(i):
+                return ec2.describe_instances(InstanceIds=[i])["Reservations"][0]["Instances"][0].get("PublicIpAddress")
+
+            def state(i):
+                return ec2.describe_instances(InstanceIds=[i])["Reservations"][0]["Instances"][0]["State"]["Name"]
+
+            a, b = run(), run()
+            self.assertEqual(sorted([pub(a), pub(b)]), ["192.0.2.1", "192.0.2.2"])
+            # The pool is full: no third launch, no Elastic IP, nothing left behind.
+            with self.assertRaises(ClientError) as cm:
+                run()
+            self.assertEqual(cm.exception.response["Error"]["Code"], "AddressLimitExceeded")
+            with self.assertRaises(ClientError) as cm:
+                ec2.allocate_address(Domain="vpc")
+            self.assertEqual(cm.exception.response["Error"]["Code"], "AddressLimitExceeded")
+            with self.assertRaises(ClientError) as cm:
+                ec2.allocate_address(Domain="vpc", Address=pub(a))
+            self.assertEqual(cm.exception.response["Error"]["Code"], "InvalidAddress.InUse")
+            insts = [x for r in ec2.describe_instances()["Reservations"] for x in r["Instances"]]
+            self.assertEqual(len(insts), 2)
+            # Terminating frees the address for the next launch.
+            freed = pub(a)
+            ec2.terminate_instances(InstanceIds=[a])
+            wait_until(lambda: state(a) == "terminated")
+            c = run()
+            self.assertEqual(pub(c), freed)
+            wait_until(lambda: state(c) == "running")
+            # Survives a kill: same addresses, and they still count as used.
+            before = (pub(b), pub(c))
+            d.restart()
+            ec2 = d.client()
+            self.assertEqual((pub(b), pub(c)), before)
+            eni = ec2.describe_instances(InstanceIds=[c])["Reservations"][0]["Instances"][0]["NetworkInterfaces"][0]
+            self.assertEqual(eni["Association"]["PublicIp"], before[1])
+            with self.assertRaises(ClientError) as cm:
+                ec2.allocate_address(Domain="vpc")
+            self.assertEqual(cm.exception.response["Error"]["Code"], "AddressLimitExceeded")
+            # Stopping releases it: now an Elastic IP can take it.
+            ec2.stop_instances(InstanceIds=[c])
+            wait_until(lambda: state(c) == "stopped")
+            self.assertEqual(ec2.allocate_address(Domain="vpc")["PublicIp"], before[1])
+            # Starting with the pool full fails and leaves the instance stopped.
+            with self.assertRaises(ClientError) as cm:
+                ec2.start_instances(InstanceIds=[c])
+            self.assertEqual(cm.exception.response["Error"]["Code"], "AddressLimitExceeded")
+            self.assertEqual(state(c), "stopped")
+        finally:
+            d.close()
+
+
 class FlowLogTagTests(Base):
     def test_flow_logs(self):
         v = self.vpc("10.60.0.0/16")

@@ -7,6 +7,7 @@ use crate::store::State;
 
 use super::common::*;
 use super::eni::eip_on;
+use super::pubip;
 use super::query::Params;
 use super::vpc::{fresh, ret_true};
 use super::xml::Xml;
@@ -42,10 +43,8 @@ pub fn allocate_address(api: &Api, p: &Params) -> Result<String, ApiError> {
     let tags = tag_spec(p, "elastic-ip", &["elastic-ip"])?;
     let pool = api.config.public_pool;
     let a = api.store.write(|t| {
-        let used: std::collections::BTreeSet<u32> = t
-            .iter::<Address>()
-            .filter_map(|a| net::parse_ip(&a.public_ip))
-            .collect();
+        // Launch public IPs come from the same pool.
+        let used = pubip::used_public(t);
         let ip = match wanted {
             Some(w) => {
                 let ip = net::parse_ip(w).ok_or_else(|| {
@@ -64,15 +63,12 @@ pub fn allocate_address(api: &Api, p: &Params) -> Result<String, ApiError> {
                 }
                 ip
             }
-            // Skip the pool's network and broadcast addresses.
-            None => (pool.network() + 1..pool.last())
-                .find(|ip| !used.contains(ip))
-                .ok_or_else(|| {
-                    ApiError::new(
-                        "AddressLimitExceeded",
-                        "The maximum number of addresses has been reached.".to_string(),
-                    )
-                })?,
+            None => pubip::free_public(t, pool).map_err(|_| {
+                ApiError::new(
+                    "AddressLimitExceeded",
+                    "The maximum number of addresses has been reached.".to_string(),
+                )
+            })?,
         };
         let a = Address {
             id: fresh(t, "eipalloc-"),
@@ -111,6 +107,7 @@ fn target<'a>(st: &'a State, p: &Params) -> Result<&'a Address, ApiError> {
 }
 
 pub fn associate_address(api: &Api, p: &Params) -> Result<String, ApiError> {
+    let pool = api.config.public_pool;
     let reassoc = opt_bool(p, "AllowReassociation")?.unwrap_or(false);
     let assoc = api.store.write(|t| {
         let mut addr = target(t, p)?.clone();
@@ -183,12 +180,22 @@ pub fn associate_address(api: &Api, p: &Params) -> Result<String, ApiError> {
             }
         }
         let id = new_id("eipassoc-");
+        let before = addr.association.as_ref().map(|s| s.eni_id.clone());
         addr.association = Some(EipAssociation {
             id: id.clone(),
             eni_id: eni.id.clone(),
             private_ip,
         });
         t.put(addr);
+        // An Elastic IP on the primary address replaces the launch public
+        // IP; the interface it was taken from gets a new one (best effort:
+        // a full pool leaves it without).
+        pubip::sync_eni(t, None, &eni.id)?;
+        if let Some(prev) = before.filter(|p| *p != eni.id) {
+            if pubip::sync_eni(t, Some(pool), &prev).is_err() {
+                pubip::sync_eni(t, None, &prev)?;
+            }
+        }
         Ok(id)
     })?;
     let mut x = Xml::new();
@@ -197,6 +204,7 @@ pub fn associate_address(api: &Api, p: &Params) -> Result<String, ApiError> {
 }
 
 pub fn disassociate_address(api: &Api, p: &Params) -> Result<String, ApiError> {
+    let pool = api.config.public_pool;
     api.store.write(|t| {
         let mut addr = match p.get("AssociationId") {
             Some(id) => {
@@ -219,8 +227,13 @@ pub fn disassociate_address(api: &Api, p: &Params) -> Result<String, ApiError> {
                 a
             }
         };
-        addr.association = None;
+        let eni = addr.association.take().map(|s| s.eni_id);
         t.put(addr);
+        // An interface launched with a public IP gets a new one (AWS does
+        // the same); a full pool leaves it without.
+        if let Some(e) = eni {
+            let _ = pubip::sync_eni(t, Some(pool), &e);
+        }
         Ok(())
     })?;
     Ok(ret_true())

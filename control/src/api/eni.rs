@@ -187,6 +187,8 @@ pub fn build_eni(
         source_dest_check: true,
         attachment: None,
         tags: spec.tags.clone(),
+        public_ip: None,
+        auto_public_ip: false,
     })
 }
 
@@ -242,6 +244,15 @@ fn write_association(x: &mut Xml, a: &Address, owner: &str) {
     });
 }
 
+/// The association of a launch public IP (owned by "amazon", no IDs).
+fn write_launch_association(x: &mut Xml, ip: &str) {
+    x.elem("association", |x| {
+        x.text("publicIp", ip)
+            .text("publicDnsName", "")
+            .text("ipOwnerId", "amazon");
+    });
+}
+
 /// One NetworkInterface (or InstanceNetworkInterface when `in_instance`).
 pub fn write_eni(x: &mut Xml, st: &State, e: &Eni, owner: &str, in_instance: bool) {
     x.text("networkInterfaceId", &e.id)
@@ -291,6 +302,8 @@ pub fn write_eni(x: &mut Xml, st: &State, e: &Eni, owner: &str, in_instance: boo
     }
     if let Some(a) = eip_on(st, &e.id, e.primary_ip()) {
         write_association(x, a, owner);
+    } else if let Some(ip) = &e.public_ip {
+        write_launch_association(x, ip);
     }
     x.set("privateIpAddressesSet", &e.private_ips, |x, p| {
         x.text("privateIpAddress", &p.ip)
@@ -298,6 +311,8 @@ pub fn write_eni(x: &mut Xml, st: &State, e: &Eni, owner: &str, in_instance: boo
             .bool("primary", p.primary);
         if let Some(a) = eip_on(st, &e.id, &p.ip) {
             write_association(x, a, owner);
+        } else if let Some(ip) = e.public_ip.as_deref().filter(|_| p.ip == e.primary_ip()) {
+            write_launch_association(x, ip);
         }
     });
     x.set("ipv4PrefixSet", &e.prefixes, |x, p| {
@@ -508,9 +523,10 @@ fn eni_field(st: &State, e: &Eni, n: &str, owner: &str) -> Vec<String> {
         "attachment.status" => att(|a| a.status.as_str().to_string()),
         "attachment.attach-time" => att(|a| iso8601(a.attach_time)),
         "attachment.delete-on-termination" => att(|a| a.delete_on_termination.to_string()),
-        "association.public-ip" | "addresses.association.public-ip" => {
-            eips().map(|a| a.public_ip.clone()).collect()
-        }
+        "association.public-ip" | "addresses.association.public-ip" => eips()
+            .map(|a| a.public_ip.clone())
+            .chain(e.public_ip.clone())
+            .collect(),
         "association.allocation-id" => eips().map(|a| a.id.clone()).collect(),
         "association.association-id" => eips()
             .filter_map(|a| a.association.as_ref().map(|s| s.id.clone()))
@@ -1054,7 +1070,10 @@ pub fn describe_network_interface_attribute(api: &Api, p: &Params) -> Result<Str
                 }
             }
             "associatePublicIpAddress" => {
-                x.bool("associatePublicIpAddress", eip_on(st, &e.id, e.primary_ip()).is_some());
+                x.bool(
+                    "associatePublicIpAddress",
+                    e.public_ip.is_some() || eip_on(st, &e.id, e.primary_ip()).is_some(),
+                );
             }
             other => {
                 return Err(ApiError::invalid(format!(

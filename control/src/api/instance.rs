@@ -9,7 +9,8 @@ use crate::store::State;
 
 use super::common::*;
 use super::driver::Job;
-use super::eni::{self, build_eni, check_attach, eip_on, EniSpec};
+use super::eni::{self, build_eni, check_attach, EniSpec};
+use super::pubip;
 use super::query::Params;
 use super::sg;
 use super::vpc::fresh;
@@ -163,8 +164,8 @@ fn write_instance(x: &mut Xml, st: &State, i: &Instance, owner: &str) {
     .text("vpcId", &i.vpc_id);
     if let Some(e) = primary {
         x.text("privateIpAddress", e.primary_ip());
-        if let Some(a) = eip_on(st, &e.id, e.primary_ip()) {
-            x.text("ipAddress", &a.public_ip);
+        if let Some(ip) = pubip::public_ip_of(st, e, e.primary_ip()) {
+            x.text("ipAddress", &ip);
         }
         x.bool("sourceDestCheck", e.source_dest_check);
         x.set("groupSet", &e.groups, |x, g| {
@@ -220,6 +221,8 @@ struct NicRequest {
     spec: EniSpec,
     delete_on_termination: Option<bool>,
     queues: Option<u32>,
+    /// AssociatePublicIpAddress: overrides the subnet's MapPublicIpOnLaunch.
+    public_ip: Option<bool>,
 }
 
 fn nic_requests(p: &Params, max_queues: u32) -> Result<Vec<NicRequest>, ApiError> {
@@ -244,6 +247,7 @@ fn nic_requests(p: &Params, max_queues: u32) -> Result<Vec<NicRequest>, ApiError
             spec,
             delete_on_termination: Some(true),
             queues: None,
+            public_ip: None,
         });
         return Ok(out);
     }
@@ -255,11 +259,7 @@ fn nic_requests(p: &Params, max_queues: u32) -> Result<Vec<NicRequest>, ApiError
     for n in nics {
         let device = req_int_in(&n, "DeviceIndex", 0, 127)? as u32;
         let card = opt_int_in(&n, "NetworkCardIndex", 0, 63)?.unwrap_or(0) as u32;
-        if opt_bool(&n, "AssociatePublicIpAddress")?.unwrap_or(false) {
-            return Err(ApiError::invalid(
-                "AssociatePublicIpAddress is not supported by enilab yet; allocate and associate an Elastic IP instead.".to_string(),
-            ));
-        }
+        let public_ip = opt_bool(&n, "AssociatePublicIpAddress")?;
         let queues = match opt_int(&n, "EnaQueueCount")? {
             None => None,
             Some(q) if q >= 1 && q <= i64::from(max_queues) => Some(q as u32),
@@ -312,7 +312,27 @@ fn nic_requests(p: &Params, max_queues: u32) -> Result<Vec<NicRequest>, ApiError
             spec,
             delete_on_termination: opt_bool(&n, "DeleteOnTermination")?,
             queues,
+            public_ip,
         });
+    }
+    // AWS's rules for AssociatePublicIpAddress.
+    let several = out.len() > 1;
+    for r in out.iter().filter(|r| r.public_ip.is_some()) {
+        if r.device != 0 || r.card != 0 {
+            return Err(ApiError::combination(
+                "The associatePublicIPAddress parameter can only be specified for the network interface with DeviceIndex 0.".to_string(),
+            ));
+        }
+        if r.existing.is_some() {
+            return Err(ApiError::combination(
+                "The associatePublicIPAddress parameter cannot be specified for a network interface with an ID.".to_string(),
+            ));
+        }
+        if several && r.public_ip == Some(true) {
+            return Err(ApiError::combination(
+                "The associatePublicIPAddress parameter cannot be specified when launching with multiple network interfaces.".to_string(),
+            ));
+        }
     }
     if !out.iter().any(|n| n.device == 0 && n.card == 0) {
         return Err(ApiError::invalid(
@@ -393,6 +413,7 @@ pub fn run_instances(api: &Api, p: &Params) -> Result<String, ApiError> {
     let user_data = p.get("UserData").map(String::from);
     let cfg = &api.config;
     let owner = &cfg.account_id;
+    let single_nic = nics.len() == 1;
 
     // Idempotency: the same ClientToken returns the first call's instances.
     if let Some(tok) = &token {
@@ -480,6 +501,15 @@ pub fn run_instances(api: &Api, p: &Params) -> Result<String, ApiError> {
                     inst.subnet_id = e.subnet_id.clone();
                     inst.vpc_id = e.vpc_id.clone();
                     inst.az = e.az.clone();
+                    // A public IPv4 address only for a new primary interface
+                    // of a single-interface launch; the request's
+                    // AssociatePublicIpAddress overrides the subnet.
+                    if r.existing.is_none() && single_nic {
+                        let map = t
+                            .get::<Subnet>(&e.subnet_id)
+                            .is_some_and(|s| s.map_public_ip_on_launch);
+                        e.auto_public_ip = r.public_ip.unwrap_or(map);
+                    }
                 }
                 // Interfaces placed earlier in this loop are already in the state.
                 check_attach(t, cfg, &inst, &e, r.device, r.card, &[])?;
@@ -498,6 +528,7 @@ pub fn run_instances(api: &Api, p: &Params) -> Result<String, ApiError> {
                 t.put(e);
             }
             t.put(inst);
+            pubip::sync_instance(t, Some(cfg.public_pool), &id)?;
             ids.push(id);
         }
         Ok(ids)
@@ -571,8 +602,7 @@ fn instance_field(st: &State, i: &Instance, n: &str, owner: &str) -> Vec<String>
             .into_iter()
             .collect(),
         "ip-address" => primary
-            .and_then(|e| eip_on(st, &e.id, e.primary_ip()))
-            .map(|a| a.public_ip.clone())
+            .and_then(|e| pubip::public_ip_of(st, e, e.primary_ip()))
             .into_iter()
             .collect(),
         "reservation-id" => vec![i.reservation_id.clone()],
@@ -693,7 +723,11 @@ fn change_state(api: &Api, p: &Params, change: Change) -> Result<String, ApiErro
                     Change::Terminate => Job::Terminate(inst.id.clone()),
                 });
                 rows.push((inst.id.clone(), prev, n));
+                let iid = inst.id.clone();
                 t.put(inst);
+                // Stop and terminate release the launch public IP; start
+                // hands out a new one.
+                pubip::sync_instance(t, Some(api.config.public_pool), &iid)?;
             } else {
                 rows.push((inst.id.clone(), prev, prev));
             }

@@ -10,6 +10,7 @@ use crate::store::{Store, Txn};
 use super::driver::{InstanceDriver, Job};
 use super::eni::remove_eni;
 use super::instance::instance_enis;
+use super::pubip;
 use super::ApiError;
 
 /// Worker threads; jobs of one instance always go to the same one.
@@ -110,6 +111,9 @@ fn set_state(
             i.state = to;
             i.state_reason = reason;
             t.put(i);
+            // Leaving pending/running releases the launch public IP (never
+            // assigns: workers do not fail on a full pool).
+            let _ = pubip::sync_instance(t, None, id);
         }
     }
 }
@@ -124,7 +128,10 @@ fn release_interfaces(t: &mut Txn<'_>, id: &str) {
         {
             remove_eni(t, &e.id);
         } else {
+            // A kept interface loses the launch public IP and the right to one.
             e.attachment = None;
+            e.public_ip = None;
+            e.auto_public_ip = false;
             t.put(e);
         }
     }

@@ -198,6 +198,14 @@ pub struct Eni {
     pub source_dest_check: bool,
     pub attachment: Option<Attachment>,
     pub tags: Tags,
+    /// The public IPv4 address auto-assigned to the primary interface at
+    /// launch or start (from the public pool; not an Elastic IP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_ip: Option<String>,
+    /// Launched with a public IPv4 address: the interface gets a new one
+    /// whenever its instance starts (see `api::pubip`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_public_ip: bool,
 }
 
 impl Eni {
