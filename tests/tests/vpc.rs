@@ -465,7 +465,14 @@ fn _test_flow_logs(interval: u32) {
     };
     let ok = wait_until(Duration::from_secs(u64::from(interval) + 15), || {
         let recs = records(&path);
-        recs.iter().any(|r| want(r, "80", "ACCEPT")) && recs.iter().any(|r| want(r, "81", "REJECT"))
+        // The SYN retries may fall in later windows: wait until every
+        // refused packet has been written (or time out and report).
+        let rejected: u64 = recs
+            .iter()
+            .filter(|r| want(r, "81", "REJECT"))
+            .filter_map(|r| r[8].parse::<u64>().ok())
+            .sum();
+        recs.iter().any(|r| want(r, "80", "ACCEPT")) && rejected >= refused
     });
     let recs = records(&path);
     assert!(ok, "flow log records:\n{recs:?}");
