@@ -118,11 +118,7 @@ impl SubnetConfig {
     }
 
     fn mask_bits(&self) -> u32 {
-        match self.cidr.1 {
-            0 => 0,
-            p if p >= 32 => u32::MAX,
-            p => u32::MAX << (32 - u32::from(p)),
-        }
+        crate::policy::mask(self.cidr.1)
     }
 
     fn network_bits(&self) -> u32 {

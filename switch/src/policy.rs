@@ -103,8 +103,9 @@ impl Cidr {
     }
 }
 
+/// The network mask of a prefix length (0..=32; longer counts as 32).
 #[inline]
-fn mask(len: u8) -> u32 {
+pub(crate) fn mask(len: u8) -> u32 {
     match len {
         0 => 0,
         l if l >= 32 => u32::MAX,

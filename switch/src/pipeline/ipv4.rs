@@ -106,15 +106,30 @@ pub(super) fn handle<E: Egress + ?Sized>(
     }
 
     let routed = dest_port.subnet != ctx.port.subnet || owner != Some(dest);
+    let src_mac = routed.then_some(GATEWAY_MAC);
+    forward(tx, dest, hash, frame, meta, dest_port.mac, src_mac)
+}
+
+/// Set the frame's destination MAC (and source MAC, when given) and emit it
+/// to `port`.
+pub(super) fn forward<E: Egress + ?Sized>(
+    tx: &mut Tx<'_, E>,
+    port: PortId,
+    hash: u32,
+    frame: &mut [u8],
+    meta: &PacketMeta,
+    dst_mac: [u8; 6],
+    src_mac: Option<[u8; 6]>,
+) -> Verdict {
     let Ok(mut eth) = ethernet::Frame::new_checked(&mut *frame) else {
         return Verdict::Dropped(DropReason::Malformed);
     };
-    eth.set_dst(dest_port.mac);
-    if routed {
-        eth.set_src(GATEWAY_MAC);
+    eth.set_dst(dst_mac);
+    if let Some(mac) = src_mac {
+        eth.set_src(mac);
     }
-    if tx.send(dest, hash, frame, meta) {
-        Verdict::Forwarded(dest)
+    if tx.send(port, hash, frame, meta) {
+        Verdict::Forwarded(port)
     } else {
         Verdict::Dropped(DropReason::QueueFull)
     }
@@ -153,16 +168,15 @@ fn to_internet<E: Egress + ?Sized>(
     if !rewrite_address(frame, meta, Side::Src, public) {
         return Verdict::Dropped(DropReason::Malformed);
     }
-    let Ok(mut eth) = ethernet::Frame::new_checked(&mut *frame) else {
-        return Verdict::Dropped(DropReason::Malformed);
-    };
-    eth.set_dst(uplink.peer_mac);
-    eth.set_src(uplink.mac);
-    if tx.send(uplink.port, hash, frame, meta) {
-        Verdict::Forwarded(uplink.port)
-    } else {
-        Verdict::Dropped(DropReason::QueueFull)
-    }
+    forward(
+        tx,
+        uplink.port,
+        hash,
+        frame,
+        meta,
+        uplink.peer_mac,
+        Some(uplink.mac),
+    )
 }
 
 /// One end of a hop through the switch.

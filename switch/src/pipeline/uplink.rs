@@ -5,7 +5,7 @@
 
 use std::cell::Cell;
 
-use super::ipv4::{admit, rewrite_address, End, Flow, Side};
+use super::ipv4::{admit, forward, rewrite_address, End, Flow, Side};
 use super::{arp as arp_stage, flow, Tx, Work};
 use crate::config::{Snapshot, GATEWAY_MAC};
 use crate::counters::DropReason;
@@ -139,14 +139,13 @@ fn inbound<E: Egress + ?Sized>(
     if !rewrite_address(frame, meta, Side::Dst, private) {
         return Verdict::Dropped(DropReason::Malformed);
     }
-    let Ok(mut eth) = ethernet::Frame::new_checked(&mut *frame) else {
-        return Verdict::Dropped(DropReason::Malformed);
-    };
-    eth.set_dst(dest_port.mac);
-    eth.set_src(GATEWAY_MAC);
-    if tx.send(dest, hash, frame, meta) {
-        Verdict::Forwarded(dest)
-    } else {
-        Verdict::Dropped(DropReason::QueueFull)
-    }
+    forward(
+        tx,
+        dest,
+        hash,
+        frame,
+        meta,
+        dest_port.mac,
+        Some(GATEWAY_MAC),
+    )
 }
