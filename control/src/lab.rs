@@ -198,6 +198,58 @@ impl std::fmt::Debug for Internet {
 }
 
 impl Internet {
+    /// Create the internet namespace and its uplink on switch port `port`:
+    /// the TAP is created here (in our namespace, down, unaddressed), moved
+    /// into the new namespace, then addressed and brought up there. Frames
+    /// sent to the port reach the namespace, but the switch decides what it
+    /// sends there (it needs an [`UplinkConfig`] naming the port).
+    pub fn create(
+        datapath: &Datapath,
+        port: PortId,
+        opts: InternetOptions,
+    ) -> Result<Internet, LabError> {
+        Netns::sweep_stale(INTERNET_NETNS_PREFIX);
+        let netns = Netns::create(INTERNET_NETNS_PREFIX)?;
+        let ifname = format!(
+            "eup{:x}-{}",
+            std::process::id(),
+            NEXT_TAP.fetch_add(1, Ordering::Relaxed)
+        );
+        datapath.switch().reset_counters(port);
+        let uplink = datapath.add_uplink(&ifname, port)?;
+        netns.disable_ipv6()?;
+        netns.move_link(&ifname)?;
+        netns.set_up("lo")?;
+        if let Some(mac) = opts.mac {
+            netns.set_mac(&ifname, mac)?;
+        }
+        netns.add_addr(&ifname, opts.addr, opts.prefix)?;
+        for (a, p) in &opts.extra_addrs {
+            netns.add_addr(&ifname, *a, *p)?;
+        }
+        netns.set_up(&ifname)?;
+        let mac = netns.mac(&ifname)?;
+        tracing::info!(netns = %netns.name(), port, addr = %opts.addr, "internet added");
+        Ok(Internet {
+            netns_name: netns.name().to_string(),
+            ifname,
+            mac,
+            addr: opts.addr,
+            prefix: opts.prefix,
+            port,
+            inner: Mutex::new(Some((uplink, Arc::new(netns)))),
+        })
+    }
+
+    /// The switch's view of this uplink, for [`Topology::uplink`].
+    pub fn uplink_config(&self) -> UplinkConfig {
+        UplinkConfig {
+            port: self.port,
+            mac: UPLINK_MAC,
+            peer_mac: self.mac,
+        }
+    }
+
     /// Name of the network namespace (`ip netns exec <name> ...`).
     pub fn netns(&self) -> &str {
         &self.netns_name
@@ -484,11 +536,7 @@ impl Lab {
             generation: st.generation,
             subnets,
             ports,
-            uplink: st.internet.as_ref().map(|i| UplinkConfig {
-                port: i.port(),
-                mac: UPLINK_MAC,
-                peer_mac: i.mac(),
-            }),
+            uplink: st.internet.as_ref().map(|i| i.uplink_config()),
             ..st.policy.clone()
         };
         let snap = Snapshot::compile(topo).map_err(|e| LabError::Topology(e.to_string()))?;
@@ -603,49 +651,16 @@ impl Lab {
         self.add_internet_with(InternetOptions::default())
     }
 
-    /// Create the internet namespace and its uplink port: the TAP is created
-    /// here (in our namespace, down, unaddressed), moved into the new
-    /// namespace, then addressed and brought up there. The uplink takes the
-    /// next port id; frames sent to it reach the namespace, but the switch
-    /// decides what it sends there.
+    /// Give the lab an internet (see [`Internet::create`]) on the next port
+    /// id, and publish the uplink to the switch.
     pub fn add_internet_with(&self, opts: InternetOptions) -> Result<Arc<Internet>, LabError> {
         let mut st = self.state();
         if st.internet.is_some() {
             return Err(LabError::Exists("the lab's internet".into()));
         }
-        Netns::sweep_stale(INTERNET_NETNS_PREFIX);
-        let netns = Netns::create(INTERNET_NETNS_PREFIX)?;
         let port = st.next_port;
-        let ifname = format!(
-            "eup{:x}-{}",
-            std::process::id(),
-            NEXT_TAP.fetch_add(1, Ordering::Relaxed)
-        );
-        self.switch.reset_counters(port);
-        let uplink = self.datapath.add_uplink(&ifname, port)?;
-        netns.disable_ipv6()?;
-        netns.move_link(&ifname)?;
-        netns.set_up("lo")?;
-        if let Some(mac) = opts.mac {
-            netns.set_mac(&ifname, mac)?;
-        }
-        netns.add_addr(&ifname, opts.addr, opts.prefix)?;
-        for (a, p) in &opts.extra_addrs {
-            netns.add_addr(&ifname, *a, *p)?;
-        }
-        netns.set_up(&ifname)?;
-        let mac = netns.mac(&ifname)?;
+        let internet = Arc::new(Internet::create(&self.datapath, port, opts)?);
         st.next_port += 1;
-        let internet = Arc::new(Internet {
-            netns_name: netns.name().to_string(),
-            ifname,
-            mac,
-            addr: opts.addr,
-            prefix: opts.prefix,
-            port,
-            inner: Mutex::new(Some((uplink, Arc::new(netns)))),
-        });
-        tracing::info!(netns = %internet.netns_name, port, addr = %opts.addr, "internet added");
         st.internet = Some(internet.clone());
         self.publish(&mut st)?;
         Ok(internet)

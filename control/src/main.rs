@@ -63,6 +63,19 @@ enum Cmd {
         /// Elastic IP pool, a CIDR (default 203.0.113.0/24, TEST-NET-3).
         #[arg(long)]
         public_pool: Option<String>,
+        /// What instances are: `qemu` boots real guests from the image;
+        /// `record` only records state (no VMs, no datapath).
+        #[arg(long, value_enum, default_value = "qemu")]
+        driver: DriverKind,
+        /// Force the accelerator (default: KVM if a probe boot works, else TCG).
+        #[arg(long, value_enum)]
+        accel: Option<AccelArg>,
+        /// Do not create the internet namespace behind the uplink.
+        #[arg(long)]
+        no_internet: bool,
+        /// Datapath worker threads per network card.
+        #[arg(long, default_value_t = 1)]
+        workers_per_card: usize,
     },
     /// Measure API calls per second against a running `enilab serve`.
     BenchApi {
@@ -82,6 +95,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DriverKind {
+    Qemu,
+    Record,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum AccelArg {
+    Kvm,
+    Tcg,
 }
 
 #[derive(Subcommand)]
@@ -155,18 +180,51 @@ fn run(cli: Cli) -> Result<ExitCode> {
             listen,
             state_dir,
             public_pool,
+            driver,
+            accel,
+            no_internet,
+            workers_per_card,
         } => {
             let dir = state_dir.unwrap_or_else(|| qemu::default_state_dir().join("api"));
             let mut config = api::Config::load(&dir)?;
             if let Some(p) = public_pool {
                 config.set_pool(&p)?;
             }
-            api::http::run_daemon(
-                listen,
-                &dir,
-                config,
-                std::sync::Arc::new(api::RecordingDriver),
-            )?;
+            match driver {
+                DriverKind::Record => {
+                    api::http::run_daemon(
+                        listen,
+                        &dir,
+                        config,
+                        std::sync::Arc::new(api::RecordingDriver),
+                    )?;
+                }
+                DriverKind::Qemu => {
+                    let vms = std::sync::Arc::new(
+                        api::qemu_driver::QemuDriver::new(api::qemu_driver::QemuDriverOptions {
+                            run_root,
+                            config: config.clone(),
+                            workers_per_card,
+                            accel: accel.map(|a| match a {
+                                AccelArg::Kvm => qemu::Accel::Kvm,
+                                AccelArg::Tcg => qemu::Accel::Tcg,
+                            }),
+                            internet: !no_internet,
+                            image: None,
+                        })
+                        .context("cannot start the QEMU driver (use --driver record to serve without VMs)")?,
+                    );
+                    eprintln!(
+                        "enilab: guests use {} ({})",
+                        vms.accel().accel,
+                        vms.accel().reason
+                    );
+                    let res = api::http::run_daemon(listen, &dir, config, vms.clone());
+                    // Guests outlive the daemon; the next one adopts them.
+                    vms.release();
+                    res?;
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::BenchApi {

@@ -29,7 +29,14 @@ impl Daemon {
         ));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let mut child = Command::new(env!("CARGO_BIN_EXE_enilab"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+            .args([
+                "serve",
+                "--driver",
+                "record",
+                "--listen",
+                "127.0.0.1:0",
+                "--state-dir",
+            ])
             .arg(&dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

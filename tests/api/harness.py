@@ -38,7 +38,7 @@ class Daemon:
     def start(self):
         self.log = open(os.path.join(self.state_dir, "daemon.log"), "ab")
         self.proc = subprocess.Popen(
-            [binary(), "serve", "--listen", "127.0.0.1:0", "--state-dir", self.state_dir] + self.extra,
+            [binary(), "serve", "--driver", "record", "--listen", "127.0.0.1:0", "--state-dir", self.state_dir] + self.extra,
             stdout=subprocess.PIPE,
             stderr=self.log,
         )

@@ -35,6 +35,9 @@ use std::time::{Duration, Instant};
 
 use enilab_control::agent::Output;
 pub use enilab_control::demo::{parse_ping, PingResult};
+
+pub mod daemon;
+pub use daemon::{enilab_bin, extract_all, ApiDaemon, ApiFault};
 use enilab_control::image::Image;
 use enilab_control::lab::{Lab, LabOptions};
 use enilab_control::qemu::{self, Accel, AccelChoice, QemuBinary};
@@ -51,7 +54,7 @@ const ROOT_PREFIX: &str = "enl-";
 /// run root is removed.
 pub const FAILED_LOGS: &str = "/tmp/enilab-test-logs";
 
-static SEQ: AtomicUsize = AtomicUsize::new(0);
+pub(crate) static SEQ: AtomicUsize = AtomicUsize::new(0);
 
 /// Route `tracing` output (filter `ENILAB_LOG`, default `warn`) through the
 /// test harness's capture. Idempotent.

@@ -92,10 +92,16 @@ pub trait InstanceDriver: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Called once at start-up for each instance the state says is running:
-    /// is it still? The recording driver says yes.
+    /// Is the instance's guest running now? The recording driver says yes.
     fn is_running(&self, _inst: &Instance) -> bool {
         true
+    }
+
+    /// Called once at start-up for each instance the state says is running,
+    /// with its interfaces: find its guest again (a daemon restarted under
+    /// it) and serve its devices. False: it is gone, record it as stopped.
+    fn adopt(&self, inst: &Instance, _enis: &[Eni]) -> bool {
+        self.is_running(inst)
     }
 }
 

@@ -300,7 +300,12 @@ pub fn recover(store: &Store, driver: &dyn InstanceDriver) -> Result<Vec<Job>, A
                 InstanceState::Pending => jobs.push(Job::Start(i.id.clone())),
                 InstanceState::Stopping => jobs.push(Job::Stop(i.id.clone())),
                 InstanceState::ShuttingDown => jobs.push(Job::Terminate(i.id.clone())),
-                InstanceState::Running if !driver.is_running(i) => lost.push(i.id.clone()),
+                InstanceState::Running => {
+                    let enis: Vec<Eni> = instance_enis(st, &i.id).into_iter().cloned().collect();
+                    if !driver.adopt(i, &enis) {
+                        lost.push(i.id.clone());
+                    }
+                }
                 _ => {}
             }
         }

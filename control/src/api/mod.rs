@@ -24,6 +24,7 @@ pub mod http;
 pub mod instance;
 pub mod jobs;
 pub mod pubip;
+pub mod qemu_driver;
 pub mod query;
 pub mod route;
 pub mod sg;
@@ -249,6 +250,9 @@ impl Api {
         for job in jobs::recover(&api.store, api.driver.as_ref())? {
             api.jobs.push(job);
         }
+        // The datapath starts from the state as it is, adopted devices
+        // included, before the first request.
+        api.store.read(|st| api.driver.on_change(st));
         Ok(api)
     }
 

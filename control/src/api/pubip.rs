@@ -41,11 +41,12 @@ pub fn used_public(st: &State) -> BTreeSet<u32> {
         .collect()
 }
 
-/// The lowest free pool address (the pool's network and broadcast
-/// addresses are never handed out).
+/// The lowest free pool address. The pool's network and broadcast
+/// addresses are never handed out, nor its first host: that is the
+/// internet namespace's own address (the lab's "internet host").
 pub fn free_public(st: &State, pool: Cidr) -> Result<u32, ApiError> {
     let used = used_public(st);
-    (pool.network().saturating_add(1)..pool.last())
+    (pool.network().saturating_add(2)..pool.last())
         .find(|ip| !used.contains(ip))
         .ok_or_else(|| {
             ApiError::new(

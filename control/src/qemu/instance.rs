@@ -480,6 +480,13 @@ impl Instance {
         self.pid()
     }
 
+    /// Like [`Instance::detach`] through a shared reference: when this
+    /// handle drops, QEMU keeps running (a daemon stopping for a restart
+    /// leaves its guests to its successor).
+    pub fn leave_running(&self) {
+        self.detached.store(true, Ordering::SeqCst);
+    }
+
     /// Signal our QEMU: the spawned child while it is not reaped, or an
     /// adopted pid whose cmdline still proves it is this run dir's QEMU.
     fn send_signal(&self, sig: i32) {

@@ -1,0 +1,584 @@
+//! The QEMU driver: instances are QEMU guests booted from the image in
+//! `images/`, ENIs are vhost-user devices served by the backend on the card
+//! their attachment names, and every committed change becomes a switch
+//! snapshot.
+//!
+//! * An ENI has a device (a socket, a switch port, a card) while it is
+//!   attached to a running instance. Launch and start create the devices of
+//!   the instance's ENIs before QEMU starts (they are on its command line);
+//!   attach to a running instance creates one and hot-plugs it over QMP
+//!   (`chardev-add`, `netdev_add`, `device_add`); detach hot-unplugs it and
+//!   waits for the guest to release it, then drops the device. Attach to a
+//!   stopped instance only records (the next start plugs it).
+//! * Socket paths are a function of the ENI id, so a restarted daemon
+//!   serves the same paths and QEMU (`reconnect-ms`) finds them again.
+//! * [`InstanceDriver::on_change`] translates the whole state
+//!   ([`super::datapath::topology_for_account`]) with the devices' ports and
+//!   publishes it; only map lookups happen under the lock it is called with.
+//! * When the daemon stops, guests keep running ([`QemuDriver::release`]);
+//!   the next daemon adopts them through their QMP sockets
+//!   ([`InstanceDriver::adopt`]) or records them as stopped.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use enilab_backend::{Datapath, DeviceConfig, EniServer};
+use enilab_switch::{PortId, Snapshot, Switch};
+
+use crate::agent::AgentMux;
+use crate::image::Image;
+use crate::lab::{instance_dir, Internet, InternetOptions};
+use crate::qemu::{self, AccelChoice, InstanceSpec, NicSpec, QemuBinary};
+use crate::store::model::{Eni, Instance};
+use crate::store::State;
+
+use super::config::Config;
+use super::datapath::topology_for_account;
+use super::driver::{DriverError, InstanceDriver};
+
+/// The guest never gets more vCPUs than this, whatever the type says: the
+/// guests share this host (TCG on a few cores).
+pub const GUEST_MAX_VCPUS: u32 = 2;
+/// Nor more memory (MiB).
+pub const GUEST_MAX_MEMORY_MIB: u32 = 512;
+/// How long a detach waits for the guest to release the device; a forced
+/// detach waits this long at most before dropping the device anyway.
+pub const UNPLUG_TIMEOUT: Duration = Duration::from_secs(30);
+pub const FORCED_UNPLUG_TIMEOUT: Duration = Duration::from_secs(3);
+/// Port ids stay below this (the metadata service encodes them in 14 bits).
+const MAX_PORT: PortId = 1 << 14;
+
+/// What the driver is built from.
+#[derive(Debug, Clone)]
+pub struct QemuDriverOptions {
+    /// Instance run directories (`<run_root>/instances/<id>`, where
+    /// `enilab exec` looks) and ENI sockets (`<run_root>/api/eni/`).
+    pub run_root: PathBuf,
+    pub config: Config,
+    pub workers_per_card: usize,
+    /// Force an accelerator instead of probing.
+    pub accel: Option<qemu::Accel>,
+    /// Give the VPC an internet (a namespace behind the uplink) for internet
+    /// gateways and Elastic IPs. Needs CAP_NET_ADMIN; without it the daemon
+    /// runs with no uplink and says so.
+    pub internet: bool,
+    pub image: Option<Image>,
+}
+
+/// An ENI's device: its vhost-user server on a card, and its switch port.
+struct Device {
+    port: PortId,
+    card: u32,
+    queue_pairs: u16,
+    instance: String,
+    server: EniServer,
+}
+
+/// A running guest.
+pub struct Vm {
+    pub qemu: qemu::Instance,
+    pub agent: AgentMux,
+    pub started: Instant,
+}
+
+#[derive(Default)]
+struct Inner {
+    devices: BTreeMap<String, Device>,
+    vms: BTreeMap<String, Arc<Vm>>,
+    free_ports: Vec<PortId>,
+    next_port: PortId,
+}
+
+/// Instances as QEMU guests on this host's datapath.
+pub struct QemuDriver {
+    run_root: PathBuf,
+    sockets: PathBuf,
+    config: Config,
+    qemu: QemuBinary,
+    image: Image,
+    accel: AccelChoice,
+    switch: Arc<Switch>,
+    datapath: Datapath,
+    internet: Option<Internet>,
+    inner: Mutex<Inner>,
+    generation: AtomicU64,
+}
+
+fn failed(what: impl std::fmt::Display) -> DriverError {
+    DriverError::Failed(what.to_string())
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+impl QemuDriver {
+    /// Find QEMU and the image, choose the accelerator, start the datapath
+    /// (and the internet when asked). Missing QEMU or image is an error
+    /// that says what to install or build.
+    pub fn new(opts: QemuDriverOptions) -> Result<QemuDriver, DriverError> {
+        let qemu = qemu::find_qemu().map_err(failed)?;
+        let image = match opts.image {
+            Some(i) => i,
+            None => Image::locate().map_err(failed)?,
+        };
+        let accel = match opts.accel {
+            Some(a) => AccelChoice {
+                accel: a,
+                cpu_model: a.default_cpu().to_string(),
+                reason: "forced".into(),
+                cached: false,
+            },
+            None => qemu::select_accel(
+                &qemu,
+                &image.kernel,
+                &image.initrd,
+                Some(&qemu::default_state_dir()),
+            ),
+        };
+        tracing::info!(accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
+        let sockets = opts.run_root.join("api").join("eni");
+        std::fs::create_dir_all(&sockets)
+            .map_err(|e| failed(format!("cannot create {}: {e}", sockets.display())))?;
+        let switch = Switch::new();
+        let datapath = Datapath::new(switch.clone(), opts.workers_per_card);
+        let mut inner = Inner {
+            next_port: 1,
+            ..Default::default()
+        };
+        let internet = if opts.internet {
+            let port = inner.next_port;
+            match Internet::create(&datapath, port, InternetOptions::default()) {
+                Ok(i) => {
+                    inner.next_port += 1;
+                    Some(i)
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "no internet uplink ({e}); internet gateways and Elastic IPs carry no traffic"
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Ok(QemuDriver {
+            run_root: opts.run_root,
+            sockets,
+            config: opts.config,
+            qemu,
+            image,
+            accel,
+            switch,
+            datapath,
+            internet,
+            inner: Mutex::new(inner),
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn accel(&self) -> &AccelChoice {
+        &self.accel
+    }
+
+    pub fn switch(&self) -> &Arc<Switch> {
+        &self.switch
+    }
+
+    pub fn datapath(&self) -> &Datapath {
+        &self.datapath
+    }
+
+    pub fn internet(&self) -> Option<&Internet> {
+        self.internet.as_ref()
+    }
+
+    /// The running guest of instance `id`.
+    pub fn vm(&self, id: &str) -> Option<Arc<Vm>> {
+        self.inner().vms.get(id).cloned()
+    }
+
+    /// The switch port of an ENI with a device.
+    pub fn port_of(&self, eni: &str) -> Option<PortId> {
+        self.inner().devices.get(eni).map(|d| d.port)
+    }
+
+    /// ENI id and card of every device, with its switch port.
+    pub fn devices(&self) -> Vec<(String, PortId, u32)> {
+        self.inner()
+            .devices
+            .iter()
+            .map(|(id, d)| (id.clone(), d.port, d.card))
+            .collect()
+    }
+
+    /// Where an ENI's vhost-user socket is.
+    pub fn socket_path(&self, eni: &str) -> PathBuf {
+        self.sockets.join(format!("{eni}.sock"))
+    }
+
+    fn run_dir(&self, inst: &str) -> PathBuf {
+        instance_dir(&self.run_root, inst)
+    }
+
+    /// Leave every guest running when this driver goes (daemon stop).
+    pub fn release(&self) {
+        for vm in self.inner().vms.values() {
+            vm.qemu.leave_running();
+        }
+    }
+
+    fn queue_pairs(&self, inst: &Instance, eni: &Eni) -> u16 {
+        let q = eni
+            .attachment
+            .as_ref()
+            .and_then(|a| a.ena_queue_count)
+            .unwrap_or_else(|| self.guest_vcpus(inst));
+        q.clamp(1, 32) as u16
+    }
+
+    fn guest_vcpus(&self, inst: &Instance) -> u32 {
+        self.config
+            .types
+            .get(&inst.instance_type)
+            .map(|t| t.vcpus)
+            .unwrap_or(1)
+            .clamp(1, GUEST_MAX_VCPUS)
+    }
+
+    fn nic_spec(&self, eni: &Eni, queue_pairs: u16) -> NicSpec {
+        NicSpec {
+            id: eni.id.trim_start_matches("eni-").to_string(),
+            socket_path: self.socket_path(&eni.id),
+            mac: eni.mac.clone(),
+            queue_pairs,
+        }
+    }
+
+    /// The device of `eni` for `inst`, created (socket listening, port
+    /// reserved) if it has none.
+    fn ensure_device(&self, inst: &Instance, eni: &Eni) -> Result<NicSpec, DriverError> {
+        let card = eni.attachment.as_ref().map(|a| a.card_index).unwrap_or(0);
+        let queue_pairs = self.queue_pairs(inst, eni);
+        let mut g = self.inner();
+        if let Some(d) = g.devices.get(&eni.id) {
+            if d.card == card && d.queue_pairs == queue_pairs && d.instance == inst.id {
+                return Ok(self.nic_spec(eni, queue_pairs));
+            }
+        }
+        if let Some(old) = g.devices.remove(&eni.id) {
+            g.free_ports.push(old.port);
+        }
+        let mac = parse_mac(&eni.mac).ok_or_else(|| failed(format!("bad MAC {}", eni.mac)))?;
+        let port = match g.free_ports.pop() {
+            Some(p) => p,
+            None if g.next_port < MAX_PORT => {
+                g.next_port += 1;
+                g.next_port - 1
+            }
+            None => return Err(failed("no free switch port")),
+        };
+        self.switch.reset_counters(port);
+        let socket = self.socket_path(&eni.id);
+        let server = match self.datapath.add_eni(
+            &socket,
+            DeviceConfig {
+                eni_id: eni.id.clone(),
+                port,
+                mac,
+                mtu: 1500,
+                queue_pairs,
+            },
+            card,
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                g.free_ports.push(port);
+                return Err(failed(format!("device for {}: {e}", eni.id)));
+            }
+        };
+        tracing::info!(eni = %eni.id, port, card, queue_pairs, "ENI device up");
+        g.devices.insert(
+            eni.id.clone(),
+            Device {
+                port,
+                card,
+                queue_pairs,
+                instance: inst.id.clone(),
+                server,
+            },
+        );
+        Ok(self.nic_spec(eni, queue_pairs))
+    }
+
+    fn drop_device(&self, eni: &str) {
+        let dev = {
+            let mut g = self.inner();
+            let d = g.devices.remove(eni);
+            if let Some(d) = &d {
+                g.free_ports.push(d.port);
+            }
+            d
+        };
+        if let Some(mut d) = dev {
+            d.server.stop();
+            tracing::info!(eni, port = d.port, "ENI device down");
+        }
+    }
+
+    fn drop_devices_of(&self, inst: &str) {
+        let enis: Vec<String> = self
+            .inner()
+            .devices
+            .iter()
+            .filter(|(_, d)| d.instance == inst)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for e in enis {
+            self.drop_device(&e);
+        }
+    }
+
+    fn boot(&self, inst: &Instance, enis: &[Eni]) -> Result<(), DriverError> {
+        if let Some(vm) = self.vm(&inst.id) {
+            if vm.qemu.is_running() {
+                return Ok(());
+            }
+            self.inner().vms.remove(&inst.id);
+        }
+        let run_dir = self.run_dir(&inst.id);
+        if run_dir.exists() {
+            if let Ok(Some(q)) = qemu::Instance::adopt(&run_dir) {
+                // A guest of ours from before: never two QEMUs per instance.
+                let _ = q.shutdown(Duration::from_secs(5));
+            }
+        }
+        std::fs::create_dir_all(&run_dir)
+            .map_err(|e| failed(format!("cannot create {}: {e}", run_dir.display())))?;
+        let mut spec =
+            InstanceSpec::new(&inst.id, &self.image.kernel, &self.image.initrd, &run_dir);
+        spec.vcpus = self.guest_vcpus(inst);
+        spec.memory_mib = u64::from(
+            self.config
+                .types
+                .get(&inst.instance_type)
+                .map(|t| t.memory_mib)
+                .unwrap_or(GUEST_MAX_MEMORY_MIB)
+                .clamp(256, GUEST_MAX_MEMORY_MIB),
+        );
+        spec.accel = self.accel.accel;
+        spec.cpu_model = Some(self.accel.cpu_model.clone());
+        spec.cmdline = format!("enilab.instance={}", inst.id);
+        let max_enis = self
+            .config
+            .types
+            .get(&inst.instance_type)
+            .map(|t| t.enis as usize)
+            .unwrap_or(qemu::DEFAULT_PCIE_PORTS);
+        spec.pcie_ports = max_enis.clamp(enis.len().max(1), qemu::MAX_PCIE_PORTS);
+        for e in enis {
+            match self.ensure_device(inst, e) {
+                Ok(nic) => spec.nics.push(nic),
+                Err(err) => {
+                    self.drop_devices_of(&inst.id);
+                    return Err(err);
+                }
+            }
+        }
+        let started = Instant::now();
+        let q = match qemu::Instance::launch(&self.qemu, &spec) {
+            Ok(q) => q,
+            Err(e) => {
+                self.drop_devices_of(&inst.id);
+                return Err(failed(e));
+            }
+        };
+        let paths = spec.paths();
+        let agent = match AgentMux::start(&paths.agent_socket, run_dir.join("agent.sock")) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = q.shutdown(Duration::from_secs(5));
+                self.drop_devices_of(&inst.id);
+                return Err(failed(e));
+            }
+        };
+        tracing::info!(instance = %inst.id, pid = q.pid(), accel = %self.accel.accel, "guest started");
+        self.inner().vms.insert(
+            inst.id.clone(),
+            Arc::new(Vm {
+                qemu: q,
+                agent,
+                started,
+            }),
+        );
+        Ok(())
+    }
+
+    fn halt(&self, inst: &Instance) -> Result<(), DriverError> {
+        let vm = self.inner().vms.remove(&inst.id);
+        let res = match &vm {
+            Some(vm) => vm.qemu.shutdown(Duration::from_secs(5)).map_err(failed),
+            None => Ok(()),
+        };
+        drop(vm);
+        self.drop_devices_of(&inst.id);
+        let _ = std::fs::remove_dir_all(self.run_dir(&inst.id));
+        res
+    }
+
+    /// Publish `state` to the switch.
+    fn publish(&self, state: &State) {
+        let gen = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let ports: BTreeMap<String, PortId> = self
+            .inner()
+            .devices
+            .iter()
+            .map(|(id, d)| (id.clone(), d.port))
+            .collect();
+        let mut topo = topology_for_account(
+            state,
+            &|eni| ports.get(eni).copied(),
+            gen,
+            &self.config.account_id,
+        );
+        topo.uplink = self.internet.as_ref().map(|i| i.uplink_config());
+        match Snapshot::compile(topo) {
+            Ok(snap) => self.switch.publish(snap),
+            Err(e) => tracing::error!("the state does not compile into a switch snapshot: {e}"),
+        }
+    }
+}
+
+impl Drop for QemuDriver {
+    fn drop(&mut self) {
+        let devices = std::mem::take(&mut self.inner().devices);
+        for (_, mut d) in devices {
+            d.server.stop();
+        }
+        if let Some(i) = &self.internet {
+            i.close();
+        }
+        self.datapath.shutdown();
+    }
+}
+
+impl InstanceDriver for QemuDriver {
+    fn on_change(&self, state: &State) {
+        self.publish(state);
+    }
+
+    fn launch(&self, inst: &Instance, enis: &[Eni]) -> Result<(), DriverError> {
+        self.boot(inst, enis)
+    }
+
+    fn stop(&self, inst: &Instance) -> Result<(), DriverError> {
+        self.halt(inst)
+    }
+
+    fn terminate(&self, inst: &Instance) -> Result<(), DriverError> {
+        self.halt(inst)
+    }
+
+    fn attach(&self, inst: &Instance, eni: &Eni) -> Result<(), DriverError> {
+        let Some(vm) = self.vm(&inst.id) else {
+            // Stopped (or not yet booted): the next start plugs it.
+            return Ok(());
+        };
+        let nic = self.ensure_device(inst, eni)?;
+        if vm.qemu.nics().iter().any(|(_, id)| *id == nic.id) {
+            return Ok(());
+        }
+        let t = Instant::now();
+        match vm.qemu.hotplug_nic(&nic) {
+            Ok(bus) => {
+                tracing::info!(eni = %eni.id, instance = %inst.id, %bus, ms = t.elapsed().as_millis() as u64, "hot-plugged");
+                Ok(())
+            }
+            Err(e) => {
+                self.drop_device(&eni.id);
+                Err(failed(format!("hot-plug of {}: {e}", eni.id)))
+            }
+        }
+    }
+
+    fn detach(&self, inst: &Instance, eni: &Eni, force: bool) -> Result<(), DriverError> {
+        let res = match self.vm(&inst.id) {
+            Some(vm) => {
+                let id = eni.id.trim_start_matches("eni-");
+                let timeout = if force {
+                    FORCED_UNPLUG_TIMEOUT
+                } else {
+                    UNPLUG_TIMEOUT
+                };
+                match vm.qemu.unplug_nic(id, timeout) {
+                    Ok(()) => Ok(()),
+                    Err(qemu::QemuError::NicNotFound(_)) => Ok(()),
+                    Err(e) => Err(failed(format!("hot-unplug of {}: {e}", eni.id))),
+                }
+            }
+            None => Ok(()),
+        };
+        if res.is_ok() || force {
+            self.drop_device(&eni.id);
+        }
+        res
+    }
+
+    fn is_running(&self, inst: &Instance) -> bool {
+        self.vm(&inst.id).is_some_and(|v| v.qemu.is_running())
+    }
+
+    fn adopt(&self, inst: &Instance, enis: &[Eni]) -> bool {
+        let run_dir = self.run_dir(&inst.id);
+        let q = match qemu::Instance::adopt(&run_dir) {
+            Ok(Some(q)) => q,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::warn!(instance = %inst.id, "cannot adopt: {e}");
+                return false;
+            }
+        };
+        // The same socket paths: QEMU reconnects to them on its own.
+        let plugged: Vec<String> = q.nics().into_iter().map(|(_, id)| id).collect();
+        for e in enis {
+            if !plugged.contains(&e.id.trim_start_matches("eni-").to_string()) {
+                continue;
+            }
+            if let Err(err) = self.ensure_device(inst, e) {
+                tracing::warn!(instance = %inst.id, eni = %e.id, "cannot serve adopted NIC: {err}");
+            }
+        }
+        let agent = match AgentMux::start(&q.paths().agent_socket, run_dir.join("agent.sock")) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(instance = %inst.id, "adopted guest without agent: {e}");
+                q.leave_running();
+                self.drop_devices_of(&inst.id);
+                return false;
+            }
+        };
+        tracing::info!(instance = %inst.id, pid = q.pid(), "guest adopted");
+        self.inner().vms.insert(
+            inst.id.clone(),
+            Arc::new(Vm {
+                qemu: q,
+                agent,
+                started: Instant::now(),
+            }),
+        );
+        true
+    }
+}
