@@ -67,6 +67,10 @@ pub enum SnapshotError {
     /// The uplink port id collides with an ENI port, or is out of range.
     #[error("uplink port {0} is out of range or used by an ENI")]
     BadUplink(PortId),
+    /// The metadata port id collides with an ENI port or the uplink, or is
+    /// out of range.
+    #[error("metadata port {0} is out of range or used by an ENI or the uplink")]
+    BadMetadata(PortId),
 }
 
 /// One VPC.
@@ -225,6 +229,16 @@ pub struct UplinkConfig {
     pub peer_mac: [u8; 6],
 }
 
+/// The port behind which the instance metadata server runs (a TAP into its
+/// namespace). Guests reach it at [`IMDS_ADDR`](crate::IMDS_ADDR).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetadataConfig {
+    pub port: PortId,
+    /// The MAC of the namespace's interface: every frame toward the server
+    /// goes to it.
+    pub peer_mac: [u8; 6],
+}
+
 /// Everything the control plane states, by AWS id.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Topology {
@@ -238,6 +252,7 @@ pub struct Topology {
     pub elastic_ips: Vec<ElasticIp>,
     pub flow_logs: Vec<FlowLogConfig>,
     pub uplink: Option<UplinkConfig>,
+    pub metadata: Option<MetadataConfig>,
 }
 
 /// FxHash: the packet path hashes small keys from a table the control plane
@@ -340,6 +355,7 @@ pub struct Snapshot {
     /// VPC id -> dense VPC index used in `by_addr`.
     pub vpcs: HashMap<String, u32>,
     pub uplink: Option<UplinkConfig>,
+    pub metadata: Option<MetadataConfig>,
     /// The topology this was compiled from.
     pub topology: Topology,
     /// Subnet index -> dense VPC index, so the packet path never hashes a
@@ -450,6 +466,14 @@ impl Snapshot {
                 || slots.get(up.port as usize).is_some_and(Option::is_some)
             {
                 return Err(SnapshotError::BadUplink(up.port));
+            }
+        }
+        if let Some(md) = &topo.metadata {
+            if md.port as usize >= MAX_PORTS
+                || slots.get(md.port as usize).is_some_and(Option::is_some)
+                || topo.uplink.is_some_and(|u| u.port == md.port)
+            {
+                return Err(SnapshotError::BadMetadata(md.port));
             }
         }
         let by_eni = |eni: &str| topo.ports.iter().find(|p| p.eni_id == eni);
@@ -688,6 +712,7 @@ impl Snapshot {
             by_addr,
             vpcs,
             uplink: topo.uplink,
+            metadata: topo.metadata,
             subnet_vpc,
             addr,
             subnet_info,

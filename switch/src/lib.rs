@@ -14,17 +14,22 @@ mod config;
 mod conntrack;
 mod counters;
 mod flowlog;
+mod metadata;
 mod pipeline;
 pub mod policy;
 pub mod wire;
 
 pub use config::{
-    PortConfig, Snapshot, SnapshotError, SubnetConfig, Topology, UplinkConfig, VpcConfig,
-    GATEWAY_MAC, MAX_GROUPS_PER_ENI,
+    MetadataConfig, PortConfig, Snapshot, SnapshotError, SubnetConfig, Topology, UplinkConfig,
+    VpcConfig, GATEWAY_MAC, MAX_GROUPS_PER_ENI,
 };
 pub use conntrack::{ConntrackStats, Timeouts};
 pub use counters::{DropReason, PortCounters, PortStats};
 pub use flowlog::HEADER as FLOW_LOG_HEADER;
+pub use metadata::{
+    decode_metadata_client, metadata_client_addr, IMDS_ADDR, METADATA_CLIENT_NET, METADATA_GATEWAY,
+    METADATA_MAC,
+};
 pub use pipeline::{flow_hash, Switch, SwitchOptions, SwitchWorker};
 pub use policy::{
     AclEntry, Cidr, ElasticIp, FlowLogConfig, FlowLogScope, NetworkAclConfig, Peer, PolicyError,

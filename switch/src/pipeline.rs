@@ -11,12 +11,17 @@
 //! * [`arp`]: every ARP request is answered here, nothing is flooded;
 //! * [`dhcp`]: a static-lease DHCP server on each subnet's .1;
 //! * [`ipv4`]: unicast forwarding by destination IP inside the VPC, and
-//!   echo replies from the .1 router.
+//!   echo replies from the .1 router;
+//! * [`uplink`]: frames from the internet side;
+//! * [`metadata`]: the instance metadata service's address translation.
 
 mod arp;
 mod dhcp;
 mod flow;
 mod ipv4;
+mod metadata;
+#[cfg(test)]
+mod metadata_tests;
 #[cfg(test)]
 mod policy_tests;
 #[cfg(test)]
@@ -339,6 +344,9 @@ impl SwitchWorker {
         let verdict = if snap.uplink.is_some_and(|u| u.port == ingress) {
             let mut tx = Tx { out, counters };
             uplink::handle(snap, &blame, frame, meta, &mut work, &mut tx)
+        } else if snap.metadata.is_some_and(|m| m.port == ingress) {
+            let mut tx = Tx { out, counters };
+            metadata::handle(snap, frame, meta, &mut work, &mut tx)
         } else {
             match Ctx::new(snap, counters, ingress, &blame) {
                 Some(ctx) => {

@@ -442,6 +442,106 @@ fn namespace_pings_the_vpc_router_through_the_switch() {
     assert!(sw.stats(PORT).arp_replies >= 1);
 }
 
+/// The metadata server's TAP is a second uplink on the same datapath: the
+/// first namespace, an ENI of 10.9.0.0/24 as above, pings 169.254.169.254
+/// (on-link, so it ARPs for it) and the metadata namespace's kernel answers
+/// to the switch's client address for it. That namespace has no neighbour
+/// entry for its gateway: the switch answers its ARP on the metadata port.
+#[test]
+fn second_uplink_serves_the_metadata_namespace() {
+    use enilab_switch::{MetadataConfig, Topology, GATEWAY_MAC, IMDS_ADDR};
+    let Some(fx) = Fixture::new("10.9.0.10/24") else {
+        return;
+    };
+    let md_port = PORT + 1;
+    let md_tap = unique("eut");
+    let md = fx
+        .dp
+        .add_uplink(&md_tap, md_port)
+        .expect("a second uplink beside the first");
+    let md_ns = TestNs::new().expect("metadata namespace");
+    let md_mac = md_ns
+        .adopt(&md_tap, "169.254.169.254/16")
+        .expect("set up the metadata namespace");
+    md_ns
+        .exec(&["ip", "route", "add", "100.64.0.0/10", "via", "169.254.0.1"])
+        .expect("route to client addresses");
+    fx.ns
+        .exec(&[
+            "ip",
+            "route",
+            "add",
+            "169.254.169.254/32",
+            "dev",
+            fx.uplink().name(),
+        ])
+        .expect("on-link route to the metadata address");
+    let sw = fx.dp.switch().clone();
+    let topo = Topology {
+        generation: 1,
+        subnets: vec![SubnetConfig {
+            id: "subnet-t".into(),
+            vpc_id: "vpc-t".into(),
+            cidr: (Ipv4Addr::new(10, 9, 0, 0), 24),
+            ..Default::default()
+        }],
+        ports: vec![PortConfig {
+            id: PORT,
+            eni_id: "eni-uplink".into(),
+            mac: fx.ns_mac,
+            subnet: 0,
+            primary_ip: Ipv4Addr::new(10, 9, 0, 10),
+            ..Default::default()
+        }],
+        metadata: Some(MetadataConfig {
+            port: md_port,
+            peer_mac: md_mac,
+        }),
+        ..Topology::default()
+    };
+    sw.publish(Snapshot::compile(topo).expect("snapshot"));
+
+    let replies = fx.ns.snmp("Icmp", "InEchoReps");
+    let mut echo = vec![8, 0, 0, 0, 0x4d, 0x44, 0, 1];
+    echo.extend_from_slice(b"enilab-imds");
+    let c = finish(sum(&echo));
+    echo[2..4].copy_from_slice(&c.to_be_bytes());
+    let to = format!("IP4-SENDTO:{IMDS_ADDR}:1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fx.ns.snmp("Icmp", "InEchoReps") < replies + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no echo replies from the metadata namespace; uplinks {:?} {:?}, switch {:?} {:?}",
+            fx.uplink().stats(),
+            md.stats(),
+            sw.stats(PORT),
+            sw.stats(md_port)
+        );
+        fx.ns
+            .exec_with_input(&["socat", "-u", "STDIN", &to], &echo)
+            .expect("send an echo request");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(md_ns.snmp("Icmp", "InEchos") >= 2);
+    let neigh = fx
+        .ns
+        .exec(&["ip", "neigh", "show", &IMDS_ADDR.to_string()])
+        .expect("ip neigh");
+    let gw = GATEWAY_MAC
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    assert!(neigh.contains(&gw), "{neigh}");
+    let st = md.stats();
+    assert!(st.written_packets >= 2 && st.read_packets >= 2, "{st:?}");
+    assert!(
+        sw.stats(md_port).arp_replies >= 1,
+        "{:?}",
+        sw.stats(md_port)
+    );
+}
+
 /// User plus system CPU ticks of this process's thread named `name`
 /// (truncated to the kernel's 15 bytes).
 fn thread_cpu_ticks(name: &str) -> u64 {

@@ -1,12 +1,16 @@
 //! ARP: the switch answers every request itself and floods nothing.
+//!
+//! [`request`] and [`answer`] are shared with the uplink and metadata
+//! stages, which answer for their own addresses on their own ports.
 
 use std::sync::atomic::Ordering;
 
 use super::{flow, Ctx, Tx};
 use crate::config::GATEWAY_MAC;
 use crate::counters::DropReason;
+use crate::metadata::IMDS_ADDR;
 use crate::wire::{arp, ethernet, WireError};
-use crate::{Egress, PacketMeta, Verdict};
+use crate::{Egress, PacketMeta, PortId, Verdict};
 
 /// Answer a request for the subnet router (with [`GATEWAY_MAC`]) or for an
 /// address a port of the VPC owns (with that port's MAC), on the ingress
@@ -18,24 +22,17 @@ pub(super) fn handle<E: Egress + ?Sized>(
     scratch: &mut [u8],
     tx: &mut Tx<'_, E>,
 ) -> Verdict {
-    let req = match arp::Packet::new_checked(eth.payload()) {
-        Ok(p) => arp::Repr::parse(&p),
-        Err(WireError::Unsupported) => return Verdict::Dropped(DropReason::Unsupported),
-        Err(_) => return Verdict::Dropped(DropReason::Malformed),
+    let req = match request(eth) {
+        Ok(r) => r,
+        Err(reason) => return Verdict::Dropped(reason),
     };
-    match req.operation {
-        arp::operation::REQUEST => {}
-        // Replies and gratuitous replies from guests: never flooded.
-        arp::operation::REPLY => return Verdict::Dropped(DropReason::Broadcast),
-        _ => return Verdict::Dropped(DropReason::Unsupported),
-    }
-    // A gratuitous request announces the sender's own address.
-    if req.sender_ip == req.target_ip {
-        return Verdict::Dropped(DropReason::Broadcast);
-    }
 
     let target = req.target_ip;
-    let answer = if target == ctx.subnet.gateway() {
+    // The metadata address answers like the router: guests may hold an
+    // on-link route to it.
+    let answer_mac = if target == ctx.subnet.gateway()
+        || (target == IMDS_ADDR && ctx.snap.metadata.is_some())
+    {
         GATEWAY_MAC
     } else {
         match ctx.snap.lookup(ctx.vpc, target) {
@@ -49,15 +46,44 @@ pub(super) fn handle<E: Egress + ?Sized>(
             None => return Verdict::Dropped(DropReason::NoRoute),
         }
     };
+    answer(scratch, tx, ctx.ingress, eth.src(), &req, answer_mac)
+}
 
+/// The request in `eth`, if it is one to answer. Replies and gratuitous
+/// requests (sender = target, announcing the sender's own address) are
+/// never flooded: `Broadcast`; other operations `Unsupported`.
+pub(super) fn request(eth: &ethernet::Frame<&[u8]>) -> Result<arp::Repr, DropReason> {
+    let req = match arp::Packet::new_checked(eth.payload()) {
+        Ok(p) => arp::Repr::parse(&p),
+        Err(WireError::Unsupported) => return Err(DropReason::Unsupported),
+        Err(_) => return Err(DropReason::Malformed),
+    };
+    match req.operation {
+        arp::operation::REQUEST if req.sender_ip == req.target_ip => Err(DropReason::Broadcast),
+        arp::operation::REQUEST => Ok(req),
+        arp::operation::REPLY => Err(DropReason::Broadcast),
+        _ => Err(DropReason::Unsupported),
+    }
+}
+
+/// Reply to `req` (from the station at `requester`) that its target is at
+/// `mac`, on `port`; counts `arp_replies` there.
+pub(super) fn answer<E: Egress + ?Sized>(
+    scratch: &mut [u8],
+    tx: &mut Tx<'_, E>,
+    port: PortId,
+    requester: [u8; 6],
+    req: &arp::Repr,
+    mac: [u8; 6],
+) -> Verdict {
     let reply = arp::Repr {
         operation: arp::operation::REPLY,
-        sender_hw: answer,
-        sender_ip: target,
+        sender_hw: mac,
+        sender_ip: req.target_ip,
         target_hw: req.sender_hw,
         target_ip: req.sender_ip,
     };
-    let len = match write_reply(scratch, eth.src(), &reply) {
+    let len = match write_reply(scratch, requester, &reply) {
         Ok(len) => len,
         // Unreachable with SCRATCH_LEN >= 42; drop rather than panic.
         Err(_) => return Verdict::Dropped(DropReason::Unsupported),
@@ -66,8 +92,8 @@ pub(super) fn handle<E: Egress + ?Sized>(
         return Verdict::Dropped(DropReason::Unsupported);
     };
     let hash = flow::flow_hash(reply.sender_ip, reply.target_ip, 0, 0, 0);
-    if tx.send(ctx.ingress, hash, frame, &PacketMeta::default()) {
-        if let Some(c) = ctx.counters(ctx.ingress) {
+    if tx.send(port, hash, frame, &PacketMeta::default()) {
+        if let Some(c) = tx.counters.get(port as usize) {
             c.arp_replies.fetch_add(1, Ordering::Relaxed);
         }
         Verdict::Replied
@@ -76,11 +102,7 @@ pub(super) fn handle<E: Egress + ?Sized>(
     }
 }
 
-pub(super) fn write_reply(
-    out: &mut [u8],
-    dst: [u8; 6],
-    reply: &arp::Repr,
-) -> Result<usize, WireError> {
+fn write_reply(out: &mut [u8], dst: [u8; 6], reply: &arp::Repr) -> Result<usize, WireError> {
     ethernet::emit(out, dst, reply.sender_hw, ethernet::ethertype::ARP)?;
     let body = out
         .get_mut(ethernet::HEADER_LEN..)

@@ -1,17 +1,20 @@
 //! IPv4 from an ENI: source check, route lookup, network ACLs, security
 //! groups with connection tracking, flow logs, delivery inside the VPC or
 //! out through the internet gateway; and the .1 router's echo replies.
+//! Packets to the metadata address go to [`super::metadata`] after the
+//! source check, before routing and policy.
 //! DHCP requests are passed on to [`super::dhcp`].
 //!
 //! [`admit`] is shared with [`super::uplink`] (traffic from the internet).
 
 use std::net::Ipv4Addr;
 
-use super::{dhcp, flow, Ctx, Tx, Work};
+use super::{dhcp, flow, metadata, Ctx, Tx, Work};
 use crate::config::{Hop, PortInfo, Snapshot, GATEWAY_MAC};
 use crate::conntrack::{flag, Tuple};
 use crate::counters::DropReason;
 use crate::flowlog::Observation;
+use crate::metadata::IMDS_ADDR;
 use crate::policy::Probe;
 use crate::wire::{checksum, dhcp as dhcp_wire, ethernet, icmpv4, ipv4};
 use crate::{Egress, PacketMeta, PortId, Verdict};
@@ -64,6 +67,9 @@ pub(super) fn handle<E: Egress + ?Sized>(
     }
     if dst == gateway {
         return router(ctx, frame, meta, tx);
+    }
+    if dst == IMDS_ADDR {
+        return metadata::outbound(ctx, frame, meta, tx);
     }
 
     let hash = if ip.is_fragment() {

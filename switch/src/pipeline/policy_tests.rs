@@ -32,24 +32,24 @@ use crate::GATEWAY_MAC as GW;
 // uplink: port 100
 // ---------------------------------------------------------------------------
 
-fn mac(n: u8) -> [u8; 6] {
+pub(super) fn mac(n: u8) -> [u8; 6] {
     [0x02, 0, 0, 0, 0, n]
 }
-const UPLINK: PortId = 100;
+pub(super) const UPLINK: PortId = 100;
 const UP_MAC: [u8; 6] = [0x02, 0xe1, 0x16, 0, 0, 1];
 const NS_MAC: [u8; 6] = [0x02, 0xe1, 0x16, 0, 0, 2];
-const P1: [u8; 4] = [10, 0, 1, 10];
-const P2: [u8; 4] = [10, 0, 1, 20];
+pub(super) const P1: [u8; 4] = [10, 0, 1, 10];
+pub(super) const P2: [u8; 4] = [10, 0, 1, 20];
 const P3: [u8; 4] = [10, 0, 2, 30];
-const P4: [u8; 4] = [10, 0, 1, 20];
+pub(super) const P4: [u8; 4] = [10, 0, 1, 20];
 const P5: [u8; 4] = [10, 0, 3, 40];
-const P6: [u8; 4] = [10, 0, 1, 50];
-const P7: [u8; 4] = [10, 0, 1, 60];
-const P8: [u8; 4] = [10, 0, 4, 80];
+pub(super) const P6: [u8; 4] = [10, 0, 1, 50];
+pub(super) const P7: [u8; 4] = [10, 0, 1, 60];
+pub(super) const P8: [u8; 4] = [10, 0, 4, 80];
 const EIP1: [u8; 4] = [203, 0, 113, 10];
 const NET: [u8; 4] = [203, 0, 113, 1];
 
-fn cidr(s: &str) -> Cidr {
+pub(super) fn cidr(s: &str) -> Cidr {
     s.parse().expect("fixture CIDR")
 }
 
@@ -105,7 +105,7 @@ fn acl_entry(number: u16, proto: Protocol, lo: i32, hi: i32, allow: bool) -> Acl
     }
 }
 
-fn topology() -> Topology {
+pub(super) fn topology() -> Topology {
     let vpc_a = "vpc-a";
     let mut a2 = subnet("subnet-a2", vpc_a, [10, 0, 2, 0]);
     a2.network_acl = Some("acl-2".into());
@@ -229,6 +229,7 @@ fn topology() -> Topology {
             mac: UP_MAC,
             peer_mac: NS_MAC,
         }),
+        metadata: None,
     }
 }
 
@@ -236,7 +237,7 @@ fn topology() -> Topology {
 // Steps and runner
 // ---------------------------------------------------------------------------
 
-enum Step {
+pub(super) enum Step {
     Frame {
         desc: &'static str,
         ingress: PortId,
@@ -251,7 +252,13 @@ enum Step {
     Advance(u32),
 }
 
-fn pass(desc: &'static str, ingress: PortId, frame: Vec<u8>, to: PortId, out: Vec<u8>) -> Step {
+pub(super) fn pass(
+    desc: &'static str,
+    ingress: PortId,
+    frame: Vec<u8>,
+    to: PortId,
+    out: Vec<u8>,
+) -> Step {
     Step::Frame {
         desc,
         ingress,
@@ -262,7 +269,12 @@ fn pass(desc: &'static str, ingress: PortId, frame: Vec<u8>, to: PortId, out: Ve
     }
 }
 
-fn drop(desc: &'static str, ingress: PortId, frame: Vec<u8>, reason: DropReason) -> Step {
+pub(super) fn drop(
+    desc: &'static str,
+    ingress: PortId,
+    frame: Vec<u8>,
+    reason: DropReason,
+) -> Step {
     Step::Frame {
         desc,
         ingress,
@@ -273,7 +285,7 @@ fn drop(desc: &'static str, ingress: PortId, frame: Vec<u8>, reason: DropReason)
     }
 }
 
-fn drop_at(
+pub(super) fn drop_at(
     desc: &'static str,
     ingress: PortId,
     frame: Vec<u8>,
@@ -332,13 +344,13 @@ fn icmp_unreachable(src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], quoted: &[u8])
     v
 }
 
-struct Bench {
-    sw: Arc<Switch>,
-    worker: SwitchWorker,
+pub(super) struct Bench {
+    pub(super) sw: Arc<Switch>,
+    pub(super) worker: SwitchWorker,
     clock: Arc<AtomicU32>,
 }
 
-fn bench(topo: Topology, slots: usize) -> Bench {
+pub(super) fn bench(topo: Topology, slots: usize) -> Bench {
     let clock = Arc::new(AtomicU32::new(1000));
     let sw = Switch::with_options(SwitchOptions {
         conntrack_slots: slots,
@@ -350,7 +362,7 @@ fn bench(topo: Topology, slots: usize) -> Bench {
     Bench { sw, worker, clock }
 }
 
-fn run(b: &mut Bench, steps: Vec<Step>) {
+pub(super) fn run(b: &mut Bench, steps: Vec<Step>) {
     for step in steps {
         match step {
             Step::Publish(t) => {

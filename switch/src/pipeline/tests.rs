@@ -14,8 +14,12 @@ use etherparse::{
 };
 
 use super::*;
+use crate::config::{MetadataConfig, Topology};
 use crate::wire::dhcp::{message_type as mt, option};
-use crate::{CsumOffload, GsoKind, GsoOffload, GATEWAY_MAC};
+use crate::{
+    decode_metadata_client, metadata_client_addr, CsumOffload, GsoKind, GsoOffload, GATEWAY_MAC,
+    IMDS_ADDR, METADATA_GATEWAY, METADATA_MAC,
+};
 
 // ---------------------------------------------------------------------------
 // Topology
@@ -24,6 +28,7 @@ use crate::{CsumOffload, GsoKind, GsoOffload, GATEWAY_MAC};
 //        DNS configured as 10.0.0.2)
 // vpc-b: subnet 2 = 10.0.1.0/24 (ports 4, 5) -- overlaps subnet 0 on purpose,
 //        and port 4 holds the same address as port 2.
+// metadata: port 8, the server's namespace behind it.
 // ---------------------------------------------------------------------------
 
 const M1: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -48,6 +53,19 @@ const ALL_ONES: [u8; 4] = [255, 255, 255, 255];
 
 /// A port id that is never in the snapshot.
 const ABSENT: PortId = 99;
+
+/// The metadata port and its namespace's MAC.
+const MD: PortId = 8;
+const MD_PEER: [u8; 6] = [0x02, 0xe1, 0x1a, 0, 0, 0x99];
+const MDM: [u8; 6] = METADATA_MAC;
+const IMDS: [u8; 4] = IMDS_ADDR.octets();
+
+/// The client address of a port's address `index`.
+fn client(port: PortId, index: u8) -> [u8; 4] {
+    metadata_client_addr(port, index)
+        .expect("fixture port fits")
+        .octets()
+}
 
 fn subnet(id: &str, vpc: &str, net: [u8; 4], dns: Option<[u8; 4]>) -> SubnetConfig {
     SubnetConfig {
@@ -80,21 +98,26 @@ fn port(
 }
 
 fn topology() -> Snapshot {
-    Snapshot::build(
-        1,
-        vec![
+    Snapshot::compile(Topology {
+        generation: 1,
+        subnets: vec![
             subnet("subnet-a1", "vpc-a", [10, 0, 1, 0], None),
             subnet("subnet-a2", "vpc-a", [10, 0, 2, 0], Some([10, 0, 0, 2])),
             subnet("subnet-b1", "vpc-b", [10, 0, 1, 0], None),
         ],
-        vec![
+        ports: vec![
             port(1, M1, 0, P1, &[P1_SEC], 9001),
             port(2, M2, 0, P2, &[], 1500),
             port(3, M3, 1, P3, &[], 1500),
             port(4, M4, 2, P4, &[], 1500),
             port(5, M5, 2, P5, &[], 1500),
         ],
-    )
+        metadata: Some(MetadataConfig {
+            port: MD,
+            peer_mac: MD_PEER,
+        }),
+        ..Topology::default()
+    })
     .expect("fixture topology is valid")
 }
 
@@ -431,7 +454,7 @@ fn drop_row(desc: &'static str, ingress: PortId, frame: Vec<u8>, reason: DropRea
 }
 
 /// Ports whose counters the runner compares exactly.
-const WATCHED: [PortId; 7] = [0, 1, 2, 3, 4, 5, ABSENT];
+const WATCHED: [PortId; 8] = [0, 1, 2, 3, 4, 5, MD, ABSENT];
 
 fn sub(a: &PortStats, b: &PortStats) -> PortStats {
     let mut drops = [0; DropReason::COUNT];
@@ -1337,11 +1360,255 @@ fn dhcp_rows() -> Vec<Row> {
     ]
 }
 
+/// The instance metadata path: guest -> server with the source replaced by
+/// the port's client address, server -> guest translated back. The
+/// expected frames are built from scratch with the translated addresses,
+/// so equal bytes mean the incremental checksum updates are exact.
+fn metadata_rows() -> Vec<Row> {
+    use crate::wire::checksum;
+    use DropReason::*;
+    let to_md = |desc: &'static str, port: PortId, frame: Vec<u8>, out: Vec<u8>| {
+        row(
+            desc,
+            port,
+            frame,
+            Verdict::Forwarded(MD),
+            Out::Frames(vec![(MD, out)]),
+        )
+    };
+    let from_md = |desc: &'static str, to: PortId, frame: Vec<u8>, out: Vec<u8>| {
+        row(
+            desc,
+            MD,
+            frame,
+            Verdict::Forwarded(to),
+            Out::Frames(vec![(to, out)]),
+        )
+    };
+    // A guest using checksum offload: the TCP field holds the
+    // pseudo-header sum, uncomplemented.
+    let partial = |src: [u8; 4]| {
+        let mut f = tcp(M1, GW, src, IMDS, (40100, 80), b"GET /latest/");
+        let len = (f.len() - 34) as u16;
+        let p = !checksum::finish(checksum::pseudo_header(
+            Ipv4Addr::from(src),
+            IMDS_ADDR,
+            6,
+            len,
+        ));
+        f[34 + 16..34 + 18].copy_from_slice(&p.to_be_bytes());
+        f
+    };
+    let csum_meta = PacketMeta {
+        csum: Some(CsumOffload {
+            start: 34,
+            offset: 16,
+        }),
+        gso: None,
+    };
+    vec![
+        to_md(
+            "TCP to the metadata address: source becomes port 1's client address",
+            1,
+            tcp(M1, GW, P1, IMDS, (40000, 80), b"GET /latest/meta-data/"),
+            tcp(
+                MDM,
+                MD_PEER,
+                client(1, 0),
+                IMDS,
+                (40000, 80),
+                b"GET /latest/meta-data/",
+            ),
+        ),
+        from_md(
+            "the server's answer reaches port 1 from the gateway MAC",
+            1,
+            tcp(MD_PEER, MDM, IMDS, client(1, 0), (80, 40000), b"200 OK"),
+            tcp(GW, M1, IMDS, P1, (80, 40000), b"200 OK"),
+        ),
+        to_md(
+            "UDP from a secondary IP: address index 1",
+            1,
+            udp(M1, GW, P1_SEC, IMDS, 64, (5000, 53), b"q"),
+            udp(MDM, MD_PEER, client(1, 1), IMDS, 64, (5000, 53), b"q"),
+        ),
+        from_md(
+            "the answer to index 1 goes back to the secondary IP",
+            1,
+            udp(MD_PEER, MDM, IMDS, client(1, 1), 64, (53, 5000), b"a"),
+            udp(GW, M1, IMDS, P1_SEC, 64, (53, 5000), b"a"),
+        ),
+        to_md(
+            "TTL 1 from the guest is not decremented",
+            2,
+            udp(M2, GW, P2, IMDS, 1, (5001, 80), b"x"),
+            udp(MDM, MD_PEER, client(2, 0), IMDS, 1, (5001, 80), b"x"),
+        ),
+        from_md(
+            "a token reply with TTL 1 (the IMDSv2 hop limit) arrives with TTL 1",
+            2,
+            udp(MD_PEER, MDM, IMDS, client(2, 0), 1, (80, 5001), b"token"),
+            udp(GW, M2, IMDS, P2, 1, (80, 5001), b"token"),
+        ),
+        to_md(
+            "vpc-b's 10.0.1.20 (port 4) gets another client address than vpc-a's (port 2)",
+            4,
+            tcp(M4, GW, P4, IMDS, (40000, 80), b"GET /"),
+            tcp(MDM, MD_PEER, client(4, 0), IMDS, (40000, 80), b"GET /"),
+        ),
+        from_md(
+            "the answer to port 4's client address reaches port 4, not port 2",
+            4,
+            tcp(MD_PEER, MDM, IMDS, client(4, 0), (80, 40000), b"vpc-b"),
+            tcp(GW, M4, IMDS, P4, (80, 40000), b"vpc-b"),
+        ),
+        from_md(
+            "the same tuple to port 2's client address reaches port 2",
+            2,
+            tcp(MD_PEER, MDM, IMDS, client(2, 0), (80, 40000), b"vpc-a"),
+            tcp(GW, M2, IMDS, P2, (80, 40000), b"vpc-a"),
+        ),
+        to_md(
+            "echo request to the metadata address, from another subnet",
+            3,
+            echo(M3, GW, P3, IMDS, 64, false),
+            echo(MDM, MD_PEER, client(3, 0), IMDS, 64, false),
+        ),
+        from_md(
+            "echo reply from the server",
+            3,
+            echo(MD_PEER, MDM, IMDS, client(3, 0), 64, true),
+            echo(GW, M3, IMDS, P3, 64, true),
+        ),
+        Row {
+            meta: csum_meta,
+            ..to_md(
+                "partial checksum (offload): the pseudo-header sum follows the new source",
+                1,
+                partial(P1),
+                set_macs(partial(client(1, 0)), MD_PEER, MDM),
+            )
+        },
+        drop_row(
+            "echo reply to the metadata address",
+            1,
+            echo(M1, GW, P1, IMDS, 64, true),
+            NoRoute,
+        ),
+        drop_row(
+            "GRE to the metadata address",
+            1,
+            patch_ipv4(udp(M1, GW, P1, IMDS, 64, (1, 2), b""), |h| {
+                h.protocol = etherparse::IpNumber::GRE;
+            }),
+            NoRoute,
+        ),
+        drop_row(
+            "server to an address outside the client block",
+            MD,
+            tcp(MD_PEER, MDM, IMDS, P1, (80, 40000), b""),
+            NoRoute,
+        ),
+        drop_row(
+            "forged source on the metadata port",
+            MD,
+            tcp(
+                MD_PEER,
+                MDM,
+                [169, 254, 169, 253],
+                client(1, 0),
+                (80, 40000),
+                b"",
+            ),
+            NoRoute,
+        ),
+        drop_row(
+            "client address of a port not in the snapshot",
+            MD,
+            tcp(MD_PEER, MDM, IMDS, client(ABSENT, 0), (80, 40000), b""),
+            NoRoute,
+        ),
+        drop_row(
+            "client address of the metadata port itself",
+            MD,
+            tcp(MD_PEER, MDM, IMDS, client(MD, 0), (80, 40000), b""),
+            NoRoute,
+        ),
+        drop_row(
+            "client address beyond the port's addresses",
+            MD,
+            tcp(MD_PEER, MDM, IMDS, client(1, 2), (80, 40000), b""),
+            NoRoute,
+        ),
+        drop_row(
+            "client address of a port id beyond MAX_PORTS",
+            MD,
+            tcp(MD_PEER, MDM, IMDS, [100, 127, 255, 255], (80, 40000), b""),
+            NoRoute,
+        ),
+        drop_row(
+            "broadcast from the metadata port",
+            MD,
+            udp(MD_PEER, BCAST, IMDS, client(1, 0), 64, (1, 2), b""),
+            Broadcast,
+        ),
+        drop_row(
+            "IPv6 from the metadata port",
+            MD,
+            raw(MDM, 0x86dd, &[0x60; 40]),
+            Unsupported,
+        ),
+        drop_row(
+            "truncated IPv4 from the metadata port",
+            MD,
+            tcp(MD_PEER, MDM, IMDS, client(1, 0), (80, 40000), b"")[..30].to_vec(),
+            Malformed,
+        ),
+        row(
+            "guest ARP for the metadata address: the gateway MAC",
+            1,
+            who_has(M1, P1, IMDS),
+            Verdict::Replied,
+            Out::Frames(vec![(1, is_at(GW, IMDS, M1, P1))]),
+        ),
+        row(
+            "namespace ARP for its gateway: the switch's metadata MAC",
+            MD,
+            who_has(MD_PEER, IMDS, METADATA_GATEWAY.octets()),
+            Verdict::Replied,
+            Out::Frames(vec![(
+                MD,
+                is_at(MDM, METADATA_GATEWAY.octets(), MD_PEER, IMDS),
+            )]),
+        ),
+        row(
+            "namespace ARP for a client address (no neighbour entry)",
+            MD,
+            who_has(MD_PEER, IMDS, client(3, 0)),
+            Verdict::Replied,
+            Out::Frames(vec![(MD, is_at(MDM, client(3, 0), MD_PEER, IMDS))]),
+        ),
+        drop_row(
+            "namespace ARP for a VPC address",
+            MD,
+            who_has(MD_PEER, IMDS, P1),
+            NoRoute,
+        ),
+        drop_row(
+            "gratuitous ARP from the namespace",
+            MD,
+            who_has(MD_PEER, IMDS, IMDS),
+            Broadcast,
+        ),
+    ]
+}
+
 fn all_rows() -> Vec<Row> {
     let mut rows = arp_rows();
     rows.extend(forward_rows());
     rows.extend(drop_rows());
     rows.extend(dhcp_rows());
+    rows.extend(metadata_rows());
     rows
 }
 
@@ -1371,6 +1638,59 @@ fn drop_table() {
 fn dhcp_table() {
     let (sw, mut w) = switch();
     run(&sw, &mut w, &dhcp_rows());
+}
+
+#[test]
+fn metadata_table() {
+    let (sw, mut w) = switch();
+    run(&sw, &mut w, &metadata_rows());
+}
+
+/// Every frame the metadata path emits has valid IPv4 and TCP/UDP/ICMP
+/// checksums, checked with the switch's own checksum helpers (the table
+/// compares against etherparse's).
+#[test]
+fn metadata_translation_keeps_checksums_valid() {
+    use crate::wire::{checksum, icmpv4, ipv4};
+    let (_sw, mut w) = switch();
+    let mut checked = [0usize; 3];
+    for r in metadata_rows() {
+        let mut frame = r.frame.clone();
+        let mut cap = Capture::default();
+        let v = w.process(r.ingress, &mut frame, &r.meta, &mut cap);
+        if !matches!(v, Verdict::Forwarded(_)) {
+            continue;
+        }
+        let out = &cap.sent[0].frame;
+        let ip = ipv4::Packet::new_checked(&out[14..]).expect("ipv4");
+        assert!(ip.verify_checksum(), "{}: IPv4 header checksum", r.desc);
+        let l4 = ip.payload();
+        let pseudo = checksum::pseudo_header(ip.src(), ip.dst(), ip.protocol(), l4.len() as u16);
+        match ip.protocol() {
+            ipv4::protocol::TCP | ipv4::protocol::UDP if r.meta.csum.is_some() => {
+                // Offload: the field holds the new pseudo-header sum.
+                let at = r.meta.csum.map_or(0, |c| usize::from(c.offset));
+                let field = u16::from_be_bytes([l4[at], l4[at + 1]]);
+                assert_eq!(field, !checksum::finish(pseudo), "{}: partial sum", r.desc);
+                checked[2] += 1;
+            }
+            ipv4::protocol::TCP | ipv4::protocol::UDP => {
+                let total = checksum::combine(pseudo, checksum::sum(l4));
+                assert_eq!(checksum::finish(total), 0, "{}: L4 checksum", r.desc);
+                checked[0] += 1;
+            }
+            ipv4::protocol::ICMP => {
+                let icmp = icmpv4::Packet::new_checked(l4).expect("icmp");
+                assert!(icmp.verify_checksum(), "{}: ICMP checksum", r.desc);
+                checked[1] += 1;
+            }
+            p => panic!("{}: unexpected protocol {p}", r.desc),
+        }
+    }
+    assert!(
+        checked[0] >= 8 && checked[1] >= 2 && checked[2] >= 1,
+        "{checked:?}"
+    );
 }
 
 /// Reasons this topology (no policy) does not produce: the policy tables
@@ -1451,7 +1771,7 @@ fn truncated_frames_never_panic() {
             let mut frame = r.frame[..len].to_vec();
             let mut cap = Capture::default();
             let v = w.process(r.ingress, &mut frame, &r.meta, &mut cap);
-            check_consistent(r.desc, r.ingress, &r.meta, frame.len(), v, &cap);
+            check_consistent(r.desc, r.ingress, &r.meta, &r.frame[..len], v, &cap);
             if len < full {
                 let want = match r.verdict {
                     Verdict::Dropped(DropReason::PortDown) => DropReason::PortDown,
@@ -1465,27 +1785,59 @@ fn truncated_frames_never_panic() {
     assert!(checked > 5_000, "only {checked} cuts checked");
 }
 
-/// What every verdict promises about the emitted frames.
+/// IPv4 source and destination of a frame the switch parsed.
+fn ip_addrs(frame: &[u8]) -> (Ipv4Addr, Ipv4Addr) {
+    let at = |o: usize| Ipv4Addr::new(frame[o], frame[o + 1], frame[o + 2], frame[o + 3]);
+    (at(26), at(30))
+}
+
+/// What every verdict promises about the emitted frames, given the frame
+/// as it was before processing.
 fn check_consistent(
     desc: &str,
     ingress: PortId,
     meta: &PacketMeta,
-    len: usize,
+    input: &[u8],
     v: Verdict,
     cap: &Capture,
 ) {
     let snap = topology();
+    let len = input.len();
     match v {
         Verdict::Forwarded(d) => {
             assert_eq!(cap.sent.len(), 1, "{desc}");
             assert_eq!(cap.sent[0].port, d, "{desc}");
             assert_ne!(d, ingress, "{desc}: forwarded back to ingress");
-            assert!(snap.port(d).is_some(), "{desc}: forwarded to unknown port");
-            assert_eq!(
-                snap.vpc_of_port(d),
-                snap.vpc_of_port(ingress),
-                "{desc}: VPC leak"
-            );
+            let (src, dst) = ip_addrs(&cap.sent[0].frame);
+            if d == MD {
+                // Only to the server, from the sender's own client address.
+                let owner = snap.port(ingress).expect("sent by an ENI");
+                let index = owner
+                    .addresses()
+                    .position(|a| a == ip_addrs(input).0)
+                    .expect("from one of the sender's addresses");
+                assert_eq!(dst, IMDS_ADDR, "{desc}");
+                assert_eq!(
+                    decode_metadata_client(src),
+                    Some((ingress, index as u8)),
+                    "{desc}: client address"
+                );
+            } else if ingress == MD {
+                // Only to the port and address the client address names.
+                let (port, index) =
+                    decode_metadata_client(ip_addrs(input).1).expect("to a client address");
+                assert_eq!(d, port, "{desc}: delivered to another port");
+                let want = snap.port(d).and_then(|p| p.addresses().nth(index.into()));
+                assert_eq!(Some(dst), want, "{desc}: guest address");
+                assert_eq!(src, IMDS_ADDR, "{desc}");
+            } else {
+                assert!(snap.port(d).is_some(), "{desc}: forwarded to unknown port");
+                assert_eq!(
+                    snap.vpc_of_port(d),
+                    snap.vpc_of_port(ingress),
+                    "{desc}: VPC leak"
+                );
+            }
             assert_eq!(cap.sent[0].frame.len(), len, "{desc}: forwarded length");
             assert_eq!(cap.sent[0].meta, *meta, "{desc}: forwarded meta");
         }
@@ -1511,7 +1863,7 @@ fn xorshift(state: &mut u64) -> u64 {
 fn random_frames_never_panic() {
     let (_sw, mut w) = switch();
     let fixtures = all_rows();
-    let ports = [1, 2, 3, 4, 5, ABSENT];
+    let ports = [1, 2, 3, 4, 5, MD, ABSENT];
     let mut s = 0x9e37_79b9_7f4a_7c15u64;
     let mut verdicts = std::collections::HashSet::new();
     for i in 0..6000 {
@@ -1556,9 +1908,9 @@ fn random_frames_never_panic() {
         };
         let meta = PacketMeta::default();
         let mut cap = Capture::default();
-        let len = frame.len();
+        let input = frame.clone();
         let v = w.process(ingress, &mut frame, &meta, &mut cap);
-        check_consistent("random frame", ingress, &meta, len, v, &cap);
+        check_consistent("random frame", ingress, &meta, &input, v, &cap);
         verdicts.insert(format!("{v:?}"));
     }
     // The generator reaches far enough into the pipeline to matter.
@@ -1600,12 +1952,21 @@ fn forwarded_flow_hash_is_symmetric() {
         ),
     ];
     let mut hashes = Vec::new();
-    let cases = cases.into_iter().chain([(
-        1,
-        tcp(M1, M2, P1, P2, (40001, 80), b"syn"),
-        2,
-        tcp(M2, M1, P2, P1, (80, 40001), b"ack"),
-    )]);
+    let cases = cases.into_iter().chain([
+        (
+            1,
+            tcp(M1, M2, P1, P2, (40001, 80), b"syn"),
+            2,
+            tcp(M2, M1, P2, P1, (80, 40001), b"ack"),
+        ),
+        // Through the metadata translation: hashed as the guest sees it.
+        (
+            1,
+            tcp(M1, GW, P1, IMDS, (40002, 80), b"syn"),
+            MD,
+            tcp(MD_PEER, MDM, IMDS, client(1, 0), (80, 40002), b"ack"),
+        ),
+    ]);
     for (a, mut fa, b, mut fb) in cases {
         let mut ca = Capture::default();
         let mut cb = Capture::default();
@@ -1624,7 +1985,7 @@ fn forwarded_flow_hash_is_symmetric() {
     // port), different hashes.
     hashes.sort_unstable();
     hashes.dedup();
-    assert_eq!(hashes.len(), 4);
+    assert_eq!(hashes.len(), 5);
 }
 
 #[test]

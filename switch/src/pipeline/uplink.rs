@@ -9,7 +9,7 @@ use super::ipv4::{admit, forward, rewrite_address, End, Flow, Side};
 use super::{arp as arp_stage, flow, Tx, Work};
 use crate::config::{Snapshot, GATEWAY_MAC};
 use crate::counters::DropReason;
-use crate::wire::{arp, ethernet, ipv4, WireError};
+use crate::wire::{ethernet, ipv4};
 use crate::{Egress, PacketMeta, PortId, Verdict};
 
 pub(super) fn handle<E: Egress + ?Sized>(
@@ -33,36 +33,14 @@ pub(super) fn handle<E: Egress + ?Sized>(
         _ => return Verdict::Dropped(DropReason::Unsupported),
     }
 
-    let req = match arp::Packet::new_checked(eth.payload()) {
-        Ok(p) => arp::Repr::parse(&p),
-        Err(WireError::Unsupported) => return Verdict::Dropped(DropReason::Unsupported),
-        Err(_) => return Verdict::Dropped(DropReason::Malformed),
+    let req = match arp_stage::request(&eth) {
+        Ok(r) => r,
+        Err(reason) => return Verdict::Dropped(reason),
     };
-    if req.operation != arp::operation::REQUEST || req.sender_ip == req.target_ip {
-        return Verdict::Dropped(DropReason::Broadcast);
-    }
     if !is_live_eip(snap, req.target_ip) {
         return Verdict::Dropped(DropReason::NoRoute);
     }
-    let reply = arp::Repr {
-        operation: arp::operation::REPLY,
-        sender_hw: uplink.mac,
-        sender_ip: req.target_ip,
-        target_hw: req.sender_hw,
-        target_ip: req.sender_ip,
-    };
-    let Ok(len) = arp_stage::write_reply(work.scratch, eth.src(), &reply) else {
-        return Verdict::Dropped(DropReason::Unsupported);
-    };
-    let Some(out) = work.scratch.get(..len) else {
-        return Verdict::Dropped(DropReason::Unsupported);
-    };
-    let hash = flow::flow_hash(reply.sender_ip, reply.target_ip, 0, 0, 0);
-    if tx.send(uplink.port, hash, out, &PacketMeta::default()) {
-        Verdict::Replied
-    } else {
-        Verdict::Dropped(DropReason::QueueFull)
-    }
+    arp_stage::answer(work.scratch, tx, uplink.port, eth.src(), &req, uplink.mac)
 }
 
 /// An Elastic IP whose VPC has an internet gateway attached.
