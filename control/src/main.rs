@@ -89,9 +89,15 @@ enum Cmd {
         #[arg(long, default_value_t = 4)]
         connections: usize,
     },
-    /// List running instances.
+    /// Show the lab as tables: instances, network interfaces (device and
+    /// card index, switch port, counters), network cards and subnets, from
+    /// a running `enilab serve`; without one, the guests under the run dir.
     #[command(alias = "ls")]
     Status {
+        /// The daemon's address.
+        #[arg(long, default_value = "127.0.0.1:8990")]
+        endpoint: std::net::SocketAddr,
+        /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
     },
@@ -256,7 +262,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
-        Cmd::Status { json } => {
+        Cmd::Status { endpoint, json } => {
+            match api::status::fetch(endpoint) {
+                Ok(v) if json => {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Ok(v) => {
+                    print!("{}", api::status::render(&v));
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Err(e) => eprintln!(
+                    "enilab: {e}; listing the guests under {}",
+                    run_root.display()
+                ),
+            }
             let dir = run_root.join("instances");
             let mut rows = Vec::new();
             if let Ok(rd) = std::fs::read_dir(&dir) {

@@ -92,6 +92,11 @@ pub trait InstanceDriver: Send + Sync + 'static {
         Ok(())
     }
 
+    /// What the driver runs, for `enilab status` (JSON; `null`: nothing).
+    fn status(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
     /// Is the instance's guest running now? The recording driver says yes.
     fn is_running(&self, _inst: &Instance) -> bool {
         true

@@ -45,6 +45,16 @@ pub async fn handle(
     api: Arc<Api>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.method() == Method::GET && req.uri().path() == super::status::PATH {
+        let body = match tokio::task::spawn_blocking(move || super::status::collect(&api)).await {
+            Ok(v) => v.to_string(),
+            Err(_) => "{}".to_string(),
+        };
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        return Ok(resp);
+    }
     Ok(to_response(handle_inner(api, req).await))
 }
 

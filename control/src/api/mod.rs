@@ -28,6 +28,7 @@ pub mod qemu_driver;
 pub mod query;
 pub mod route;
 pub mod sg;
+pub mod status;
 pub mod tags;
 pub mod vpc;
 pub mod xml;

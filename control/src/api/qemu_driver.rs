@@ -484,6 +484,67 @@ impl InstanceDriver for QemuDriver {
         self.boot(inst, enis)
     }
 
+    fn status(&self) -> serde_json::Value {
+        use serde_json::json;
+        let g = self.inner();
+        let devices: Vec<_> = g
+            .devices
+            .iter()
+            .map(|(id, d)| {
+                json!({
+                    "eni": id,
+                    "instance": d.instance,
+                    "port": d.port,
+                    "card": d.card,
+                    "queue_pairs": d.queue_pairs,
+                    "socket": d.server.path(),
+                    "sessions": d.server.device().sessions.load(Ordering::Relaxed),
+                    "stats": self.switch.stats(d.port),
+                })
+            })
+            .collect();
+        let vms: Vec<_> = g
+            .vms
+            .iter()
+            .map(|(id, vm)| {
+                json!({
+                    "instance": id,
+                    "pid": vm.qemu.pid(),
+                    "running": vm.qemu.is_running(),
+                    "agent": vm.agent.ready(),
+                    "up_s": vm.started.elapsed().as_secs(),
+                })
+            })
+            .collect();
+        drop(g);
+        let cards: Vec<_> = self
+            .datapath
+            .cards()
+            .iter()
+            .map(|c| {
+                let w = c.worker_stats();
+                json!({
+                    "card": c.id(),
+                    "workers": c.workers(),
+                    "forwarded": w.iter().map(|s| s.forwarded).sum::<u64>(),
+                    "dropped": w.iter().map(|s| s.dropped).sum::<u64>(),
+                    "wakeups": w.iter().map(|s| s.wakeups).sum::<u64>(),
+                })
+            })
+            .collect();
+        json!({
+            "accel": self.accel.accel.to_string(),
+            "accel_reason": self.accel.reason,
+            "internet": self.internet.as_ref().map(|i| json!({
+                "netns": i.netns(), "addr": i.addr().to_string(), "port": i.port(),
+                "stats": self.switch.stats(i.port()),
+            })),
+            "vms": vms,
+            "devices": devices,
+            "cards": cards,
+        })
+    }
+
     fn stop(&self, inst: &Instance) -> Result<(), DriverError> {
         self.halt(inst)
     }
