@@ -621,9 +621,12 @@ class PublicIpTests(Base):
         self.assertNotIn("Association", self.eni(spare))
 
     def test_pool_is_shared_released_at_terminate_and_durable(self):
-        d = Daemon(extra=["--public-pool", "192.0.2.0/30"])  # two usable addresses
+        # .2-.6 usable (.1 is the internet host); three taken by Elastic IPs.
+        d = Daemon(extra=["--public-pool", "192.0.2.0/29"])
         try:
             ec2 = d.client()
+            taken = [ec2.allocate_address(Domain="vpc")["PublicIp"] for _ in range(3)]
+            self.assertEqual(taken, ["192.0.2.2", "192.0.2.3", "192.0.2.4"])
             v = ec2.create_vpc(CidrBlock="10.62.0.0/16")["Vpc"]["VpcId"]
             s = ec2.create_subnet(VpcId=v, CidrBlock="10.62.1.0/24")["Subnet"]["SubnetId"]
             ec2.modify_subnet_attribute(SubnetId=s, MapPublicIpOnLaunch={"Value": True})
@@ -638,7 +641,7 @@ class PublicIpTests(Base):
                 return ec2.describe_instances(InstanceIds=[i])["Reservations"][0]["Instances"][0]["State"]["Name"]
 
             a, b = run(), run()
-            self.assertEqual(sorted([pub(a), pub(b)]), ["192.0.2.1", "192.0.2.2"])
+            self.assertEqual(sorted([pub(a), pub(b)]), ["192.0.2.5", "192.0.2.6"])
             # The pool is full: no third launch, no Elastic IP, nothing left behind.
             with self.assertRaises(ClientError) as cm:
                 run()

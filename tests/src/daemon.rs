@@ -187,10 +187,30 @@ impl ApiDaemon {
         self.addr = None;
     }
 
-    /// Start the daemon again on the same state and run root.
+    /// Start a stopped daemon again on the same state and run root.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the daemon is still running");
+        self.spawn();
+    }
+
+    /// Stop the daemon and start it again.
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
+    }
+
+    /// QEMU pid of instance `id` (from its pidfile).
+    pub fn qemu_pid(&self, id: &str) -> Option<u32> {
+        std::fs::read_to_string(self.run_root.join("instances").join(id).join("qemu.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+
+    /// Kill instance `id`'s QEMU (a crashed host process), by PID.
+    pub fn kill_guest(&self, id: &str) -> bool {
+        let marker = self.run_root.to_string_lossy().into_owned();
+        self.qemu_pid(id)
+            .is_some_and(|pid| kill_if_ours(pid, &marker))
     }
 
     /// Call `action`; the XML body or EC2's error.

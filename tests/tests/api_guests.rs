@@ -390,29 +390,42 @@ fn daemon_threads(d: &ApiDaemon) -> Vec<String> {
 }
 
 /// The daemon stops and starts under running guests: state and guests
-/// come back, the guests are adopted (same QEMU pids) and traffic flows.
+/// come back, running guests are adopted (same QEMU pids) and carry
+/// traffic, a guest that died meanwhile is reported stopped, and attach
+/// works on an adopted guest.
 fn scenario_daemon_restart() {
     let Some(mut d) = daemon("restart") else {
         return;
     };
     let (_, subnet) = network(&d);
-    let v = boot(&d, &subnet, &["t3.micro", "t3.micro"]);
-    let pids = d.qemu_pids();
-    d.restart();
-    assert_eq!(d.instance_state(&v[0].0), "running");
-    let mut after = d.qemu_pids();
-    after.sort();
-    let mut before = pids;
-    before.sort();
-    assert_eq!(before, after, "the guests were not adopted");
+    let v = boot(&d, &subnet, &["t3.micro", "t3.micro", "t3.micro"]);
+    let kept: Vec<Option<u32>> = v[..2].iter().map(|(id, _)| d.qemu_pid(id)).collect();
+    d.stop();
+    assert!(d.kill_guest(&v[2].0), "no QEMU to kill for {}", v[2].0);
+    d.start_again();
+    for (id, _) in &v[..2] {
+        assert_eq!(d.instance_state(id), "running", "{id}");
+    }
+    let now: Vec<Option<u32>> = v[..2].iter().map(|(id, _)| d.qemu_pid(id)).collect();
+    assert_eq!(kept, now, "the guests were not adopted");
+    assert_eq!(
+        d.instance_state(&v[2].0),
+        "stopped",
+        "a dead guest must be reported stopped"
+    );
     d.wait("traffic after the restart", SHORT * 2, || {
         d.pings(&v[0].0, &v[1].1)
     });
-    // Attach still works on adopted guests.
     let (eni, ip) = create_eni(&d, &subnet);
     attach(&d, &eni, &v[0].0, 1, 0);
     d.wait(&format!("{ip} after restart"), SHORT * 2, || {
         d.pings(&v[1].0, &ip)
+    });
+    // The stopped one starts again, with its interface.
+    d.ok("StartInstances", &[("InstanceId.1", &v[2].0)]);
+    d.wait_guest(&v[2].0, BOOT);
+    d.wait("the restarted guest reachable", BOOT, || {
+        d.pings(&v[0].0, &v[2].1)
     });
 }
 
