@@ -58,6 +58,10 @@ impl Job {
 /// Runs instances. Every method is called on a worker thread, never with
 /// the store locked, and may block.
 pub trait InstanceDriver: Send + Sync + 'static {
+    /// Called once when the API has opened its store, before anything else
+    /// (a driver that serves reads of the state keeps a weak reference).
+    fn on_open(&self, _store: &std::sync::Arc<crate::store::Store>) {}
+
     /// Called after every committed change (with the store locked: be quick,
     /// e.g. build and swap a switch snapshot).
     fn on_change(&self, _state: &State) {}

@@ -238,6 +238,7 @@ impl Api {
         driver: Arc<dyn InstanceDriver>,
     ) -> Result<Arc<Api>, ApiError> {
         let store = Arc::new(Store::open(state_dir)?);
+        driver.on_open(&store);
         store.set_observer(Arc::new(driver::DriverObserver(driver.clone())));
         let jobs = jobs::JobQueue::start(store.clone(), driver.clone());
         let image_dir = crate::image::Image::locate().ok().map(|i| i.dir);

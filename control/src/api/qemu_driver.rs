@@ -22,7 +22,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use enilab_backend::{Datapath, DeviceConfig, EniServer};
@@ -33,7 +33,7 @@ use crate::image::Image;
 use crate::lab::{instance_dir, Internet, InternetOptions};
 use crate::qemu::{self, AccelChoice, InstanceSpec, NicSpec, QemuBinary};
 use crate::store::model::{Eni, Instance};
-use crate::store::State;
+use crate::store::{State, Store};
 
 use super::config::Config;
 use super::datapath::topology_for_account;
@@ -103,7 +103,8 @@ pub struct QemuDriver {
     switch: Arc<Switch>,
     datapath: Datapath,
     internet: Option<Internet>,
-    inner: Mutex<Inner>,
+    inner: Arc<Mutex<Inner>>,
+    store: Arc<OnceLock<Weak<Store>>>,
     generation: AtomicU64,
 }
 
@@ -181,7 +182,8 @@ impl QemuDriver {
             switch,
             datapath,
             internet,
-            inner: Mutex::new(inner),
+            inner: Arc::new(Mutex::new(inner)),
+            store: Arc::new(OnceLock::new()),
             generation: AtomicU64::new(0),
         })
     }
@@ -476,6 +478,10 @@ impl Drop for QemuDriver {
 }
 
 impl InstanceDriver for QemuDriver {
+    fn on_open(&self, store: &Arc<Store>) {
+        let _ = self.store.set(Arc::downgrade(store));
+    }
+
     fn on_change(&self, state: &State) {
         self.publish(state);
     }
