@@ -2,6 +2,7 @@
 //! reads against a fake service.
 
 use super::*;
+use std::process::Command;
 
 fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
@@ -588,4 +589,201 @@ fn reads_interfaces_and_addresses() {
     assert!(ipv4_addrs()
         .get("lo")
         .is_some_and(|a| a.contains(&Ipv4Addr::LOCALHOST)));
+}
+
+/// A network namespace of this test process, deleted on drop (even when
+/// an assertion fails).
+struct TestNs(String);
+
+impl TestNs {
+    fn new(tag: &str) -> Option<TestNs> {
+        let name = format!("enilab-agent-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !ok {
+            if std::env::var("ENILAB_REQUIRE_GUESTS").as_deref() == Ok("1") {
+                panic!("cannot create a network namespace and ENILAB_REQUIRE_GUESTS=1");
+            }
+            eprintln!("SKIPPED: the plan test needs root to create a network namespace");
+            return None;
+        }
+        Some(TestNs(name))
+    }
+
+    /// `ip -n NS args`; its stdout, or a failure.
+    fn ip(&self, args: &[String]) -> Result<String, String> {
+        let o = Command::new("ip")
+            .arg("-n")
+            .arg(&self.0)
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if o.status.success() {
+            Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&o.stderr).into_owned())
+        }
+    }
+
+    fn sh(&self, args: &str) -> String {
+        let a: Vec<String> = args.split_whitespace().map(String::from).collect();
+        self.ip(&a).unwrap_or_else(|e| panic!("ip {args}: {e}"))
+    }
+
+    /// Run a plan as `watch` does: removals, then additions; a failure of
+    /// anything but a removal fails the test.
+    fn apply(&self, p: &Plan) {
+        for c in p.remove.iter().chain(&p.add) {
+            if let Err(e) = self.ip(&c.0) {
+                assert!(c.tolerant(), "{c}: {e}");
+            }
+        }
+    }
+
+    fn observe(&self, dev: &str) -> Option<Observed> {
+        let idx = self
+            .ip(&["-o".into(), "link".into(), "show".into(), dev.into()])
+            .ok()?;
+        let ifindex = idx.split(':').next()?.trim().parse().ok()?;
+        let out = self.sh(&format!("-o -4 addr show dev {dev}"));
+        let addrs = out
+            .lines()
+            .filter_map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                let i = w.iter().position(|x| *x == "inet")?;
+                w.get(i + 1)?.split('/').next()?.parse().ok()
+            })
+            .collect();
+        Some(Observed {
+            ifindex,
+            addrs,
+            lease: None,
+        })
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// Step through a plan, apply it, and return what was applied.
+fn step(ns: &TestNs, dev: &str, prev: Option<&Applied>, want: Option<&Desired>) -> Option<Applied> {
+    let now = ns.observe(dev);
+    let p = plan_iface(dev, prev, want, now.as_ref());
+    ns.apply(&p);
+    want.map(|w| Applied {
+        want: w.clone(),
+        lease: now.and_then(|o| o.lease),
+        routed: p.routed,
+        complete: true,
+    })
+}
+
+#[test]
+fn plans_apply_cleanly_to_a_real_kernel() {
+    let Some(ns) = TestNs::new("plan") else {
+        return;
+    };
+    ns.sh("link set dev lo up");
+    // eth0 as DHCP leaves it; eth1 hot-plugged, down and bare.
+    // veth pairs (dummy may be missing); the peers' ends up for carrier.
+    ns.sh("link add eth0 type veth peer name peer0");
+    ns.sh("link set dev peer0 up");
+    ns.sh("link set dev eth0 up");
+    ns.sh("addr add 10.0.1.10/24 dev eth0");
+    ns.sh("route add default via 10.0.1.1 dev eth0");
+    ns.sh("link add eth1 type veth peer name peer1");
+    ns.sh("link set dev peer1 up");
+
+    let idx = |d: &str| ns.observe(d).unwrap().ifindex;
+    let m0 = meta(MAC0, 0, 0, &["10.0.1.10", "10.0.1.20"]);
+    let w0 = want("eth0", idx("eth0"), &m0);
+    let m1 = meta(MAC1, 1, 0, &["10.0.1.50", "10.0.1.51"]);
+    let w1 = want("eth1", idx("eth1"), &m1);
+    let a0 = step(&ns, "eth0", None, Some(&w0));
+    let a1 = step(&ns, "eth1", None, Some(&w1));
+
+    let rules = ns.sh("-4 rule show");
+    for r in [
+        "10000:\tfrom 10.0.1.10 lookup 10000",
+        "10000:\tfrom 10.0.1.20 lookup 10000",
+        "10001:\tfrom 10.0.1.50 lookup 10001",
+        "10001:\tfrom 10.0.1.51 lookup 10001",
+    ] {
+        assert_eq!(rules.matches(r).count(), 1, "{r} in\n{rules}");
+    }
+    let t1 = ns.sh("-4 route show table 10001");
+    assert!(t1.contains("default via 10.0.1.1 dev eth1"), "{t1}");
+    assert!(
+        t1.contains("10.0.1.0/24 dev eth1 scope link src 10.0.1.50"),
+        "{t1}"
+    );
+    let t0 = ns.sh("-4 route show table 10000");
+    assert!(t0.contains("default via 10.0.1.1 dev eth0"), "{t0}");
+    // The main table keeps eth0's default route only.
+    let main = ns.sh("-4 route show table main");
+    assert_eq!(main.matches("default").count(), 1, "{main}");
+    assert!(main.contains("default via 10.0.1.1 dev eth0"), "{main}");
+    // A packet from eth1's secondary address leaves through eth1.
+    let r = ns.sh("-4 route get 192.0.2.9 from 10.0.1.51");
+    assert!(r.contains("dev eth1"), "{r}");
+    let r = ns.sh("-4 route get 192.0.2.9 from 10.0.1.20");
+    assert!(r.contains("dev eth0"), "{r}");
+    // Settled: the same inputs plan nothing.
+    let now1 = ns.observe("eth1");
+    assert!(plan_iface("eth1", a1.as_ref(), Some(&w1), now1.as_ref()).is_empty());
+
+    // Applying twice (an agent restart: no memory) doubles nothing.
+    step(&ns, "eth1", None, Some(&w1));
+    let rules = ns.sh("-4 rule show");
+    assert_eq!(
+        rules.matches("from 10.0.1.51 lookup 10001").count(),
+        1,
+        "{rules}"
+    );
+
+    // The secondary moves from eth1 to eth0.
+    let w1b = want("eth1", idx("eth1"), &meta(MAC1, 1, 0, &["10.0.1.50"]));
+    let w0b = want(
+        "eth0",
+        idx("eth0"),
+        &meta(MAC0, 0, 0, &["10.0.1.10", "10.0.1.20", "10.0.1.51"]),
+    );
+    let a1 = step(&ns, "eth1", a1.as_ref(), Some(&w1b));
+    step(&ns, "eth0", a0.as_ref(), Some(&w0b));
+    let r = ns.sh("-4 route get 192.0.2.9 from 10.0.1.51");
+    assert!(r.contains("dev eth0"), "{r}");
+    assert!(!ns.observe("eth1").unwrap().addrs.contains(&ip("10.0.1.51")));
+    assert!(
+        ns.observe("eth1").unwrap().addrs.contains(&ip("10.0.1.50")),
+        "promoted"
+    );
+
+    // eth1 detached: the interface goes, then its rules and table.
+    ns.sh("link del eth1");
+    step(&ns, "eth1", a1.as_ref(), None);
+    let rules = ns.sh("-4 rule show");
+    assert!(!rules.contains("lookup 10001"), "{rules}");
+    assert!(ns.sh("-4 route show table 10001").trim().is_empty());
+    assert_eq!(
+        ns.sh("-4 route show table main").matches("default").count(),
+        1
+    );
+    assert!(ns
+        .sh("-4 route show table main")
+        .contains("default via 10.0.1.1 dev eth0"));
+    // What a restarted agent would sweep: only the rules of our range.
+    let stale = stale_rules(&ns.sh("-4 rule show"));
+    assert_eq!(stale.len(), 3, "{stale:?}");
+    for c in &stale {
+        ns.ip(&c.0).unwrap();
+    }
+    let rules = ns.sh("-4 rule show");
+    assert!(!rules.contains("lookup 100"), "{rules}");
+    assert!(rules.contains("lookup main"), "{rules}");
 }
