@@ -20,6 +20,8 @@ pub mod service;
 pub mod token;
 
 #[cfg(test)]
+mod e2e_tests;
+#[cfg(test)]
 mod testutil;
 
 use std::net::Ipv4Addr;

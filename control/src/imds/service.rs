@@ -52,7 +52,7 @@ impl std::fmt::Debug for ImdsService {
 
 /// Run `f` on a new thread that has entered network namespace `name`; the
 /// thread ends with `f`, so no other code of ours runs in the namespace.
-fn in_netns<T: Send>(
+pub(crate) fn in_netns<T: Send>(
     name: &str,
     f: impl FnOnce() -> std::io::Result<T> + Send,
 ) -> Result<std::io::Result<T>, ImdsError> {

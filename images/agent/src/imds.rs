@@ -177,9 +177,15 @@ impl Client {
                     _ => {}
                 }
             }
+            // Not reachable (yet: no route before DHCP): the next request
+            // asks again rather than settling for IMDSv1.
+            Err(ImdsError::Connect(_) | ImdsError::Io(_)) => {
+                self.token = None;
+                return;
+            }
             _ => {}
         }
-        // Fall back to IMDSv1 for a while.
+        // The service answered but gave no token: IMDSv1 for a while.
         self.token = None;
         self.v1_until = Some(now + V1_BACKOFF);
     }
@@ -342,6 +348,39 @@ pub(crate) mod tests {
         // One token attempt, then IMDSv1 without retrying it every time.
         assert_eq!(log.iter().filter(|(f, _)| f.starts_with("PUT")).count(), 1);
         assert!(log.iter().all(|(_, t)| t.is_none()));
+    }
+
+    #[test]
+    fn an_unreachable_service_is_asked_for_a_token_again() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        let mut c = Client::new(addr, Duration::from_millis(500));
+        assert!(matches!(c.get("/x"), Err(ImdsError::Connect(_))));
+        // The service comes up on that address (as after DHCP).
+        let l = TcpListener::bind(addr).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for s in l.incoming().take(2) {
+                let mut s = s.unwrap();
+                let mut buf = [0u8; 1024];
+                let n = s.read(&mut buf).unwrap();
+                let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let body = if req.starts_with("PUT") { "tok" } else { "v2" };
+                let _ = tx.send(req);
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        assert_eq!(c.get("/x").unwrap(), Some("v2".into()));
+        assert!(rx.recv().unwrap().starts_with("PUT /latest/api/token"));
+        assert!(rx
+            .recv()
+            .unwrap()
+            .contains("X-aws-ec2-metadata-token: tok\r\n"));
     }
 
     #[test]
