@@ -5,6 +5,7 @@ pub mod agent;
 pub mod api;
 pub mod demo;
 pub mod image;
+pub mod imds;
 pub mod lab;
 pub mod netns;
 pub mod qemu;

@@ -6,9 +6,13 @@
 //! * [`server`]: the serve loop, over any pollable descriptor.
 //! * [`guest`], [`net`]: guest-only parts (virtio-serial port discovery,
 //!   kernel command line, the interface/DHCP watcher).
+//! * [`imds`], [`eni`]: the metadata client and the ENI configuration
+//!   (addresses, route tables, policy rules) it drives.
 
 pub mod b64;
+pub mod eni;
 pub mod guest;
+pub mod imds;
 pub mod net;
 pub mod proto;
 pub mod server;

@@ -1,25 +1,27 @@
 //! `enilab-agent`: the guest agent daemon. Started (and restarted) by init.
 //!
-//! Usage: `enilab-agent [--port NAME] [--device PATH] [--no-net]`
+//! Usage: `enilab-agent [--port NAME] [--device PATH] [--no-net] [--no-eni]`
 //!   --port NAME    virtio-serial port name (default org.enilab.agent)
 //!   --device PATH  serve on this character device instead of looking up
 //!                  the port in sysfs
-//!   --no-net       do not run the interface/DHCP watcher
-//! The kernel parameter `enilab.net=off` also disables the watcher.
+//!   --no-net       do not run the interface/DHCP watcher (nor the ENI
+//!                  configuration)
+//!   --no-eni       do not configure ENIs from instance metadata
+//! The kernel parameters `enilab.net=off` and `enilab.eni=off` do the same.
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use enilab_agent::{guest, net, proto, server, sys};
+use enilab_agent::{eni, guest, net, proto, server, sys};
 
 fn log(msg: &str) {
     eprintln!("enilab-agent: {msg}");
 }
 
 fn usage() -> ! {
-    eprintln!("usage: enilab-agent [--port NAME] [--device PATH] [--no-net]");
+    eprintln!("usage: enilab-agent [--port NAME] [--device PATH] [--no-net] [--no-eni]");
     std::process::exit(2);
 }
 
@@ -28,12 +30,14 @@ fn main() {
     let mut port = proto::PORT_NAME.to_string();
     let mut device: Option<PathBuf> = None;
     let mut run_net = true;
+    let mut run_eni = true;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--port" => port = args.next().unwrap_or_else(|| usage()),
             "--device" => device = Some(args.next().unwrap_or_else(|| usage()).into()),
             "--no-net" => run_net = false,
+            "--no-eni" => run_eni = false,
             "--version" => {
                 println!(
                     "enilab-agent {} (protocol {})",
@@ -58,6 +62,9 @@ fn main() {
     if params.get("net").is_some_and(|v| v == "off") {
         run_net = false;
     }
+    if params.get("eni").is_some_and(|v| v == "off") {
+        run_eni = false;
+    }
     log(&format!(
         "version {} starting {} ms after boot",
         env!("CARGO_PKG_VERSION"),
@@ -72,6 +79,15 @@ fn main() {
             .spawn(move || net::watch(net::NetConfig::default(), stop))
         {
             log(&format!("cannot start the interface watcher: {e}"));
+        }
+    }
+    if run_net && run_eni {
+        let stop = stop.clone();
+        if let Err(e) = std::thread::Builder::new()
+            .name("agent-eni".into())
+            .spawn(move || eni::watch(eni::EniConfig::default(), stop))
+        {
+            log(&format!("cannot start the ENI configuration: {e}"));
         }
     }
 
