@@ -216,6 +216,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                                 AccelArg::Tcg => qemu::Accel::Tcg,
                             }),
                             internet: !no_internet,
+                            metadata: true,
                             image: None,
                         })
                         .context("cannot start the QEMU driver (use --driver record to serve without VMs)")?,

@@ -396,6 +396,7 @@ impl Drop for ApiDaemon {
             kill_if_ours(pid, &marker);
         }
         enilab_control::netns::Netns::sweep_stale(enilab_control::lab::INTERNET_NETNS_PREFIX);
+        enilab_control::netns::Netns::sweep_stale(enilab_control::imds::NETNS_PREFIX);
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }

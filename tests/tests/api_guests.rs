@@ -210,9 +210,11 @@ fn scenario_detach_reattach() {
         .contains(&format!("inet {ip}/")));
 }
 
+/// One HTTP/1.0 exchange with the metadata service from inside `id`, with
+/// busybox nc (stdin stays open a second: nc drops the connection at EOF).
 fn http(d: &ApiDaemon, id: &str, request: &str) -> String {
     let script = format!(
-        "printf '{}' | nc -w 3 169.254.169.254 80",
+        "(printf '{}'; sleep 1) | nc -w 3 169.254.169.254 80",
         request.replace('\n', "\\r\\n")
     );
     d.sh(id, &script, SHORT).stdout_str()

@@ -26,10 +26,11 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use enilab_backend::{Datapath, DeviceConfig, EniServer};
-use enilab_switch::{PortId, Snapshot, Switch};
+use enilab_switch::{MetadataConfig, PortId, Snapshot, Switch};
 
 use crate::agent::AgentMux;
 use crate::image::Image;
+use crate::imds::{ImdsService, MetadataSource};
 use crate::lab::{instance_dir, Internet, InternetOptions};
 use crate::qemu::{self, AccelChoice, InstanceSpec, NicSpec, QemuBinary};
 use crate::store::model::{Eni, Instance};
@@ -65,6 +66,9 @@ pub struct QemuDriverOptions {
     /// gateways and Elastic IPs. Needs CAP_NET_ADMIN; without it the daemon
     /// runs with no uplink and says so.
     pub internet: bool,
+    /// Serve instance metadata at 169.254.169.254 (a namespace behind the
+    /// metadata port). Needs CAP_NET_ADMIN too.
+    pub metadata: bool,
     pub image: Option<Image>,
 }
 
@@ -103,6 +107,7 @@ pub struct QemuDriver {
     switch: Arc<Switch>,
     datapath: Datapath,
     internet: Option<Internet>,
+    imds: Option<ImdsService>,
     inner: Arc<Mutex<Inner>>,
     store: Arc<OnceLock<Weak<Store>>>,
     generation: AtomicU64,
@@ -172,6 +177,31 @@ impl QemuDriver {
         } else {
             None
         };
+        let inner = Arc::new(Mutex::new(inner));
+        let store = Arc::new(OnceLock::new());
+        let imds = if opts.metadata {
+            let port = {
+                let mut g = inner.lock().unwrap_or_else(|e| e.into_inner());
+                g.next_port += 1;
+                g.next_port - 1
+            };
+            let source = Arc::new(Source {
+                inner: inner.clone(),
+                store: store.clone(),
+                account: opts.config.account_id.clone(),
+            });
+            match ImdsService::start(&datapath, port, source) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(
+                        "no instance metadata service ({e}); guests cannot reach 169.254.169.254"
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Ok(QemuDriver {
             run_root: opts.run_root,
             sockets,
@@ -182,8 +212,9 @@ impl QemuDriver {
             switch,
             datapath,
             internet,
-            inner: Arc::new(Mutex::new(inner)),
-            store: Arc::new(OnceLock::new()),
+            imds,
+            inner,
+            store,
             generation: AtomicU64::new(0),
         })
     }
@@ -457,10 +488,43 @@ impl QemuDriver {
             &self.config.account_id,
         );
         topo.uplink = self.internet.as_ref().map(|i| i.uplink_config());
+        topo.metadata = self.imds.as_ref().map(|m| MetadataConfig {
+            port: m.port(),
+            peer_mac: m.peer_mac(),
+        });
         match Snapshot::compile(topo) {
             Ok(snap) => self.switch.publish(snap),
             Err(e) => tracing::error!("the state does not compile into a switch snapshot: {e}"),
         }
+    }
+}
+
+/// What the metadata service asks the driver: which instance a client
+/// address (the switch's SNAT of a guest's port) belongs to, and the state.
+struct Source {
+    inner: Arc<Mutex<Inner>>,
+    store: Arc<OnceLock<Weak<Store>>>,
+    account: String,
+}
+
+impl MetadataSource for Source {
+    fn instance_of(&self, client: std::net::Ipv4Addr) -> Option<String> {
+        let (port, _) = enilab_switch::decode_metadata_client(client)?;
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.devices
+            .values()
+            .find(|d| d.port == port)
+            .map(|d| d.instance.clone())
+    }
+
+    fn with_state(&self, f: &mut dyn FnMut(&State)) {
+        if let Some(store) = self.store.get().and_then(Weak::upgrade) {
+            store.read(|st| f(st));
+        }
+    }
+
+    fn account_id(&self) -> String {
+        self.account.clone()
     }
 }
 
@@ -473,6 +537,7 @@ impl Drop for QemuDriver {
         if let Some(i) = &self.internet {
             i.close();
         }
+        self.imds = None;
         self.datapath.shutdown();
     }
 }

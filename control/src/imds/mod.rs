@@ -29,16 +29,13 @@ use std::net::Ipv4Addr;
 pub use http::{Limits, Stats};
 pub use service::ImdsService;
 
-/// The service's address, inside its namespace.
-pub const IMDS_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+/// The switch's constants: one definition of the metadata link.
+pub use enilab_switch::{IMDS_ADDR, METADATA_GATEWAY, METADATA_MAC};
+
 /// Prefix length of [`IMDS_ADDR`] on the namespace's interface.
 pub const IMDS_PREFIX: u8 = 16;
-/// The switch's MAC on the metadata port: the next hop of every reply.
-pub const METADATA_MAC: [u8; 6] = [0x02, 0xe1, 0x1a, 0x00, 0x00, 0x03];
-/// The switch's address on the metadata link, the gateway to the clients.
-pub const METADATA_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 1);
 /// The clients' addresses (the switch's SNAT of each guest) and its length.
-pub const CLIENT_NET: (Ipv4Addr, u8) = (Ipv4Addr::new(100, 64, 0, 0), 10);
+pub const CLIENT_NET: (Ipv4Addr, u8) = enilab_switch::METADATA_CLIENT_NET;
 /// Prefix of the service's namespace names (`<prefix>-<pid>-<n>`).
 pub const NETNS_PREFIX: &str = "enilab-imds";
 
