@@ -402,7 +402,18 @@ fn scenario_daemon_restart() {
     let (_, subnet) = network(&d);
     let v = boot(&d, &subnet, &["t3.micro", "t3.micro", "t3.micro"]);
     let kept: Vec<Option<u32>> = v[..2].iter().map(|(id, _)| d.qemu_pid(id)).collect();
+    let pid = d.daemon_pid();
     d.stop();
+    // A clean stop takes its internet and metadata namespaces with it.
+    let ns = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    assert!(
+        !ns.contains(&format!("-{pid}-")),
+        "namespaces of the stopped daemon {pid} remain:\n{ns}"
+    );
     assert!(d.kill_guest(&v[2].0), "no QEMU to kill for {}", v[2].0);
     d.start_again();
     for (id, _) in &v[..2] {

@@ -107,7 +107,9 @@ pub struct QemuDriver {
     switch: Arc<Switch>,
     datapath: Datapath,
     internet: Option<Internet>,
-    imds: Option<ImdsService>,
+    /// Taken (stopped) by [`QemuDriver::release`].
+    imds: Mutex<Option<ImdsService>>,
+    metadata: Option<MetadataConfig>,
     inner: Arc<Mutex<Inner>>,
     store: Arc<OnceLock<Weak<Store>>>,
     generation: AtomicU64,
@@ -202,6 +204,10 @@ impl QemuDriver {
         } else {
             None
         };
+        let metadata = imds.as_ref().map(|m| MetadataConfig {
+            port: m.port(),
+            peer_mac: m.peer_mac(),
+        });
         Ok(QemuDriver {
             run_root: opts.run_root,
             sockets,
@@ -212,7 +218,8 @@ impl QemuDriver {
             switch,
             datapath,
             internet,
-            imds,
+            imds: Mutex::new(imds),
+            metadata,
             inner,
             store,
             generation: AtomicU64::new(0),
@@ -267,11 +274,21 @@ impl QemuDriver {
         instance_dir(&self.run_root, inst)
     }
 
-    /// Leave every guest running when this driver goes (daemon stop).
+    /// The daemon stops: leave every guest running for the next daemon to
+    /// adopt, but take down the internet and metadata namespaces (the next
+    /// daemon makes its own).
     pub fn release(&self) {
         for vm in self.inner().vms.values() {
             vm.qemu.leave_running();
         }
+        self.stop_services();
+    }
+
+    fn stop_services(&self) {
+        if let Some(i) = &self.internet {
+            i.close();
+        }
+        drop(self.imds.lock().unwrap_or_else(|e| e.into_inner()).take());
     }
 
     fn queue_pairs(&self, inst: &Instance, eni: &Eni) -> u16 {
@@ -488,10 +505,7 @@ impl QemuDriver {
             &self.config.account_id,
         );
         topo.uplink = self.internet.as_ref().map(|i| i.uplink_config());
-        topo.metadata = self.imds.as_ref().map(|m| MetadataConfig {
-            port: m.port(),
-            peer_mac: m.peer_mac(),
-        });
+        topo.metadata = self.metadata;
         match Snapshot::compile(topo) {
             Ok(snap) => self.switch.publish(snap),
             Err(e) => tracing::error!("the state does not compile into a switch snapshot: {e}"),
@@ -534,10 +548,7 @@ impl Drop for QemuDriver {
         for (_, mut d) in devices {
             d.server.stop();
         }
-        if let Some(i) = &self.internet {
-            i.close();
-        }
-        self.imds = None;
+        self.stop_services();
         self.datapath.shutdown();
     }
 }
