@@ -103,8 +103,12 @@ fn attach(d: &ApiDaemon, eni: &str, instance: &str, device: u32, card: u32) -> S
     )
 }
 
-fn detach(d: &ApiDaemon, attachment: &str, eni: &str) {
-    d.ok("DetachNetworkInterface", &[("AttachmentId", attachment)]);
+fn detach(d: &ApiDaemon, attachment: &str, eni: &str, force: bool) {
+    let force = if force { "true" } else { "false" };
+    d.ok(
+        "DetachNetworkInterface",
+        &[("AttachmentId", attachment), ("Force", force)],
+    );
     d.wait(&format!("{eni} detached"), SHORT * 2, || {
         d.attachment_status(eni).is_empty()
     });
@@ -163,7 +167,7 @@ fn scenario_hot_attach(runs: usize) {
         });
         lat.push(t.elapsed());
         assert_eq!(d.attachment_status(&eni), "attached");
-        detach(&d, &att, &eni);
+        detach(&d, &att, &eni, false);
         d.wait(&format!("{ip} gone from {a}"), SHORT, || !d.pings(b, &ip));
         d.ok("DeleteNetworkInterface", &[("NetworkInterfaceId", &eni)]);
     }
@@ -195,7 +199,8 @@ fn scenario_detach_reattach() {
     let att = attach(&d, &eni, a, 1, 0);
     d.wait(&format!("{ip} on {a}"), SHORT * 2, || d.pings(c, &ip));
     assert!(d.sh_ok(a, "ip -o link", SHORT).contains(&mac));
-    detach(&d, &att, &eni);
+    // Forced: the device is dropped even if the guest were slow to let go.
+    detach(&d, &att, &eni, true);
     assert!(
         !d.sh_ok(a, "ip -o link", SHORT).contains(&mac),
         "the guest still has the device"
