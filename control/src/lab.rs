@@ -382,20 +382,7 @@ impl Lab {
             Some(i) => i,
             None => Image::locate()?,
         };
-        let accel = match lab.opts.accel {
-            Some(a) => AccelChoice {
-                accel: a,
-                cpu_model: a.default_cpu().to_string(),
-                reason: "forced".into(),
-                cached: false,
-            },
-            None => qemu::select_accel(
-                &qemu,
-                &image.kernel,
-                &image.initrd,
-                Some(&qemu::default_state_dir()),
-            ),
-        };
+        let accel = qemu::choose_accel(&qemu, &image.kernel, &image.initrd, lab.opts.accel);
         tracing::info!(accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
         lab.qemu = Some(qemu);
         lab.accel = Some(accel);

@@ -147,12 +147,7 @@ fn host(argv: &[&str]) -> Result<String, NetnsError> {
 }
 
 /// Format a MAC as `ip` takes it.
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
+pub use enilab_backend::net::format_mac;
 
 /// Parse `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {

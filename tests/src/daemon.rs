@@ -5,7 +5,7 @@
 //! sockets. Its `Drop` kills the daemon and, by PID, every QEMU it left
 //! under the run root, then removes the root and stale namespaces.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -374,11 +374,9 @@ impl ApiDaemon {
     }
 }
 
-fn tail(path: &Path, lines: usize) -> String {
-    let mut s = String::new();
-    if let Ok(mut f) = std::fs::File::open(path) {
-        let _ = f.read_to_string(&mut s);
-    }
+/// The last `lines` lines of a text file ("" if unreadable).
+pub(crate) fn tail(path: &Path, lines: usize) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = s.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }

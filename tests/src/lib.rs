@@ -654,10 +654,10 @@ impl TestLab {
     /// The last `lines` lines of an instance's serial console (also after
     /// a failed launch).
     pub fn console_tail(&self, name: &str, lines: usize) -> String {
-        let path = enilab_control::lab::instance_dir(&self.root, name).join("console.log");
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let v: Vec<&str> = text.lines().collect();
-        v[v.len().saturating_sub(lines)..].join("\n")
+        daemon::tail(
+            &enilab_control::lab::instance_dir(&self.root, name).join("console.log"),
+            lines,
+        )
     }
 }
 

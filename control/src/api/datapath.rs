@@ -34,6 +34,7 @@ use enilab_switch::policy::{
 };
 use enilab_switch::{PortConfig, PortId, SubnetConfig, Topology, VpcConfig};
 
+use crate::netns::parse_mac;
 use crate::store::model::*;
 use crate::store::State;
 
@@ -169,7 +170,7 @@ pub fn topology_for_account(
         let Some(subnet) = topo.subnets.iter().position(|s| s.id == e.subnet_id) else {
             continue;
         };
-        let (Some(mac), Some(primary)) = (mac(&e.mac), ip(e.primary_ip())) else {
+        let (Some(mac), Some(primary)) = (parse_mac(&e.mac), ip(e.primary_ip())) else {
             tracing::warn!("ENI {} has an unparsable MAC or address; left out", e.id);
             continue;
         };
@@ -264,20 +265,6 @@ fn cidr(s: &str) -> Option<SwCidr> {
 
 fn ip(s: &str) -> Option<Ipv4Addr> {
     s.parse().ok()
-}
-
-/// `02:ab:...` as six bytes.
-fn mac(s: &str) -> Option<[u8; 6]> {
-    let mut out = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in out.iter_mut() {
-        let p = parts.next()?;
-        if p.len() != 2 {
-            return None;
-        }
-        *b = u8::from_str_radix(p, 16).ok()?;
-    }
-    parts.next().is_none().then_some(out)
 }
 
 fn sg_rule(state: &State, r: &SgRule) -> Option<SwSgRule> {
@@ -674,7 +661,7 @@ mod tests {
         assert_eq!(topo.generation, 1);
         assert!(topo.vpcs.is_empty() && topo.ports.is_empty());
         Snapshot::compile(topo).unwrap();
-        assert_eq!(mac("02:00:0a:ff:10:01"), Some([2, 0, 10, 255, 16, 1]));
+        assert_eq!(parse_mac("02:00:0a:ff:10:01"), Some([2, 0, 10, 255, 16, 1]));
         for bad in [
             "",
             "02:00:0a:ff:10",
@@ -682,7 +669,7 @@ mod tests {
             "2:00:0a:ff:10:1",
             "zz:00:0a:ff:10:01",
         ] {
-            assert_eq!(mac(bad), None, "{bad}");
+            assert_eq!(parse_mac(bad), None, "{bad}");
         }
     }
 }

@@ -119,15 +119,6 @@ fn failed(what: impl std::fmt::Display) -> DriverError {
     DriverError::Failed(what.to_string())
 }
 
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in mac.iter_mut() {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
-
 impl QemuDriver {
     /// Find QEMU and the image, choose the accelerator, start the datapath
     /// (and the internet when asked). Missing QEMU or image is an error
@@ -138,20 +129,7 @@ impl QemuDriver {
             Some(i) => i,
             None => Image::locate().map_err(failed)?,
         };
-        let accel = match opts.accel {
-            Some(a) => AccelChoice {
-                accel: a,
-                cpu_model: a.default_cpu().to_string(),
-                reason: "forced".into(),
-                cached: false,
-            },
-            None => qemu::select_accel(
-                &qemu,
-                &image.kernel,
-                &image.initrd,
-                Some(&qemu::default_state_dir()),
-            ),
-        };
+        let accel = qemu::choose_accel(&qemu, &image.kernel, &image.initrd, opts.accel);
         tracing::info!(accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
         let sockets = opts.run_root.join("api").join("eni");
         std::fs::create_dir_all(&sockets)
@@ -332,7 +310,8 @@ impl QemuDriver {
         if let Some(old) = g.devices.remove(&eni.id) {
             g.free_ports.push(old.port);
         }
-        let mac = parse_mac(&eni.mac).ok_or_else(|| failed(format!("bad MAC {}", eni.mac)))?;
+        let mac = crate::netns::parse_mac(&eni.mac)
+            .ok_or_else(|| failed(format!("bad MAC {}", eni.mac)))?;
         let port = match g.free_ports.pop() {
             Some(p) => p,
             None if g.next_port < MAX_PORT => {

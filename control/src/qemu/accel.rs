@@ -117,6 +117,25 @@ pub fn probe_accel(qemu: &QemuBinary, kernel: &Path, initrd: &Path) -> Accel {
     select_accel(qemu, kernel, initrd, Some(&default_state_dir())).accel
 }
 
+/// `forced` if given (no probe), else [`select_accel`] with the verdict
+/// cached in [`default_state_dir`]: what a lab or the daemon boots with.
+pub fn choose_accel(
+    qemu: &QemuBinary,
+    kernel: &Path,
+    initrd: &Path,
+    forced: Option<Accel>,
+) -> AccelChoice {
+    match forced {
+        Some(a) => AccelChoice {
+            accel: a,
+            cpu_model: a.default_cpu().to_string(),
+            reason: "forced".into(),
+            cached: false,
+        },
+        None => select_accel(qemu, kernel, initrd, Some(&default_state_dir())),
+    }
+}
+
 /// Full accelerator decision.
 ///
 /// * `ENILAB_ACCEL=kvm|tcg` forces the choice (no probe boot).

@@ -25,7 +25,7 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use accel::{default_state_dir, probe_accel, select_accel, Accel, AccelChoice};
+pub use accel::{choose_accel, default_state_dir, probe_accel, select_accel, Accel, AccelChoice};
 pub use binary::{find_qemu, parse_version, QemuBinary, QemuVersion, MIN_QEMU_MAJOR};
 pub use cmdline::{
     build_argv, InstanceSpec, NicSpec, RunPaths, AGENT_PORT_NAME, BASE_KERNEL_CMDLINE,
