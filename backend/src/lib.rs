@@ -15,6 +15,7 @@ mod card;
 pub mod net;
 mod port;
 mod server;
+pub mod service;
 mod uplink;
 pub mod vhost_user;
 
@@ -27,6 +28,7 @@ pub use enilab_switch as switch;
 pub use net::{DeviceConfig, NetDevice, NetError, QueueStats};
 pub use port::{Pool, PortTable};
 pub use server::EniServer;
+pub use service::{Emitter, LaneStats, ServiceError, ServiceLanes, ServiceWorker, Steer};
 pub use uplink::{Uplink, UplinkError, UplinkStats};
 
 /// Errors of the backend.
@@ -126,6 +128,22 @@ impl Datapath {
             self.ports.clone(),
             self.pool.clone(),
         )?)
+    }
+
+    /// Lanes for a service (the hyperplane): ports added to them are served
+    /// by the lanes' workers, each frame on the lane `steer` picks.
+    pub fn service_lanes(
+        &self,
+        lanes: usize,
+        steer: Arc<dyn Steer>,
+    ) -> Result<Arc<ServiceLanes>, ServiceError> {
+        ServiceLanes::new(
+            lanes,
+            steer,
+            self.switch.clone(),
+            self.ports.clone(),
+            self.pool.clone(),
+        )
     }
 
     /// Queue `frame` for `port` the way the switch's egress does (and wake

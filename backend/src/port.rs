@@ -103,6 +103,9 @@ pub struct PortHandle {
     pub(crate) rxq: Box<[RxQueue]>,
     /// Bit i set when RX queue i is enabled by the guest.
     pub(crate) enabled_rx: AtomicU32,
+    /// Set for service ports: the service chooses the queue (its worker
+    /// lane) from the frame, not the switch's flow hash.
+    pub(crate) steer: Option<Arc<dyn crate::service::Steer>>,
 }
 
 impl PortHandle {
@@ -117,6 +120,7 @@ impl PortHandle {
                 })
                 .collect(),
             enabled_rx: AtomicU32::new(0),
+            steer: None,
         }
     }
 
@@ -142,7 +146,11 @@ impl PortHandle {
     /// Queue a frame for the guest. Gives the frame back if the queue is
     /// full or no RX queue is enabled.
     pub fn enqueue(&self, flow_hash: u32, pkt: Pkt) -> Result<&Arc<Waker>, Pkt> {
-        let Some(q) = self.pick(flow_hash) else {
+        let q = match &self.steer {
+            Some(s) => s.steer(self.port, &pkt.buf).and_then(|i| self.rxq.get(i)),
+            None => self.pick(flow_hash),
+        };
+        let Some(q) = q else {
             return Err(pkt);
         };
         q.ring.push(pkt)?;

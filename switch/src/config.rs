@@ -253,6 +253,22 @@ pub struct Topology {
     pub flow_logs: Vec<FlowLogConfig>,
     pub uplink: Option<UplinkConfig>,
     pub metadata: Option<MetadataConfig>,
+    /// Load-balancer targets whose replies go back through the balancer.
+    pub service_returns: Vec<ServiceReturn>,
+}
+
+/// A load balancer preserves the client's address, so its target answers
+/// the client directly. Such replies (from `ip`:`port` over `protocol`,
+/// leaving the ENI that owns `ip`) go to the balancer's port `service`
+/// instead of being routed; the balancer passes through any it has no flow
+/// for, so direct traffic to the target still works.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ServiceReturn {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    /// IP protocol number (6 or 17).
+    pub protocol: u8,
+    pub service: PortId,
 }
 
 /// FxHash: the packet path hashes small keys from a table the control plane
@@ -372,6 +388,8 @@ pub struct Snapshot {
     pub(crate) has_flow_logs: bool,
     /// Some port has security groups (connection tracking is in use).
     pub(crate) any_filtered: bool,
+    /// (target's ENI port, L4 source port, protocol) -> balancer port.
+    pub(crate) returns: FxMap<(PortId, u16, u8), PortId>,
 }
 
 impl Snapshot {
@@ -702,6 +720,22 @@ impl Snapshot {
             }
         }
 
+        let mut returns = FxMap::default();
+        for r in &topo.service_returns {
+            let svc = slots
+                .get(r.service as usize)
+                .and_then(Option::as_ref)
+                .ok_or_else(|| SnapshotError::Unknown("service port", r.service.to_string()))?;
+            let vpc = subnet_vpc.get(svc.subnet).copied().unwrap_or(u32::MAX);
+            // A target that is not (yet) an address in the balancer's VPC
+            // has no ENI to intercept: nothing to do until it has.
+            if let Some(&owner) = addr.get(&(vpc, r.ip)) {
+                if owner != r.service {
+                    returns.insert((owner, r.port, r.protocol), r.service);
+                }
+            }
+        }
+
         let by_addr = addr.iter().map(|(k, v)| (*k, *v)).collect();
         let has_flow_logs = !flow_specs.is_empty();
         let any_filtered = port_info.iter().any(|p| p.filtered);
@@ -722,6 +756,7 @@ impl Snapshot {
             eip_private,
             has_flow_logs,
             any_filtered,
+            returns,
             topology: topo,
         })
     }

@@ -20,8 +20,8 @@ pub mod policy;
 pub mod wire;
 
 pub use config::{
-    MetadataConfig, PortConfig, Snapshot, SnapshotError, SubnetConfig, Topology, UplinkConfig,
-    VpcConfig, GATEWAY_MAC, MAX_GROUPS_PER_ENI,
+    MetadataConfig, PortConfig, ServiceReturn, Snapshot, SnapshotError, SubnetConfig, Topology,
+    UplinkConfig, VpcConfig, GATEWAY_MAC, MAX_GROUPS_PER_ENI,
 };
 pub use conntrack::{ConntrackStats, Timeouts};
 pub use counters::{DropReason, PortCounters, PortStats};

@@ -85,14 +85,27 @@ pub(super) fn handle<E: Egress + ?Sized>(
         owns_dst: false,
     };
 
-    let (dest, owner) = match ctx.snap.route(ctx.port.subnet, dst) {
-        Hop::Local => match ctx.snap.lookup(ctx.vpc, dst) {
-            Some(d) => (d, Some(d)),
-            None => return Verdict::Dropped(DropReason::NoRoute),
+    // A load balancer's target answering a client whose address the
+    // balancer preserved: the reply goes back through the balancer.
+    let service = if ctx.snap.returns.is_empty() || ip.is_fragment() {
+        None
+    } else {
+        ctx.snap
+            .returns
+            .get(&(ctx.ingress, flow.src_port, flow.protocol))
+            .copied()
+    };
+    let (dest, owner) = match service {
+        Some(svc) => (svc, ctx.snap.lookup(ctx.vpc, dst)),
+        None => match ctx.snap.route(ctx.port.subnet, dst) {
+            Hop::Local => match ctx.snap.lookup(ctx.vpc, dst) {
+                Some(d) => (d, Some(d)),
+                None => return Verdict::Dropped(DropReason::NoRoute),
+            },
+            Hop::Port(p) => (p, ctx.snap.lookup(ctx.vpc, dst)),
+            Hop::Internet => return to_internet(ctx, frame, meta, &flow, hash, &from, work, tx),
+            Hop::Blackhole => return Verdict::Dropped(DropReason::NoRoute),
         },
-        Hop::Port(p) => (p, ctx.snap.lookup(ctx.vpc, dst)),
-        Hop::Internet => return to_internet(ctx, frame, meta, &flow, hash, &from, work, tx),
-        Hop::Blackhole => return Verdict::Dropped(DropReason::NoRoute),
     };
     if dest == ctx.ingress {
         return Verdict::Dropped(DropReason::NoRoute);

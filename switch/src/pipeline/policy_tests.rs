@@ -230,6 +230,7 @@ pub(super) fn topology() -> Topology {
             peer_mac: NS_MAC,
         }),
         metadata: None,
+        service_returns: Vec::new(),
     }
 }
 

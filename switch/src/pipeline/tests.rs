@@ -2172,3 +2172,100 @@ fn prefetch_hint_takes_any_bytes() {
         }
     }
 }
+
+/// Replies of a load balancer's target go back through the balancer's
+/// port; anything else from the target, and the same port on other ENIs,
+/// is routed as usual.
+#[test]
+fn service_returns_go_through_the_balancer() {
+    const LB: PortId = 6;
+    const MLB: [u8; 6] = [0x02, 0, 0, 0, 0, 0x06];
+    const VIP: [u8; 4] = [10, 0, 1, 60];
+    let mut topo = topology().topology;
+    topo.ports.push(PortConfig {
+        source_dest_check: false,
+        service: Some("net/lb/1".into()),
+        ..port(LB, MLB, 0, VIP, &[], 1500)
+    });
+    topo.service_returns = vec![
+        crate::ServiceReturn {
+            ip: Ipv4Addr::from(P2),
+            port: 80,
+            protocol: 6,
+            service: LB,
+        },
+        crate::ServiceReturn {
+            ip: Ipv4Addr::from(P3),
+            port: 53,
+            protocol: 17,
+            service: LB,
+        },
+        // Not an address in the balancer's VPC: ignored.
+        crate::ServiceReturn {
+            ip: Ipv4Addr::from([192, 0, 2, 1]),
+            port: 80,
+            protocol: 6,
+            service: LB,
+        },
+    ];
+    let sw = Switch::new();
+    sw.publish(Snapshot::compile(topo.clone()).expect("compiles"));
+    let mut w = sw.worker();
+    let rows: Vec<(&str, PortId, Vec<u8>, Verdict, [u8; 6])> = vec![
+        (
+            "target's TCP reply to a client goes to the balancer",
+            2,
+            tcp(M2, M1, P2, P1, (80, 40000), b"reply"),
+            Verdict::Forwarded(LB),
+            MLB,
+        ),
+        (
+            "target's UDP reply across subnets goes to the balancer",
+            3,
+            udp(M3, GW, P3, P1, 64, (53, 5000), b"a"),
+            Verdict::Forwarded(LB),
+            MLB,
+        ),
+        (
+            "other source port of the target is routed",
+            2,
+            tcp(M2, M1, P2, P1, (81, 40000), b"x"),
+            Verdict::Forwarded(1),
+            M1,
+        ),
+        (
+            "same port, other protocol, is routed",
+            2,
+            udp(M2, M1, P2, P1, 64, (80, 40000), b"x"),
+            Verdict::Forwarded(1),
+            M1,
+        ),
+        (
+            "same source port from another ENI is routed",
+            1,
+            tcp(M1, M2, P1, P2, (80, 40000), b"x"),
+            Verdict::Forwarded(2),
+            M2,
+        ),
+        (
+            "the balancer's own output is routed to the client",
+            LB,
+            tcp(MLB, GW, VIP, P1, (80, 40000), b"x"),
+            Verdict::Forwarded(1),
+            M1,
+        ),
+    ];
+    for (desc, ingress, mut frame, verdict, mac) in rows {
+        let mut cap = Capture::default();
+        assert_eq!(
+            w.process(ingress, &mut frame, &PacketMeta::default(), &mut cap),
+            verdict,
+            "{desc}"
+        );
+        assert_eq!(cap.sent.len(), 1, "{desc}");
+        assert_eq!(&cap.sent[0].frame[0..6], &mac, "{desc}: eth dst");
+    }
+    // A return through a port that is not in the snapshot is refused.
+    topo.service_returns[0].service = ABSENT;
+    assert!(Snapshot::compile(topo).is_err());
+}
