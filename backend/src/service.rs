@@ -361,3 +361,197 @@ fn deliver(
     }
     pool.put(pkt.buf);
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use enilab_switch::{CsumOffload, PortConfig, Snapshot, SubnetConfig, Topology};
+    use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
+
+    use super::*;
+    use crate::Datapath;
+
+    const SVC: PortId = 7;
+    const ENI: PortId = 2;
+    const SVC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x07];
+    const ENI_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+    /// Lane = the UDP payload's first byte (None when it is 0xff).
+    struct ByPayload;
+    impl Steer for ByPayload {
+        fn steer(&self, _port: PortId, frame: &[u8]) -> Option<usize> {
+            let b = *frame.get(42)?;
+            (b != 0xff).then_some(usize::from(b))
+        }
+    }
+
+    fn udp(src: [u8; 4], dst: [u8; 4], dst_mac: [u8; 6], payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0x99], dst_mac)
+            .ipv4(src, dst, 64)
+            .udp(4000, 53)
+            .write(&mut v, payload)
+            .expect("build");
+        v
+    }
+
+    fn datapath() -> (Datapath, Arc<Waker>) {
+        let dp = Datapath::new(Switch::new(), 1);
+        let subnet = SubnetConfig {
+            id: "subnet-s".into(),
+            vpc_id: "vpc-s".into(),
+            cidr: (Ipv4Addr::new(10, 3, 0, 0), 24),
+            ..Default::default()
+        };
+        let ports = vec![
+            PortConfig {
+                id: ENI,
+                eni_id: "eni-2".into(),
+                mac: ENI_MAC,
+                primary_ip: Ipv4Addr::new(10, 3, 0, 20),
+                ..Default::default()
+            },
+            PortConfig {
+                id: SVC,
+                eni_id: "eni-svc".into(),
+                mac: SVC_MAC,
+                primary_ip: Ipv4Addr::new(10, 3, 0, 70),
+                source_dest_check: false,
+                service: Some("nat-1".into()),
+                ..Default::default()
+            },
+        ];
+        dp.switch().publish(
+            Snapshot::compile(Topology {
+                subnets: vec![subnet],
+                ports,
+                ..Topology::default()
+            })
+            .expect("snapshot"),
+        );
+        // The ENI's receiving side, as a card would register it.
+        let w = Arc::new(Waker::new().expect("eventfd"));
+        let h = PortHandle::new(ENI, std::slice::from_ref(&w));
+        h.enabled_rx.store(1, Ordering::Release);
+        dp.ports.insert(Arc::new(h));
+        (dp, w)
+    }
+
+    #[test]
+    fn frames_reach_the_steered_lane_and_emitted_frames_the_switch() {
+        let (dp, _w) = datapath();
+        let lanes = dp.service_lanes(2, Arc::new(ByPayload)).expect("lanes");
+        lanes.add_port(SVC).expect("add");
+        assert!(matches!(
+            lanes.add_port(SVC),
+            Err(ServiceError::PortInUse(SVC))
+        ));
+        assert!(matches!(
+            lanes.add_port(ENI),
+            Err(ServiceError::PortInUse(ENI))
+        ));
+        let mut w0 = lanes.worker(0).expect("lane 0");
+        let mut w1 = lanes.worker(1).expect("lane 1");
+        assert!(lanes.worker(2).is_err());
+
+        assert!(dp.inject(SVC, &udp([10, 3, 0, 20], [1, 1, 1, 1], SVC_MAC, &[1, 9])));
+        assert!(dp.inject(SVC, &udp([10, 3, 0, 20], [1, 1, 1, 1], SVC_MAC, &[0, 8])));
+        // Steered nowhere: refused at the queue.
+        assert!(!dp.inject(SVC, &udp([10, 3, 0, 20], [1, 1, 1, 1], SVC_MAC, &[0xff])));
+
+        let mut seen = Vec::new();
+        let n = w1.poll(16, &mut |port, frame, em| {
+            seen.push((port, frame[43]));
+            // Answer as the service: to the ENI, from the service port.
+            let reply = udp(
+                [1, 1, 1, 1],
+                [10, 3, 0, 20],
+                enilab_switch::GATEWAY_MAC,
+                b"r",
+            );
+            assert!(em.send(port, &reply));
+        });
+        assert_eq!((n, seen), (1, vec![(SVC, 9)]));
+        let got = dp.ports.get(ENI).expect("eni").rxq[0]
+            .ring
+            .pop()
+            .expect("reply");
+        assert_eq!(&got.buf[0..6], &ENI_MAC);
+        let mut other = Vec::new();
+        assert_eq!(w0.poll(16, &mut |_, f, _| other.push(f[43])), 1);
+        assert_eq!(other, vec![8]);
+        assert_eq!(lanes.stats(1).received, 1);
+        assert_eq!(lanes.stats(1).sent, 1);
+
+        // Emitting outside a frame, and a frame the switch refuses.
+        w0.emit(&mut |em| {
+            let bogus = udp([9, 9, 9, 9], [10, 3, 0, 20], SVC_MAC, b"x");
+            assert!(!em.send(ENI, &bogus), "source check on the ENI port");
+        });
+        assert_eq!(lanes.stats(0).send_dropped, 1);
+
+        lanes.remove_port(SVC);
+        assert!(dp.ports.get(SVC).is_none());
+        assert!(lanes.served().is_empty());
+        drop(lanes);
+        assert!(dp.ports.get(ENI).is_some(), "other ports stay");
+    }
+
+    #[test]
+    fn partial_checksums_are_completed_before_the_service_sees_them() {
+        let (dp, _w) = datapath();
+        let lanes = dp.service_lanes(1, Arc::new(ByPayload)).expect("lanes");
+        lanes.add_port(SVC).expect("add");
+        let mut w = lanes.worker(0).expect("lane");
+        let mut frame = udp([10, 3, 0, 20], [1, 1, 1, 1], SVC_MAC, &[0, 1, 2, 3]);
+        // Leave the UDP checksum to the "device": the field holds the
+        // pseudo-header sum, as a guest's CHECKSUM_PARTIAL frame does.
+        let words = [0x0a03u32, 0x0014, 0x0101, 0x0101, 17, 12];
+        let mut sum: u32 = words.iter().sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        frame[40..42].copy_from_slice(&(sum as u16).to_be_bytes());
+        let mut pkt = Pkt {
+            buf: frame,
+            meta: PacketMeta::default(),
+        };
+        pkt.meta.csum = Some(CsumOffload {
+            start: 34,
+            offset: 6,
+        });
+        let h = dp.ports.get(SVC).expect("svc");
+        assert!(h.enqueue(0, pkt).is_ok());
+        let mut ok = false;
+        w.poll(4, &mut |_, f, _| {
+            let p = SlicedPacket::from_ethernet(f).expect("parse");
+            let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+                panic!("not ipv4")
+            };
+            let Some(TransportSlice::Udp(u)) = p.transport else {
+                panic!("not udp")
+            };
+            let want = u
+                .to_header()
+                .calc_checksum_ipv4(&ip.header().to_header(), u.payload())
+                .expect("sum");
+            ok = u.checksum() == want;
+        });
+        assert!(ok, "checksum completed");
+        assert_eq!(w.discard(), 0);
+    }
+
+    #[test]
+    fn bad_lane_counts_are_refused() {
+        let (dp, _w) = datapath();
+        assert!(matches!(
+            dp.service_lanes(0, Arc::new(ByPayload)),
+            Err(ServiceError::Lanes(0))
+        ));
+        assert!(matches!(
+            dp.service_lanes(33, Arc::new(ByPayload)),
+            Err(ServiceError::Lanes(33))
+        ));
+    }
+}
