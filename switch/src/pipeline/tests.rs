@@ -2211,7 +2211,8 @@ fn service_returns_go_through_the_balancer() {
     let sw = Switch::new();
     sw.publish(Snapshot::compile(topo.clone()).expect("compiles"));
     let mut w = sw.worker();
-    let rows: Vec<(&str, PortId, Vec<u8>, Verdict, [u8; 6])> = vec![
+    type ReturnRow = (&'static str, PortId, Vec<u8>, Verdict, [u8; 6]);
+    let rows: Vec<ReturnRow> = vec![
         (
             "target's TCP reply to a client goes to the balancer",
             2,
