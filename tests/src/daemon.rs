@@ -215,7 +215,31 @@ impl ApiDaemon {
 
     /// Call `action`; the XML body or EC2's error.
     pub fn call(&self, action: &str, params: &[(&str, &str)]) -> Result<String, ApiFault> {
-        let mut body = format!("Action={action}&Version=2016-11-15");
+        self.call_version("2016-11-15", action, params)
+    }
+
+    /// Call an ELBv2 (2015-12-01) action.
+    pub fn elb(&self, action: &str, params: &[(&str, &str)]) -> String {
+        match self.call_version("2015-12-01", action, params) {
+            Ok(x) => x,
+            Err(f) => panic!("{action} {params:?} failed: {f:?}"),
+        }
+    }
+
+    /// The daemon's `GET /enilab/status` document.
+    pub fn status(&self) -> serde_json::Value {
+        enilab_control::api::status::fetch(self.addr())
+            .unwrap_or_else(|e| panic!("status: {e}"))
+    }
+
+    /// Call `action` of API `version`; the XML body or the error.
+    pub fn call_version(
+        &self,
+        version: &str,
+        action: &str,
+        params: &[(&str, &str)],
+    ) -> Result<String, ApiFault> {
+        let mut body = format!("Action={action}&Version={version}");
         for (k, v) in params {
             body.push('&');
             body.push_str(&encode(k));

@@ -96,6 +96,19 @@ pub trait InstanceDriver: Send + Sync + 'static {
         Ok(())
     }
 
+    /// The hyperplane's nodes: whether each one's thread runs, and its
+    /// counters. None: this driver runs no hyperplane.
+    fn hyperplane_nodes(&self) -> Option<Vec<(bool, enilab_hyperplane::NodeStats)>> {
+        None
+    }
+
+    /// Stop (`up` false) or start hyperplane node `node`: a failure drill.
+    fn set_hyperplane_node(&self, _node: usize, _up: bool) -> Result<(), DriverError> {
+        Err(DriverError::Failed(
+            "this driver runs no hyperplane".to_string(),
+        ))
+    }
+
     /// What the driver runs, for `enilab status` (JSON; `null`: nothing).
     fn status(&self) -> serde_json::Value {
         serde_json::Value::Null

@@ -21,6 +21,7 @@ pub mod driver;
 pub mod eni;
 pub mod flowlog;
 pub mod http;
+pub mod hyperplane;
 pub mod instance;
 pub mod jobs;
 pub mod pubip;
@@ -132,6 +133,13 @@ type Handler = fn(&Api, &Params) -> Result<String, ApiError>;
 
 /// Every action, by name.
 pub const ACTIONS: &[(&str, Handler)] = &[
+    // enilab's own: the hyperplane's nodes.
+    (
+        "DescribeHyperplaneNodes",
+        hyperplane::describe_hyperplane_nodes,
+    ),
+    ("StopHyperplaneNode", hyperplane::stop_hyperplane_node),
+    ("StartHyperplaneNode", hyperplane::start_hyperplane_node),
     ("CreateVpc", vpc::create_vpc),
     ("DeleteVpc", vpc::delete_vpc),
     ("DescribeVpcs", vpc::describe_vpcs),
