@@ -72,9 +72,10 @@ class Daemon:
         if self.own_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
-    def client(self):
+    def client(self, service="ec2"):
+        """A boto3 client of `service` ("ec2", or "elbv2": same endpoint)."""
         return boto3.client(
-            "ec2",
+            service,
             endpoint_url=self.endpoint,
             region_name="us-east-1",
             aws_access_key_id="enilab",

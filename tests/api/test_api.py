@@ -890,6 +890,492 @@ class ConcurrencyTests(Base):
         self.assertEqual(results.count("InvalidParameterValue"), 7, results)
 
 
+class NatGatewayTests(Base):
+    """CreateNatGateway / DeleteNatGateway / DescribeNatGateways and their
+    interface, Elastic IPs and routes."""
+
+    def public_vpc(self, cidr):
+        v = self.vpc(cidr)
+        s = self.subnet(v, cidr.replace("0.0/16", "1.0/24"))
+        igw = self.ec2.create_internet_gateway()["InternetGateway"]["InternetGatewayId"]
+        self.ec2.attach_internet_gateway(InternetGatewayId=igw, VpcId=v)
+        return v, s
+
+    def nat(self, nid):
+        return self.ec2.describe_nat_gateways(NatGatewayIds=[nid])["NatGateways"][0]
+
+    def test_lifecycle_public(self):
+        v, s = self.public_vpc("10.60.0.0/16")
+        a = self.ec2.allocate_address(Domain="vpc")
+        r = self.ec2.create_nat_gateway(SubnetId=s, AllocationId=a["AllocationId"], ClientToken="nat-tok-1",
+                                        TagSpecifications=[{"ResourceType": "natgateway", "Tags": [{"Key": "Name", "Value": "gw"}]}])
+        self.assertEqual(r["ClientToken"], "nat-tok-1")
+        n = r["NatGateway"]
+        nid = n["NatGatewayId"]
+        self.assertRegex(nid, r"^nat-[0-9a-f]{17}$")
+        self.assertEqual((n["State"], n["SubnetId"], n["VpcId"], n["ConnectivityType"]), ("pending", s, v, "public"))
+        self.assertEqual(n["Tags"], [{"Key": "Name", "Value": "gw"}])
+        wait_until(lambda: self.nat(nid)["State"] == "available", what="nat available")
+        n = self.nat(nid)
+        [addr] = n["NatGatewayAddresses"]
+        self.assertEqual((addr["AllocationId"], addr["PublicIp"], addr["IsPrimary"], addr["Status"]),
+                         (a["AllocationId"], a["PublicIp"], True, "succeeded"))
+        # Idempotent: the same token gives the same gateway.
+        again = self.ec2.create_nat_gateway(SubnetId=s, AllocationId=a["AllocationId"], ClientToken="nat-tok-1")
+        self.assertEqual(again["NatGateway"]["NatGatewayId"], nid)
+        self.assertEqual(len(self.ec2.describe_nat_gateways(Filters=[{"Name": "vpc-id", "Values": [v]}])["NatGateways"]), 1)
+        # The requester-managed interface.
+        e = self.eni(addr["NetworkInterfaceId"])
+        self.assertEqual(e["Description"], "Interface for NAT Gateway " + nid)
+        self.assertFalse(e["SourceDestCheck"])
+        self.assertEqual(e["Groups"], [])
+        self.assertEqual(e["PrivateIpAddress"], addr["PrivateIp"])
+        self.assertEqual(e["Association"]["PublicIp"], a["PublicIp"])
+        eip = self.ec2.describe_addresses(AllocationIds=[a["AllocationId"]])["Addresses"][0]
+        self.assertEqual((eip["NetworkInterfaceId"], eip["PrivateIpAddress"]), (e["NetworkInterfaceId"], addr["PrivateIp"]))
+        # The address belongs to the gateway.
+        self.err("OperationNotPermitted", self.ec2.disassociate_address, AssociationId=eip["AssociationId"])
+        self.err("DependencyViolation", self.ec2.delete_subnet, SubnetId=s)
+        # Filters.
+        for f, val, want in [("nat-gateway-id", nid, 1), ("state", "available", 1), ("state", "pending", 0),
+                             ("subnet-id", s, 1), ("tag:Name", "gw", 1), ("tag:Name", "other", 0)]:
+            got = self.ec2.describe_nat_gateways(Filters=[{"Name": f, "Values": [val]}, {"Name": "vpc-id", "Values": [v]}])["NatGateways"]
+            self.assertEqual(len(got), want, (f, val))
+        # A private subnet's default route through it.
+        priv = self.subnet(v, "10.60.2.0/24")
+        rt = self.ec2.create_route_table(VpcId=v)["RouteTable"]["RouteTableId"]
+        self.ec2.associate_route_table(RouteTableId=rt, SubnetId=priv)
+        self.ec2.create_route(RouteTableId=rt, DestinationCidrBlock="0.0.0.0/0", NatGatewayId=nid)
+
+        def route():
+            rs = self.ec2.describe_route_tables(RouteTableIds=[rt])["RouteTables"][0]["Routes"]
+            return [x for x in rs if x["DestinationCidrBlock"] == "0.0.0.0/0"][0]
+        self.assertEqual((route()["NatGatewayId"], route()["State"]), (nid, "active"))
+        # Delete: deleting, then deleted; interface gone, address kept but free.
+        self.assertEqual(self.ec2.delete_nat_gateway(NatGatewayId=nid)["NatGatewayId"], nid)
+        wait_until(lambda: self.nat(nid)["State"] == "deleted", what="nat deleted")
+        self.assertIn("DeleteTime", self.nat(nid))
+        self.err("InvalidNetworkInterfaceID.NotFound", self.ec2.describe_network_interfaces, NetworkInterfaceIds=[e["NetworkInterfaceId"]])
+        eip = self.ec2.describe_addresses(AllocationIds=[a["AllocationId"]])["Addresses"][0]
+        self.assertNotIn("AssociationId", eip)
+        self.assertEqual(route()["State"], "blackhole")
+        self.err("InvalidNatGatewayID.NotFound", self.ec2.create_route, RouteTableId=rt, DestinationCidrBlock="1.0.0.0/8", NatGatewayId=nid)
+        self.err("NatGatewayNotFound", self.ec2.delete_nat_gateway, NatGatewayId=nid)
+        # The address can serve a new gateway.
+        n2 = self.ec2.create_nat_gateway(SubnetId=s, AllocationId=a["AllocationId"])["NatGateway"]["NatGatewayId"]
+        self.assertNotEqual(n2, nid)
+        self.ec2.delete_nat_gateway(NatGatewayId=n2)
+
+    def test_secondary_addresses(self):
+        v, s = self.public_vpc("10.61.0.0/16")
+        allocs = [self.ec2.allocate_address(Domain="vpc") for _ in range(3)]
+        n = self.ec2.create_nat_gateway(SubnetId=s, AllocationId=allocs[0]["AllocationId"],
+                                        SecondaryAllocationIds=[allocs[1]["AllocationId"], allocs[2]["AllocationId"]],
+                                        SecondaryPrivateIpAddresses=["10.61.1.20", "10.61.1.21"])["NatGateway"]
+        addrs = n["NatGatewayAddresses"]
+        self.assertEqual([(x["AllocationId"], x["PrivateIp"], x["IsPrimary"]) for x in addrs[1:]],
+                         [(allocs[1]["AllocationId"], "10.61.1.20", False), (allocs[2]["AllocationId"], "10.61.1.21", False)])
+        e = self.eni(addrs[0]["NetworkInterfaceId"])
+        self.assertEqual(len(e["PrivateIpAddresses"]), 3)
+        for x in allocs:
+            got = self.ec2.describe_addresses(AllocationIds=[x["AllocationId"]])["Addresses"][0]
+            self.assertEqual(got["NetworkInterfaceId"], e["NetworkInterfaceId"])
+        # A private gateway needs no internet gateway and no Elastic IP.
+        v2 = self.vpc("10.62.0.0/16")
+        s2 = self.subnet(v2, "10.62.1.0/24")
+        p = self.ec2.create_nat_gateway(SubnetId=s2, ConnectivityType="private", SecondaryPrivateIpAddressCount=2,
+                                        PrivateIpAddress="10.62.1.10")["NatGateway"]
+        self.assertEqual(p["ConnectivityType"], "private")
+        self.assertEqual(p["NatGatewayAddresses"][0]["PrivateIp"], "10.62.1.10")
+        self.assertEqual(len(p["NatGatewayAddresses"]), 3)
+        self.assertTrue(all("PublicIp" not in x for x in p["NatGatewayAddresses"]))
+
+    def test_errors(self):
+        v = self.vpc("10.63.0.0/16")
+        s = self.subnet(v, "10.63.1.0/24")
+        a = self.ec2.allocate_address(Domain="vpc")["AllocationId"]
+        self.err("Gateway.NotAttached", self.ec2.create_nat_gateway, SubnetId=s, AllocationId=a)
+        igw = self.ec2.create_internet_gateway()["InternetGateway"]["InternetGatewayId"]
+        self.ec2.attach_internet_gateway(InternetGatewayId=igw, VpcId=v)
+        self.err("MissingParameter", self.ec2.create_nat_gateway, SubnetId=s)
+        self.err("InvalidAllocationID.NotFound", self.ec2.create_nat_gateway, SubnetId=s, AllocationId="eipalloc-0123456789abcdef0")
+        self.err("InvalidAllocationID.Malformed", self.ec2.create_nat_gateway, SubnetId=s, AllocationId="bogus")
+        self.err("InvalidSubnetID.NotFound", self.ec2.create_nat_gateway, SubnetId="subnet-0123456789abcdef0", AllocationId=a)
+        self.err("InvalidParameterCombination", self.ec2.create_nat_gateway, SubnetId=s, AllocationId=a, ConnectivityType="private")
+        self.err("InvalidParameterValue", self.ec2.create_nat_gateway, SubnetId=s, AllocationId=a, ConnectivityType="both")
+        self.err("InvalidParameterValue", self.ec2.create_nat_gateway, SubnetId=s, AllocationId=a, SecondaryAllocationIds=[a])
+        e = self.ec2.create_network_interface(SubnetId=s)["NetworkInterface"]["NetworkInterfaceId"]
+        self.ec2.associate_address(AllocationId=a, NetworkInterfaceId=e)
+        self.err("Resource.AlreadyAssociated", self.ec2.create_nat_gateway, SubnetId=s, AllocationId=a)
+        self.err("NatGatewayNotFound", self.ec2.describe_nat_gateways, NatGatewayIds=["nat-0123456789abcdef0"])
+        self.err("NatGatewayMalformed", self.ec2.delete_nat_gateway, NatGatewayId="nat-xyz")
+        self.err("InvalidNatGatewayID.NotFound", self.ec2.create_route, RouteTableId=self.main_rtb(v),
+                 DestinationCidrBlock="0.0.0.0/0", NatGatewayId="nat-0123456789abcdef0")
+        self.err("InvalidParameterValue", self.ec2.describe_nat_gateways, Filters=[{"Name": "bogus", "Values": ["x"]}])
+        # A gateway of another VPC cannot be a route target.
+        v2 = self.vpc("10.64.0.0/16")
+        s2 = self.subnet(v2, "10.64.1.0/24")
+        n = self.ec2.create_nat_gateway(SubnetId=s2, ConnectivityType="private")["NatGateway"]["NatGatewayId"]
+        self.err("InvalidParameterValue", self.ec2.create_route, RouteTableId=self.main_rtb(v),
+                 DestinationCidrBlock="0.0.0.0/0", NatGatewayId=n)
+        # Paging over six gateways.
+        for i in range(5):
+            self.ec2.create_nat_gateway(SubnetId=s2, ConnectivityType="private")
+        flt = [{"Name": "vpc-id", "Values": [v2]}]
+        p1 = self.ec2.describe_nat_gateways(Filters=flt, MaxResults=5)
+        self.assertEqual(len(p1["NatGateways"]), 5)
+        p2 = self.ec2.describe_nat_gateways(Filters=flt, MaxResults=5, NextToken=p1["NextToken"])
+        self.assertEqual(len(p2["NatGateways"]), 1)
+        self.assertNotIn("NextToken", p2)
+        ids = [x["NatGatewayId"] for x in p1["NatGateways"] + p2["NatGateways"]]
+        self.assertEqual(len(set(ids)), 6)
+        self.err("InvalidParameterCombination", self.ec2.describe_nat_gateways, NatGatewayIds=[n], MaxResults=5)
+
+    def test_tags_through_ec2(self):
+        v = self.vpc("10.65.0.0/16")
+        s = self.subnet(v, "10.65.1.0/24")
+        n = self.ec2.create_nat_gateway(SubnetId=s, ConnectivityType="private")["NatGateway"]["NatGatewayId"]
+        self.ec2.create_tags(Resources=[n], Tags=[{"Key": "team", "Value": "net"}])
+        self.assertEqual(self.ec2.describe_nat_gateways(NatGatewayIds=[n])["NatGateways"][0]["Tags"], [{"Key": "team", "Value": "net"}])
+        got = self.ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [n]}])["Tags"]
+        self.assertEqual([(t["ResourceType"], t["Key"]) for t in got], [("natgateway", "team")])
+
+    def main_rtb(self, v):
+        return self.ec2.describe_route_tables(Filters=[{"Name": "vpc-id", "Values": [v]}])["RouteTables"][0]["RouteTableId"]
+
+
+class ElbTests(Base):
+    """ELBv2 (2015-12-01) network load balancers on the same endpoint."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.elb = cls.d.client("elbv2")
+
+    def eerr(self, code, fn, *args, **kw):
+        with self.assertRaises(ClientError) as cm:
+            fn(*args, **kw)
+        e = cm.exception.response["Error"]
+        self.assertEqual(e["Code"], code, e.get("Message"))
+        self.assertEqual(e.get("Type"), "Sender")
+        self.assertEqual(cm.exception.response["ResponseMetadata"]["HTTPStatusCode"], 400)
+        return e["Message"]
+
+    def net(self, cidr, igw=False):
+        v = self.vpc(cidr)
+        base = cidr.split(".")
+        s1 = self.subnet(v, "%s.%s.1.0/24" % (base[0], base[1]), az="us-east-1a")
+        s2 = self.subnet(v, "%s.%s.2.0/24" % (base[0], base[1]), az="us-east-1b")
+        if igw:
+            g = self.ec2.create_internet_gateway()["InternetGateway"]["InternetGatewayId"]
+            self.ec2.attach_internet_gateway(InternetGatewayId=g, VpcId=v)
+        return v, s1, s2
+
+    def lb(self, arn):
+        return self.elb.describe_load_balancers(LoadBalancerArns=[arn])["LoadBalancers"][0]
+
+    def tg(self, name, vpc, **kw):
+        args = dict(Name=name, Protocol="TCP", Port=80, VpcId=vpc)
+        args.update(kw)
+        return self.elb.create_target_group(**args)["TargetGroups"][0]
+
+    def health(self, tg_arn, **kw):
+        return [(h["Target"]["Id"], h["Target"]["Port"], h["TargetHealth"]["State"], h["TargetHealth"].get("Reason"))
+                for h in self.elb.describe_target_health(TargetGroupArn=tg_arn, **kw)["TargetHealthDescriptions"]]
+
+    def test_load_balancer_lifecycle(self):
+        v, s1, s2 = self.net("10.70.0.0/16")
+        r = self.elb.create_load_balancer(Name="inner", Type="network", Scheme="internal",
+                                          SubnetMappings=[{"SubnetId": s1, "PrivateIPv4Address": "10.70.1.100"}, {"SubnetId": s2}],
+                                          Tags=[{"Key": "env", "Value": "lab"}])["LoadBalancers"][0]
+        arn = r["LoadBalancerArn"]
+        self.assertRegex(arn, r"^arn:aws:elasticloadbalancing:us-east-1:\d{12}:loadbalancer/net/inner/[0-9a-f]{16}$")
+        hexid = arn.rsplit("/", 1)[1]
+        self.assertEqual(r["DNSName"], "inner-%s.elb.us-east-1.amazonaws.com" % hexid)
+        self.assertEqual((r["Type"], r["Scheme"], r["VpcId"], r["State"]["Code"]), ("network", "internal", v, "provisioning"))
+        zones = {z["SubnetId"]: z for z in r["AvailabilityZones"]}
+        self.assertEqual(zones[s1]["ZoneName"], "us-east-1a")
+        self.assertEqual(zones[s1]["LoadBalancerAddresses"][0]["PrivateIPv4Address"], "10.70.1.100")
+        wait_until(lambda: self.lb(arn)["State"]["Code"] == "active", what="lb active")
+        # One requester-managed interface per subnet; its address is the VIP.
+        enis = self.ec2.describe_network_interfaces(Filters=[{"Name": "description", "Values": ["ELB net/inner/" + hexid]}])["NetworkInterfaces"]
+        self.assertEqual(sorted(e["SubnetId"] for e in enis), sorted([s1, s2]))
+        self.assertIn("10.70.1.100", [e["PrivateIpAddress"] for e in enis])
+        self.assertTrue(all(not e["SourceDestCheck"] and e["Groups"] == [] for e in enis))
+        # Idempotent create; a different one with the same name is refused.
+        again = self.elb.create_load_balancer(Name="inner", Type="network", Scheme="internal", Subnets=[s2, s1])["LoadBalancers"][0]
+        self.assertEqual(again["LoadBalancerArn"], arn)
+        self.eerr("DuplicateLoadBalancerName", self.elb.create_load_balancer, Name="inner", Type="network", Scheme="internal", Subnets=[s1])
+        self.assertEqual([x["LoadBalancerArn"] for x in self.elb.describe_load_balancers(Names=["inner"])["LoadBalancers"]], [arn])
+        self.assertEqual(self.elb.describe_tags(ResourceArns=[arn])["TagDescriptions"][0]["Tags"], [{"Key": "env", "Value": "lab"}])
+        # ELBv2 tags are not EC2's.
+        self.assertEqual(self.ec2.describe_tags(Filters=[{"Name": "key", "Values": ["env"]}])["Tags"], [])
+        self.elb.delete_load_balancer(LoadBalancerArn=arn)
+        self.eerr("LoadBalancerNotFound", self.elb.describe_load_balancers, LoadBalancerArns=[arn])
+        self.assertEqual(self.ec2.describe_network_interfaces(Filters=[{"Name": "description", "Values": ["ELB net/inner/" + hexid]}])["NetworkInterfaces"], [])
+        self.elb.delete_load_balancer(LoadBalancerArn=arn)  # gone already: still succeeds, as in AWS
+        self.ec2.delete_subnet(SubnetId=s1)
+
+    def test_internet_facing(self):
+        v, s1, s2 = self.net("10.71.0.0/16")
+        self.eerr("InvalidSubnet", self.elb.create_load_balancer, Name="pub0", Type="network", Subnets=[s1])
+        g = self.ec2.create_internet_gateway()["InternetGateway"]["InternetGatewayId"]
+        self.ec2.attach_internet_gateway(InternetGatewayId=g, VpcId=v)
+        a = self.ec2.allocate_address(Domain="vpc")
+        r = self.elb.create_load_balancer(Name="pub", Type="network",
+                                          SubnetMappings=[{"SubnetId": s1, "AllocationId": a["AllocationId"]}, {"SubnetId": s2}])["LoadBalancers"][0]
+        self.assertEqual(r["Scheme"], "internet-facing")
+        zones = {z["SubnetId"]: z["LoadBalancerAddresses"][0] for z in r["AvailabilityZones"]}
+        self.assertEqual((zones[s1]["IpAddress"], zones[s1]["AllocationId"]), (a["PublicIp"], a["AllocationId"]))
+        self.assertRegex(zones[s2]["IpAddress"], r"^203\.0\.113\.\d+$")
+        eip = self.ec2.describe_addresses(AllocationIds=[a["AllocationId"]])["Addresses"][0]
+        self.assertIn("NetworkInterfaceId", eip)
+        self.eerr("ResourceInUse", self.elb.create_load_balancer, Name="pub2", Type="network",
+                  SubnetMappings=[{"SubnetId": s1, "AllocationId": a["AllocationId"]}])
+        self.eerr("AllocationIdNotFound", self.elb.create_load_balancer, Name="pub3", Type="network",
+                  SubnetMappings=[{"SubnetId": s1, "AllocationId": "eipalloc-0123456789abcdef0"}])
+        self.eerr("InvalidConfigurationRequest", self.elb.create_load_balancer, Name="pub4", Type="network", Scheme="internal",
+                  SubnetMappings=[{"SubnetId": s1, "AllocationId": a["AllocationId"]}])
+        self.elb.delete_load_balancer(LoadBalancerArn=r["LoadBalancerArn"])
+        eip = self.ec2.describe_addresses(AllocationIds=[a["AllocationId"]])["Addresses"][0]
+        self.assertNotIn("NetworkInterfaceId", eip)
+
+    def test_load_balancer_errors(self):
+        v, s1, s2 = self.net("10.72.0.0/16")
+        s1b = self.subnet(v, "10.72.3.0/24", az="us-east-1a")
+        msg = self.eerr("InvalidConfigurationRequest", self.elb.create_load_balancer, Name="alb", Subnets=[s1], Scheme="internal")
+        self.assertIn("network", msg)
+        self.eerr("InvalidConfigurationRequest", self.elb.create_load_balancer, Name="gw", Type="gateway", Subnets=[s1])
+        self.eerr("ValidationError", self.elb.create_load_balancer, Name="nosub", Type="network", Scheme="internal")
+        self.eerr("ValidationError", self.elb.create_load_balancer, Name="-bad", Type="network", Scheme="internal", Subnets=[s1])
+        self.eerr("ValidationError", self.elb.create_load_balancer, Name="x" * 33, Type="network", Scheme="internal", Subnets=[s1])
+        self.eerr("SubnetNotFound", self.elb.create_load_balancer, Name="ghost", Type="network", Scheme="internal", Subnets=["subnet-0123456789abcdef0"])
+        self.eerr("InvalidConfigurationRequest", self.elb.create_load_balancer, Name="twoaz", Type="network", Scheme="internal", Subnets=[s1, s1b])
+        self.eerr("InvalidConfigurationRequest", self.elb.create_load_balancer, Name="ipout", Type="network", Scheme="internal",
+                  SubnetMappings=[{"SubnetId": s1, "PrivateIPv4Address": "10.72.2.9"}])
+        self.eerr("ValidationError", self.elb.describe_load_balancers, LoadBalancerArns=["not-an-arn"])
+        self.eerr("LoadBalancerNotFound", self.elb.describe_load_balancers,
+                  LoadBalancerArns=["arn:aws:elasticloadbalancing:us-east-1:123456789012:loadbalancer/net/x/0123456789abcdef"])
+        # Paging with PageSize / Marker.
+        arns = [self.elb.create_load_balancer(Name="pg%d" % i, Type="network", Scheme="internal", Subnets=[s2])["LoadBalancers"][0]["LoadBalancerArn"] for i in range(3)]
+        seen, marker = [], None
+        for _ in range(10):
+            kw = {"PageSize": 2}
+            if marker:
+                kw["Marker"] = marker
+            page = self.elb.describe_load_balancers(**kw)
+            self.assertLessEqual(len(page["LoadBalancers"]), 2)
+            seen += [x["LoadBalancerArn"] for x in page["LoadBalancers"]]
+            marker = page.get("NextMarker")
+            if not marker:
+                break
+        self.assertTrue(set(arns) <= set(seen))
+        self.assertEqual(len(seen), len(set(seen)))
+        for a in arns:
+            self.elb.delete_load_balancer(LoadBalancerArn=a)
+
+    def test_target_groups_and_attributes(self):
+        v, s1, s2 = self.net("10.73.0.0/16")
+        g = self.tg("web", v, Tags=[{"Key": "k", "Value": "v"}])
+        arn = g["TargetGroupArn"]
+        self.assertRegex(arn, r"^arn:aws:elasticloadbalancing:us-east-1:\d{12}:targetgroup/web/[0-9a-f]{16}$")
+        self.assertEqual((g["Protocol"], g["Port"], g["TargetType"], g["HealthCheckProtocol"], g["HealthCheckPort"],
+                          g["HealthCheckIntervalSeconds"], g["HealthCheckTimeoutSeconds"], g["HealthyThresholdCount"],
+                          g["UnhealthyThresholdCount"], g["HealthCheckEnabled"], g["LoadBalancerArns"]),
+                         ("TCP", 80, "instance", "TCP", "traffic-port", 30, 10, 5, 2, True, []))
+        self.assertEqual(self.tg("web", v)["TargetGroupArn"], arn)  # idempotent
+        self.eerr("DuplicateTargetGroupName", self.tg, "web", v, Port=81)
+        self.eerr("UnsupportedProtocol", self.tg, "http", v, Protocol="HTTP")
+        self.eerr("ValidationError", self.tg, "novpc", "vpc-0123456789abcdef0")
+        self.eerr("InvalidConfigurationRequest", self.tg, "lam", v, TargetType="lambda")
+        self.eerr("InvalidConfigurationRequest", self.tg, "slow", v, HealthCheckIntervalSeconds=10, HealthCheckTimeoutSeconds=10)
+        m = self.elb.modify_target_group(TargetGroupArn=arn, HealthCheckProtocol="HTTP", HealthCheckPath="/ok",
+                                         HealthCheckIntervalSeconds=10, HealthCheckTimeoutSeconds=5,
+                                         HealthyThresholdCount=3, UnhealthyThresholdCount=3, HealthCheckPort="8080")["TargetGroups"][0]
+        self.assertEqual((m["HealthCheckProtocol"], m["HealthCheckPath"], m["HealthCheckIntervalSeconds"], m["HealthCheckTimeoutSeconds"],
+                          m["HealthyThresholdCount"], m["UnhealthyThresholdCount"], m["HealthCheckPort"]),
+                         ("HTTP", "/ok", 10, 5, 3, 3, "8080"))
+        attrs = {a["Key"]: a["Value"] for a in self.elb.describe_target_group_attributes(TargetGroupArn=arn)["Attributes"]}
+        self.assertEqual((attrs["deregistration_delay.timeout_seconds"], attrs["stickiness.enabled"], attrs["stickiness.type"],
+                          attrs["preserve_client_ip.enabled"]), ("300", "false", "source_ip", "true"))
+        out = self.elb.modify_target_group_attributes(TargetGroupArn=arn, Attributes=[
+            {"Key": "deregistration_delay.timeout_seconds", "Value": "5"}, {"Key": "stickiness.enabled", "Value": "true"}])["Attributes"]
+        out = {a["Key"]: a["Value"] for a in out}
+        self.assertEqual((out["deregistration_delay.timeout_seconds"], out["stickiness.enabled"]), ("5", "true"))
+        self.eerr("ValidationError", self.elb.modify_target_group_attributes, TargetGroupArn=arn, Attributes=[{"Key": "nope", "Value": "1"}])
+        self.eerr("ValidationError", self.elb.modify_target_group_attributes, TargetGroupArn=arn,
+                  Attributes=[{"Key": "deregistration_delay.timeout_seconds", "Value": "3601"}])
+        self.eerr("ValidationError", self.elb.modify_target_group_attributes, TargetGroupArn=arn,
+                  Attributes=[{"Key": "stickiness.type", "Value": "lb_cookie"}])
+        self.assertEqual([x["TargetGroupArn"] for x in self.elb.describe_target_groups(Names=["web"])["TargetGroups"]], [arn])
+        self.eerr("TargetGroupNotFound", self.elb.describe_target_groups, Names=["ghost"])
+        self.eerr("TargetGroupNotFound", self.elb.describe_target_group_attributes,
+                  TargetGroupArn="arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/x/0123456789abcdef")
+        self.elb.delete_target_group(TargetGroupArn=arn)
+        self.eerr("TargetGroupNotFound", self.elb.describe_target_groups, TargetGroupArns=[arn])
+
+    def test_targets_listeners_and_health(self):
+        v, s1, s2 = self.net("10.74.0.0/16")
+        i1 = self.launch(s1)
+        i2 = self.launch(s2)
+        self.wait_state(i1, "running")
+        self.wait_state(i2, "running")
+        lb = self.elb.create_load_balancer(Name="app", Type="network", Scheme="internal", Subnets=[s1, s2])["LoadBalancers"][0]["LoadBalancerArn"]
+        g = self.tg("app", v)["TargetGroupArn"]
+        self.elb.register_targets(TargetGroupArn=g, Targets=[{"Id": i1}, {"Id": i2, "Port": 8080}])
+        self.assertEqual(sorted(self.health(g)), sorted([(i1, 80, "unused", "Target.NotInUse"), (i2, 8080, "unused", "Target.NotInUse")]))
+        # Listeners.
+        fwd = [{"Type": "forward", "TargetGroupArn": g}]
+        ln = self.elb.create_listener(LoadBalancerArn=lb, Protocol="TCP", Port=80, DefaultActions=fwd)["Listeners"][0]
+        self.assertRegex(ln["ListenerArn"], r"^arn:aws:elasticloadbalancing:us-east-1:\d{12}:listener/net/app/[0-9a-f]{16}/[0-9a-f]{16}$")
+        self.assertEqual(ln["DefaultActions"][0]["TargetGroupArn"], g)
+        self.assertEqual(self.elb.create_listener(LoadBalancerArn=lb, Protocol="TCP", Port=80, DefaultActions=fwd)["Listeners"][0]["ListenerArn"],
+                         ln["ListenerArn"])
+        g2 = self.tg("other", v)["TargetGroupArn"]
+        self.eerr("DuplicateListener", self.elb.create_listener, LoadBalancerArn=lb, Protocol="TCP", Port=80,
+                  DefaultActions=[{"Type": "forward", "TargetGroupArn": g2}])
+        udp = self.tg("udp", v, Protocol="UDP", Port=53)["TargetGroupArn"]
+        self.eerr("IncompatibleProtocols", self.elb.create_listener, LoadBalancerArn=lb, Protocol="TCP", Port=53,
+                  DefaultActions=[{"Type": "forward", "TargetGroupArn": udp}])
+        self.elb.create_listener(LoadBalancerArn=lb, Protocol="UDP", Port=53,
+                                 DefaultActions=[{"Type": "forward", "ForwardConfig": {"TargetGroups": [{"TargetGroupArn": udp}]}}])
+        self.eerr("UnsupportedProtocol", self.elb.create_listener, LoadBalancerArn=lb, Protocol="HTTP", Port=81, DefaultActions=fwd)
+        self.eerr("TargetGroupNotFound", self.elb.create_listener, LoadBalancerArn=lb, Protocol="TCP", Port=82,
+                  DefaultActions=[{"Type": "forward", "TargetGroupArn": g.replace("targetgroup/app/", "targetgroup/app/0")[:-1]}])
+        self.eerr("InvalidLoadBalancerAction", self.elb.create_listener, LoadBalancerArn=lb, Protocol="TCP", Port=83,
+                  DefaultActions=[{"Type": "fixed-response", "FixedResponseConfig": {"StatusCode": "200"}}])
+        lb2 = self.elb.create_load_balancer(Name="app2", Type="network", Scheme="internal", Subnets=[s1])["LoadBalancers"][0]["LoadBalancerArn"]
+        self.eerr("TargetGroupAssociationLimit", self.elb.create_listener, LoadBalancerArn=lb2, Protocol="TCP", Port=80, DefaultActions=fwd)
+        self.assertEqual(len(self.elb.describe_listeners(LoadBalancerArn=lb)["Listeners"]), 2)
+        self.assertEqual(self.elb.describe_listeners(ListenerArns=[ln["ListenerArn"]])["Listeners"][0]["Port"], 80)
+        self.eerr("ValidationError", self.elb.describe_listeners)
+        self.assertEqual(self.elb.describe_target_groups(TargetGroupArns=[g])["TargetGroups"][0]["LoadBalancerArns"], [lb])
+        self.assertEqual(sorted(x["TargetGroupArn"] for x in self.elb.describe_target_groups(LoadBalancerArn=lb)["TargetGroups"]), sorted([g, udp]))
+        self.eerr("ResourceInUse", self.elb.delete_target_group, TargetGroupArn=g)
+        # With a listener and the recording driver (no health checks): initial.
+        self.assertEqual(sorted(self.health(g)), sorted([(i1, 80, "initial", "Elb.RegistrationInProgress"),
+                                                         (i2, 8080, "initial", "Elb.RegistrationInProgress")]))
+        self.assertEqual(self.health(g, Targets=[{"Id": i1}]), [(i1, 80, "initial", "Elb.RegistrationInProgress")])
+        i3 = self.launch(s1)
+        self.assertEqual(self.health(g, Targets=[{"Id": i3}]), [(i3, 80, "unused", "Target.NotRegistered")])
+        # Bad targets.
+        self.eerr("InvalidTarget", self.elb.register_targets, TargetGroupArn=g, Targets=[{"Id": "i-0123456789abcdef0"}])
+        self.eerr("InvalidTarget", self.elb.register_targets, TargetGroupArn=g, Targets=[{"Id": "10.74.1.9"}])
+        other_v = self.vpc("10.75.0.0/16")
+        other_i = self.launch(self.subnet(other_v, "10.75.1.0/24"))
+        self.eerr("InvalidTarget", self.elb.register_targets, TargetGroupArn=g, Targets=[{"Id": other_i}])
+        ipg = self.tg("ips", v, TargetType="ip")["TargetGroupArn"]
+        self.elb.register_targets(TargetGroupArn=ipg, Targets=[{"Id": "10.74.1.50"}, {"Id": "192.168.7.7", "Port": 9000}])
+        self.eerr("InvalidTarget", self.elb.register_targets, TargetGroupArn=ipg, Targets=[{"Id": "8.8.8.8"}])
+        self.eerr("InvalidTarget", self.elb.register_targets, TargetGroupArn=ipg, Targets=[{"Id": i1}])
+        self.eerr("InvalidTarget", self.elb.deregister_targets, TargetGroupArn=g, Targets=[{"Id": i3}])
+        self.eerr("ValidationError", self.elb.register_targets, TargetGroupArn=g, Targets=[{"Id": i1, "Port": 70000}])
+        # A stopped instance is not in use.
+        self.ec2.stop_instances(InstanceIds=[i2])
+        self.wait_state(i2, "stopped")
+        self.assertIn((i2, 8080, "unused", "Target.InvalidState"), self.health(g))
+        # Deregistration: draining for the delay, then gone (a job).
+        self.elb.modify_target_group_attributes(TargetGroupArn=g, Attributes=[{"Key": "deregistration_delay.timeout_seconds", "Value": "1"}])
+        self.elb.deregister_targets(TargetGroupArn=g, Targets=[{"Id": i1}])
+        self.assertIn((i1, 80, "draining", "Target.DeregistrationInProgress"), self.health(g))
+        wait_until(lambda: i1 not in [h[0] for h in self.health(g)], what="target drained")
+        # Registering a draining target again takes it back.
+        self.elb.modify_target_group_attributes(TargetGroupArn=g, Attributes=[{"Key": "deregistration_delay.timeout_seconds", "Value": "2"}])
+        self.elb.register_targets(TargetGroupArn=g, Targets=[{"Id": i1}])
+        self.elb.deregister_targets(TargetGroupArn=g, Targets=[{"Id": i1}])
+        self.elb.register_targets(TargetGroupArn=g, Targets=[{"Id": i1}])
+        import time
+        time.sleep(2.5)
+        self.assertIn((i1, 80, "initial", "Elb.RegistrationInProgress"), self.health(g))
+        # Deleting listeners and the load balancer.
+        self.elb.delete_listener(ListenerArn=ln["ListenerArn"])
+        self.eerr("ListenerNotFound", self.elb.describe_listeners, ListenerArns=[ln["ListenerArn"]])
+        self.eerr("ListenerNotFound", self.elb.delete_listener, ListenerArn=ln["ListenerArn"])
+        self.elb.delete_load_balancer(LoadBalancerArn=lb)
+        self.assertEqual(self.elb.describe_target_groups(TargetGroupArns=[udp])["TargetGroups"][0]["LoadBalancerArns"], [])
+        self.elb.delete_target_group(TargetGroupArn=g)
+        self.elb.delete_load_balancer(LoadBalancerArn=lb2)
+
+    def test_tags(self):
+        v, s1, s2 = self.net("10.76.0.0/16")
+        g = self.tg("tagged", v)["TargetGroupArn"]
+        self.elb.add_tags(ResourceArns=[g], Tags=[{"Key": "a", "Value": "1"}, {"Key": "b", "Value": "2"}])
+        self.elb.remove_tags(ResourceArns=[g], TagKeys=["a"])
+        self.assertEqual(self.elb.describe_tags(ResourceArns=[g])["TagDescriptions"][0]["Tags"], [{"Key": "b", "Value": "2"}])
+        self.eerr("TargetGroupNotFound", self.elb.add_tags, ResourceArns=[g[:-1] + "0" if g[-1] != "0" else g[:-1] + "1"],
+                  Tags=[{"Key": "a", "Value": "1"}])
+
+    def test_raw_protocol(self):
+        """ELBv2's XML shapes, checked on the wire."""
+        u = urllib.parse.urlparse(self.d.endpoint)
+
+        def post(body):
+            c = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+            c.request("POST", "/", body=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+            r = c.getresponse()
+            data = r.read().decode()
+            c.close()
+            return r.status, data
+        st, body = post("Action=DescribeLoadBalancers&Version=2015-12-01")
+        self.assertEqual(st, 200)
+        self.assertIn('<DescribeLoadBalancersResponse xmlns="http://elasticloadbalancing.amazonaws.com/doc/2015-12-01/">', body)
+        self.assertIn("<DescribeLoadBalancersResult><LoadBalancers>", body)
+        self.assertRegex(body, r"<ResponseMetadata><RequestId>[0-9a-f-]{36}</RequestId></ResponseMetadata>")
+        st, body = post("Action=Frobnicate&Version=2015-12-01")
+        self.assertEqual(st, 400)
+        self.assertIn("<ErrorResponse", body)
+        self.assertIn("<Type>Sender</Type><Code>InvalidAction</Code>", body)
+        st, body = post("Action=CreateTargetGroup&Version=2015-12-01&Name=x&Protocol=TCP&Port=80&VpcId=vpc-1&Tags.member.x.Key=k")
+        self.assertEqual(st, 400)
+        self.assertIn("<Code>ValidationError</Code>", body)
+        # Ranges botocore would check before sending.
+        vpc = self.vpc("10.77.0.0/16")
+        st, body = post("Action=CreateTargetGroup&Version=2015-12-01&Name=fast&Protocol=TCP&Port=80&VpcId=%s&HealthCheckIntervalSeconds=1" % vpc)
+        self.assertEqual(st, 400)
+        self.assertIn("<Code>ValidationError</Code>", body)
+        st, body = post("Action=DescribeTargetHealth&Version=2015-12-01&TargetGroupArn=%ff")
+        self.assertEqual(st, 400)
+        self.assertIn("MalformedQueryString", body)
+
+
+class ElbRestartTests(unittest.TestCase):
+    def test_nat_and_nlb_survive_a_kill(self):
+        d = Daemon()
+        try:
+            ec2, elb = d.client(), d.client("elbv2")
+            v = ec2.create_vpc(CidrBlock="10.91.0.0/16")["Vpc"]["VpcId"]
+            s = ec2.create_subnet(VpcId=v, CidrBlock="10.91.1.0/24")["Subnet"]["SubnetId"]
+            n = ec2.create_nat_gateway(SubnetId=s, ConnectivityType="private")["NatGateway"]["NatGatewayId"]
+            lb = elb.create_load_balancer(Name="keep", Type="network", Scheme="internal", Subnets=[s])["LoadBalancers"][0]["LoadBalancerArn"]
+            g = elb.create_target_group(Name="keep", Protocol="TCP_UDP", Port=53, VpcId=v, TargetType="ip")["TargetGroups"][0]["TargetGroupArn"]
+            elb.create_listener(LoadBalancerArn=lb, Protocol="TCP_UDP", Port=53, DefaultActions=[{"Type": "forward", "TargetGroupArn": g}])
+            elb.register_targets(TargetGroupArn=g, Targets=[{"Id": "10.91.1.40"}, {"Id": "10.91.1.41"}])
+            elb.modify_target_group_attributes(TargetGroupArn=g, Attributes=[{"Key": "deregistration_delay.timeout_seconds", "Value": "3"}])
+            elb.deregister_targets(TargetGroupArn=g, Targets=[{"Id": "10.91.1.41"}])
+            wait_until(lambda: ec2.describe_nat_gateways(NatGatewayIds=[n])["NatGateways"][0]["State"] == "available")
+
+            def snap():
+                return (ec2.describe_nat_gateways()["NatGateways"], elb.describe_load_balancers()["LoadBalancers"],
+                        elb.describe_target_groups()["TargetGroups"], elb.describe_listeners(LoadBalancerArn=lb)["Listeners"],
+                        elb.describe_target_group_attributes(TargetGroupArn=g)["Attributes"])
+            before = snap()
+            d.restart()
+            ec2, elb = d.client(), d.client("elbv2")
+            self.assertEqual(before, snap())
+            health = {h["Target"]["Id"]: h["TargetHealth"]["State"] for h in elb.describe_target_health(TargetGroupArn=g)["TargetHealthDescriptions"]}
+            self.assertEqual(health.get("10.91.1.41"), "draining")
+            # The drain timer is re-armed after the restart.
+            wait_until(lambda: [h["Target"]["Id"] for h in elb.describe_target_health(TargetGroupArn=g)["TargetHealthDescriptions"]] == ["10.91.1.40"],
+                       timeout=15, what="drain after restart")
+            # A deletion in flight at the kill is finished after the restart.
+            ec2.delete_nat_gateway(NatGatewayId=n)
+            d.restart()
+            ec2 = d.client()
+            wait_until(lambda: ec2.describe_nat_gateways(NatGatewayIds=[n])["NatGateways"][0]["State"] == "deleted")
+        finally:
+            d.close()
+
+
 class RestartTests(unittest.TestCase):
     def test_everything_survives_a_kill(self):
         d = Daemon()
@@ -986,6 +1472,24 @@ class CliTests(unittest.TestCase):
             self.assertIn("InvalidVpcID.NotFound", p.stderr)
             imgs = json.loads(aws_ec2("describe-images", "--owners", "self").stdout)["Images"]
             self.assertEqual(imgs[0]["ImageId"], IMAGE)
+            nat = json.loads(aws_ec2("create-nat-gateway", "--subnet-id", sub, "--connectivity-type", "private").stdout)["NatGateway"]
+            out = json.loads(aws_ec2("describe-nat-gateways", "--filter", "Name=subnet-id,Values=" + sub).stdout)
+            self.assertEqual([x["NatGatewayId"] for x in out["NatGateways"]], [nat["NatGatewayId"]])
+
+            def aws_elb(*args, check=True):
+                p = subprocess.run([aws, "--endpoint-url", d.endpoint, "--output", "json", "elbv2"] + list(args),
+                                   env=env, capture_output=True, text=True, timeout=60)
+                if check and p.returncode != 0:
+                    raise AssertionError("aws elbv2 %s failed: %s" % (" ".join(args), p.stderr))
+                return p
+            tg = json.loads(aws_elb("create-target-group", "--name", "cli", "--protocol", "TCP", "--port", "80",
+                                    "--vpc-id", vpc, "--target-type", "ip").stdout)["TargetGroups"][0]
+            aws_elb("register-targets", "--target-group-arn", tg["TargetGroupArn"], "--targets", "Id=10.99.1.77,Port=8080")
+            h = json.loads(aws_elb("describe-target-health", "--target-group-arn", tg["TargetGroupArn"]).stdout)["TargetHealthDescriptions"]
+            self.assertEqual([(x["Target"]["Id"], x["Target"]["Port"], x["TargetHealth"]["State"]) for x in h], [("10.99.1.77", 8080, "unused")])
+            p = aws_elb("create-load-balancer", "--name", "cli", "--type", "application", "--subnets", sub, check=False)
+            self.assertNotEqual(p.returncode, 0)
+            self.assertIn("InvalidConfigurationRequest", p.stderr)
         finally:
             d.close()
 

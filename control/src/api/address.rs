@@ -88,6 +88,18 @@ pub fn allocate_address(api: &Api, p: &Params) -> Result<String, ApiError> {
     Ok(x.finish())
 }
 
+/// Addresses on a NAT gateway's or load balancer's interface are theirs:
+/// they change with the gateway or load balancer, not by these calls.
+fn refuse_managed(st: &State, eni: &str) -> Result<(), ApiError> {
+    match super::natgw::managed_interface(st, eni) {
+        Some(kind) => Err(ApiError::new(
+            "OperationNotPermitted",
+            format!("The network interface {eni} is managed by a {kind} and its addresses cannot be changed directly."),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The address a request names by AllocationId or PublicIp.
 fn target<'a>(st: &'a State, p: &Params) -> Result<&'a Address, ApiError> {
     if let Some(id) = p.get("AllocationId") {
@@ -136,6 +148,10 @@ pub fn associate_address(api: &Api, p: &Params) -> Result<String, ApiError> {
             }
             (None, None) => return Err(ApiError::missing("NetworkInterfaceId or InstanceId")),
         };
+        refuse_managed(t, &eni.id)?;
+        if let Some(s) = &addr.association {
+            refuse_managed(t, &s.eni_id)?;
+        }
         let private_ip = p
             .get("PrivateIpAddress")
             .unwrap_or(eni.primary_ip())
@@ -227,6 +243,9 @@ pub fn disassociate_address(api: &Api, p: &Params) -> Result<String, ApiError> {
                 a
             }
         };
+        if let Some(s) = &addr.association {
+            refuse_managed(t, &s.eni_id)?;
+        }
         let eni = addr.association.take().map(|s| s.eni_id);
         t.put(addr);
         // An interface launched with a public IP gets a new one (AWS does

@@ -139,6 +139,15 @@ idk!(
     "InvalidNatGatewayID.NotFound",
     "nat gateway"
 );
+// The NAT gateway actions themselves answer with these codes (AWS's);
+// routes keep InvalidNatGatewayID.* above.
+idk!(
+    NATGW,
+    "nat-",
+    "NatGatewayMalformed",
+    "NatGatewayNotFound",
+    "nat gateway"
+);
 
 impl IdKind {
     pub fn check(&self, id: &str) -> Result<(), ApiError> {

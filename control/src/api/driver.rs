@@ -43,6 +43,19 @@ pub enum Job {
         instance: String,
         force: bool,
     },
+    /// Finish a NAT gateway's transition: pending → available,
+    /// deleting → deleted.
+    NatGateway(String),
+    /// A load balancer: provisioning → active.
+    LoadBalancer(String),
+    /// The deregistration delay of a target is over: remove it if it is
+    /// still draining since `since` (queued with that delay).
+    Drain {
+        target_group: String,
+        target: String,
+        port: u16,
+        since: u64,
+    },
 }
 
 impl Job {
@@ -51,6 +64,8 @@ impl Job {
         match self {
             Job::Launch(i) | Job::Start(i) | Job::Stop(i) | Job::Terminate(i) => i,
             Job::Attach { instance, .. } | Job::Detach { instance, .. } => instance,
+            Job::NatGateway(id) | Job::LoadBalancer(id) => id,
+            Job::Drain { target_group, .. } => target_group,
         }
     }
 }
@@ -107,6 +122,18 @@ pub trait InstanceDriver: Send + Sync + 'static {
         Err(DriverError::Failed(
             "this driver runs no hyperplane".to_string(),
         ))
+    }
+
+    /// Health of the targets of `target_group` (the ID, as stored) as the
+    /// datapath's health checks see them: (target id, port, state, reason)
+    /// with ELBv2's state and reason names (`healthy`, `unhealthy` /
+    /// `Target.FailedHealthChecks`, ...). None: the driver has no health
+    /// checks (DescribeTargetHealth then reports registration states).
+    fn target_health(
+        &self,
+        _target_group: &str,
+    ) -> Option<Vec<(String, u16, String, Option<String>)>> {
+        None
     }
 
     /// What the driver runs, for `enilab status` (JSON; `null`: nothing).

@@ -17,8 +17,17 @@ use super::ApiError;
 const WORKERS: usize = 4;
 
 pub struct JobQueue {
-    senders: Vec<Mutex<Sender<Job>>>,
+    senders: Arc<Vec<Mutex<Sender<Job>>>>,
     idle: Arc<(Mutex<usize>, std::sync::Condvar)>,
+    timer: Arc<Timer>,
+}
+
+/// Jobs due later (deregistration delays), by due time: one thread sleeps
+/// until the earliest and hands it to the workers.
+#[derive(Default)]
+struct Timer {
+    due: Mutex<std::collections::BTreeMap<(std::time::Instant, u64), Job>>,
+    cv: std::sync::Condvar,
 }
 
 impl JobQueue {
@@ -53,30 +62,92 @@ impl JobQueue {
             }
             senders.push(Mutex::new(tx));
         }
-        JobQueue { senders, idle }
+        let q = JobQueue {
+            senders: Arc::new(senders),
+            idle,
+            timer: Arc::new(Timer::default()),
+        };
+        let (senders, idle, timer) = (q.senders.clone(), q.idle.clone(), q.timer.clone());
+        let spawned = std::thread::Builder::new()
+            .name("enilab-job-timer".into())
+            .spawn(move || timer_loop(&timer, &senders, &idle));
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the job timer: {e}");
+        }
+        q
+    }
+
+    /// Queue `job` to run once `delay` has passed.
+    pub fn push_after(&self, job: Job, delay: std::time::Duration) {
+        if delay.is_zero() {
+            return self.push(job);
+        }
+        let at = std::time::Instant::now() + delay;
+        let mut due = self.timer.due.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = crate::store::ids::random_u64();
+        due.insert((at, seq), job);
+        self.timer.cv.notify_all();
     }
 
     pub fn push(&self, job: Job) {
-        let h = job.instance().bytes().fold(0usize, |a, b| {
-            a.wrapping_mul(31).wrapping_add(usize::from(b))
-        });
-        let idx = h % self.senders.len().max(1);
-        {
-            let (m, _) = &*self.idle;
-            *m.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-        }
-        let sent = self.senders[idx]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(job);
-        if let Err(e) = sent {
-            tracing::error!("job worker gone; job {:?} dropped", e.0);
-            let (m, _) = &*self.idle;
-            let mut p = m.lock().unwrap_or_else(|e| e.into_inner());
-            *p = p.saturating_sub(1);
-        }
+        push_to(&self.senders, &self.idle, job)
     }
+}
 
+fn timer_loop(
+    timer: &Timer,
+    senders: &[Mutex<Sender<Job>>],
+    idle: &Arc<(Mutex<usize>, std::sync::Condvar)>,
+) {
+    let mut due = timer.due.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let now = std::time::Instant::now();
+        let ready: Vec<(std::time::Instant, u64)> =
+            due.range(..(now, u64::MAX)).map(|(k, _)| *k).collect();
+        for k in ready {
+            if let Some(job) = due.remove(&k) {
+                push_to(senders, idle, job);
+            }
+        }
+        let wait = due
+            .keys()
+            .next()
+            .map(|(at, _)| at.saturating_duration_since(now))
+            .unwrap_or(std::time::Duration::from_secs(3600));
+        due = timer
+            .cv
+            .wait_timeout(due, wait)
+            .map(|(g, _)| g)
+            .unwrap_or_else(|e| e.into_inner().0);
+    }
+}
+
+fn push_to(
+    senders: &[Mutex<Sender<Job>>],
+    idle: &Arc<(Mutex<usize>, std::sync::Condvar)>,
+    job: Job,
+) {
+    let h = job.instance().bytes().fold(0usize, |a, b| {
+        a.wrapping_mul(31).wrapping_add(usize::from(b))
+    });
+    let Some(sender) = senders.get(h % senders.len().max(1)) else {
+        tracing::error!("no job worker; job {job:?} dropped");
+        return;
+    };
+    {
+        let (m, _) = &**idle;
+        *m.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    }
+    let sent = sender.lock().unwrap_or_else(|e| e.into_inner()).send(job);
+    if let Err(e) = sent {
+        tracing::error!("job worker gone; job {:?} dropped", e.0);
+        let (m, _) = &**idle;
+        let mut p = m.lock().unwrap_or_else(|e| e.into_inner());
+        *p = p.saturating_sub(1);
+    }
+}
+
+impl JobQueue {
     /// Wait until no job is queued or running (tests, shutdown).
     pub fn wait_idle(&self, timeout: std::time::Duration) -> bool {
         let (m, cv) = &*self.idle;
@@ -286,6 +357,14 @@ pub fn run(store: &Store, driver: &dyn InstanceDriver, job: &Job) -> Result<(), 
                 Ok::<_, ApiError>(())
             })
         }
+        Job::NatGateway(id) => store.write(|t| super::natgw::finish(t, id)),
+        Job::LoadBalancer(id) => store.write(|t| super::elb::finish_load_balancer(t, id)),
+        Job::Drain {
+            target_group,
+            target,
+            port,
+            since,
+        } => store.write(|t| super::elb::finish_drain(t, target_group, target, *port, *since)),
     }
 }
 
@@ -307,6 +386,16 @@ pub fn recover(store: &Store, driver: &dyn InstanceDriver) -> Result<Vec<Job>, A
                     }
                 }
                 _ => {}
+            }
+        }
+        for n in st.iter::<NatGateway>() {
+            if matches!(n.state, NatState::Pending | NatState::Deleting) {
+                jobs.push(Job::NatGateway(n.id.clone()));
+            }
+        }
+        for lb in st.iter::<LoadBalancer>() {
+            if lb.state == LbState::Provisioning {
+                jobs.push(Job::LoadBalancer(lb.id.clone()));
             }
         }
         for e in st.iter::<Eni>() {
@@ -345,4 +434,31 @@ pub fn recover(store: &Store, driver: &dyn InstanceDriver) -> Result<Vec<Job>, A
         })?;
     }
     Ok(jobs)
+}
+
+/// After a restart: draining targets, each with what is left of its
+/// deregistration delay.
+pub fn recover_delayed(store: &Store) -> Vec<(Job, std::time::Duration)> {
+    let now = super::common::now_ms();
+    store.read(|st| {
+        let mut out = Vec::new();
+        for tg in st.iter::<TargetGroup>() {
+            let delay_ms = u64::from(tg.deregistration_delay_s()) * 1000;
+            for tgt in &tg.targets {
+                if let Some(since) = tgt.draining_since {
+                    let left = (since + delay_ms).saturating_sub(now);
+                    out.push((
+                        Job::Drain {
+                            target_group: tg.id.clone(),
+                            target: tgt.id.clone(),
+                            port: tgt.port,
+                            since,
+                        },
+                        std::time::Duration::from_millis(left),
+                    ));
+                }
+            }
+        }
+        out
+    })
 }

@@ -7,6 +7,8 @@
 //!   [`route`] (route tables, internet gateways), [`acl`], [`eni`],
 //!   [`address`] (Elastic IPs), [`flowlog`], [`instance`] (images,
 //!   instances), [`tags`].
+//! * [`natgw`]: NAT gateways; [`elb`]: ELBv2 network load balancers
+//!   (version 2015-12-01 on the same endpoint, its own XML and errors).
 //! * [`driver`]: the seam to the machines; [`jobs`] runs it after commits.
 //!
 //! See `docs/api.md` for the design note.
@@ -18,12 +20,14 @@ pub mod common;
 pub mod config;
 pub mod datapath;
 pub mod driver;
+pub mod elb;
 pub mod eni;
 pub mod flowlog;
 pub mod http;
 pub mod hyperplane;
 pub mod instance;
 pub mod jobs;
+pub mod natgw;
 pub mod pubip;
 pub mod qemu_driver;
 pub mod query;
@@ -208,6 +212,9 @@ pub const ACTIONS: &[(&str, Handler)] = &[
     ("DescribeAddresses", address::describe_addresses),
     ("CreateFlowLogs", flowlog::create_flow_logs),
     ("DescribeFlowLogs", flowlog::describe_flow_logs),
+    ("CreateNatGateway", natgw::create_nat_gateway),
+    ("DeleteNatGateway", natgw::delete_nat_gateway),
+    ("DescribeNatGateways", natgw::describe_nat_gateways),
     ("DeleteFlowLogs", flowlog::delete_flow_logs),
     ("DescribeImages", instance::describe_images),
     ("RunInstances", instance::run_instances),
@@ -260,6 +267,9 @@ impl Api {
         for job in jobs::recover(&api.store, api.driver.as_ref())? {
             api.jobs.push(job);
         }
+        for (job, delay) in jobs::recover_delayed(&api.store) {
+            api.jobs.push_after(job, delay);
+        }
         // The datapath starts from the state as it is, adopted devices
         // included, before the first request.
         api.store.read(|st| api.driver.on_change(st));
@@ -269,6 +279,9 @@ impl Api {
     /// Handle one decoded request.
     pub fn call(&self, params: &Params) -> Reply {
         let rid = ids::request_id();
+        if params.get("Version") == Some(elb::VERSION) {
+            return elb::call(self, params, &rid);
+        }
         match self.dispatch(params) {
             Ok((action, body)) => Reply {
                 status: 200,

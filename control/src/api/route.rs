@@ -46,7 +46,12 @@ pub fn write_route_table(x: &mut Xml, st: &State, r: &RouteTable, owner: &str) {
                 }
                 RouteTarget::NatGateway(n) => {
                     x.text("natGatewayId", n);
-                    "active"
+                    // A deleted (or deleting) gateway leaves a blackhole.
+                    if st.get::<NatGateway>(n).is_some_and(|g| !g.state.gone()) {
+                        "active"
+                    } else {
+                        "blackhole"
+                    }
                 }
                 RouteTarget::NetworkInterface(e) => {
                     x.text("networkInterfaceId", e);
@@ -177,9 +182,15 @@ pub fn create_route(api: &Api, p: &Params) -> Result<String, ApiError> {
                 RouteTarget::Gateway(target.to_string())
             }
             "NatGatewayId" => {
-                // NAT gateways are not modelled yet: a well-formed ID is
-                // recorded as given (see docs/api.md).
-                NAT.check(target)?;
+                let n = NAT.get::<NatGateway>(t, target)?;
+                if n.state.gone() {
+                    return Err(NAT.not_found(target));
+                }
+                if n.vpc_id != vpc.id {
+                    return Err(ApiError::invalid(format!(
+                        "route table {id} and NAT gateway {target} belong to different networks"
+                    )));
+                }
                 RouteTarget::NatGateway(target.to_string())
             }
             "NetworkInterfaceId" => {

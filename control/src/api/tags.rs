@@ -10,7 +10,7 @@ use super::xml::Xml;
 use super::{Api, ApiError};
 
 const KINDS: &[IdKind] = &[
-    VPC, SUBNET, SG, RTB, IGW, ACL, ENI, INSTANCE, EIPALLOC, FLOWLOG,
+    VPC, SUBNET, SG, RTB, IGW, ACL, ENI, INSTANCE, EIPALLOC, FLOWLOG, NATGW,
 ];
 
 /// Find a resource of any taggable kind, with that kind's error codes.
@@ -92,7 +92,8 @@ pub fn describe_tags(api: &Api, p: &Params) -> Result<String, ApiError> {
     let pg = page(p, false)?;
     api.store.read(|st| {
         let mut rows: Vec<(String, &str, &str, &str)> = Vec::new();
-        for r in st.all() {
+        // ELBv2 resources have their own DescribeTags.
+        for r in st.all().filter(|r| r.is_ec2()) {
             for (k, v) in r.tags() {
                 let keep = filter_match(&fl, &Default::default(), |n| match n {
                     "key" => vec![k.clone()],

@@ -111,6 +111,33 @@ impl Xml {
         })
     }
 
+    /// The query protocol's lists (ELBv2): `<name><member>..</member>...</name>`.
+    pub fn members<T>(
+        &mut self,
+        name: &str,
+        items: impl IntoIterator<Item = T>,
+        mut f: impl FnMut(&mut Xml, T),
+    ) -> &mut Self {
+        self.open(name);
+        for it in items {
+            self.open("member");
+            f(self, it);
+            self.close("member");
+        }
+        self.close(name)
+    }
+
+    /// `<name><member>value</member>...</name>` for plain strings.
+    pub fn member_strings<'a>(
+        &mut self,
+        name: &str,
+        items: impl IntoIterator<Item = &'a str>,
+    ) -> &mut Self {
+        self.members(name, items, |x, s| {
+            escape_into(&mut x.buf, s);
+        })
+    }
+
     pub fn tags(&mut self, tags: &crate::store::model::Tags) -> &mut Self {
         self.set("tagSet", tags, |x, (k, v)| {
             x.text("key", k).text("value", v);
@@ -136,6 +163,47 @@ pub fn response(action: &str, request_id: &str, body: &str) -> String {
     s.push_str("</");
     s.push_str(action);
     s.push_str("Response>");
+    s
+}
+
+/// ELBv2's XML namespace (API version 2015-12-01).
+pub const ELBV2_NAMESPACE: &str = "http://elasticloadbalancing.amazonaws.com/doc/2015-12-01/";
+
+/// An ELBv2 success document: `<XResponse><XResult>body</XResult>
+/// <ResponseMetadata>`.
+pub fn elbv2_response(action: &str, request_id: &str, body: &str) -> String {
+    let mut s = String::with_capacity(body.len() + 300);
+    s.push_str("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<");
+    s.push_str(action);
+    s.push_str("Response xmlns=\"");
+    s.push_str(ELBV2_NAMESPACE);
+    s.push_str("\"><");
+    s.push_str(action);
+    s.push_str("Result>");
+    s.push_str(body);
+    s.push_str("</");
+    s.push_str(action);
+    s.push_str("Result><ResponseMetadata><RequestId>");
+    escape_into(&mut s, request_id);
+    s.push_str("</RequestId></ResponseMetadata></");
+    s.push_str(action);
+    s.push_str("Response>");
+    s
+}
+
+/// ELBv2's error document; `sender`: the client's fault (else Receiver).
+pub fn elbv2_error(code: &str, message: &str, request_id: &str, sender: bool) -> String {
+    let mut s = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<ErrorResponse xmlns=\"");
+    s.push_str(ELBV2_NAMESPACE);
+    s.push_str("\"><Error><Type>");
+    s.push_str(if sender { "Sender" } else { "Receiver" });
+    s.push_str("</Type><Code>");
+    escape_into(&mut s, code);
+    s.push_str("</Code><Message>");
+    escape_into(&mut s, message);
+    s.push_str("</Message></Error><RequestId>");
+    escape_into(&mut s, request_id);
+    s.push_str("</RequestId></ErrorResponse>");
     s
 }
 

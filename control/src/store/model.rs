@@ -318,6 +318,193 @@ pub struct FlowLog {
     pub tags: Tags,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NatState {
+    Pending,
+    Available,
+    Deleting,
+    Deleted,
+    Failed,
+}
+
+impl NatState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            NatState::Pending => "pending",
+            NatState::Available => "available",
+            NatState::Deleting => "deleting",
+            NatState::Deleted => "deleted",
+            NatState::Failed => "failed",
+        }
+    }
+
+    /// Deleting, deleted or failed: holds no interface and no address.
+    pub fn gone(&self) -> bool {
+        matches!(
+            self,
+            NatState::Deleting | NatState::Deleted | NatState::Failed
+        )
+    }
+}
+
+/// One address of a NAT gateway: a private IP of its interface and, for a
+/// public gateway, the Elastic IP associated with it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NatAddress {
+    pub allocation_id: Option<String>,
+    pub public_ip: Option<String>,
+    pub association_id: Option<String>,
+    pub private_ip: String,
+    pub is_primary: bool,
+}
+
+/// A NAT gateway. Its requester-managed interface (`eni_id`) exists while
+/// it is pending or available; `addresses` keeps the last addresses after
+/// deletion (AWS shows them on deleted gateways too).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NatGateway {
+    pub id: String,
+    pub vpc_id: String,
+    pub subnet_id: String,
+    pub eni_id: String,
+    /// "public" or "private".
+    pub connectivity: String,
+    pub addresses: Vec<NatAddress>,
+    pub state: NatState,
+    pub create_time: u64,
+    pub delete_time: Option<u64>,
+    pub client_token: Option<String>,
+    pub tags: Tags,
+}
+
+impl NatGateway {
+    pub fn primary(&self) -> Option<&NatAddress> {
+        self.addresses.iter().find(|a| a.is_primary)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LbState {
+    Provisioning,
+    Active,
+    Failed,
+}
+
+impl LbState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            LbState::Provisioning => "provisioning",
+            LbState::Active => "active",
+            LbState::Failed => "failed",
+        }
+    }
+}
+
+/// A load balancer's presence in one subnet: its requester-managed
+/// interface, whose primary private IP is the VIP there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LbNode {
+    pub subnet_id: String,
+    pub az: String,
+    pub eni_id: String,
+    pub private_ip: String,
+    /// The Elastic IP of an internet-facing load balancer's SubnetMapping.
+    pub allocation_id: Option<String>,
+    pub public_ip: Option<String>,
+}
+
+/// An ELBv2 network load balancer. `id` is the ARN's resource part
+/// (`loadbalancer/net/<name>/<16 hex>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadBalancer {
+    pub id: String,
+    pub name: String,
+    /// "internal" or "internet-facing".
+    pub scheme: String,
+    pub vpc_id: String,
+    pub state: LbState,
+    pub created: u64,
+    pub dns_name: String,
+    pub nodes: Vec<LbNode>,
+    pub tags: Tags,
+}
+
+/// Health check settings of a target group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    pub enabled: bool,
+    /// "TCP", "HTTP" or "HTTPS".
+    pub protocol: String,
+    /// "traffic-port" or a port number.
+    pub port: String,
+    pub path: Option<String>,
+    pub interval_s: u32,
+    pub timeout_s: u32,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+/// A registered target. `id` is an instance ID or an IPv4 address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub id: String,
+    pub port: u16,
+    pub az: Option<String>,
+    /// Deregistered at this time (ms): draining until the deregistration
+    /// delay has passed, then removed.
+    pub draining_since: Option<u64>,
+}
+
+/// An ELBv2 target group (`targetgroup/<name>/<16 hex>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetGroup {
+    pub id: String,
+    pub name: String,
+    /// "TCP", "UDP" or "TCP_UDP".
+    pub protocol: String,
+    pub port: u16,
+    pub vpc_id: String,
+    /// "instance" or "ip".
+    pub target_type: String,
+    pub health_check: HealthCheck,
+    /// Every attribute with its current value (defaults filled in).
+    pub attributes: BTreeMap<String, String>,
+    pub targets: Vec<Target>,
+    pub tags: Tags,
+}
+
+impl TargetGroup {
+    /// `deregistration_delay.timeout_seconds`.
+    pub fn deregistration_delay_s(&self) -> u32 {
+        self.attributes
+            .get("deregistration_delay.timeout_seconds")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300)
+    }
+
+    /// Source-IP stickiness on (`stickiness.enabled` with type `source_ip`).
+    pub fn sticky_source_ip(&self) -> bool {
+        self.attributes
+            .get("stickiness.enabled")
+            .map(|s| s.as_str())
+            == Some("true")
+            && self.attributes.get("stickiness.type").map(|s| s.as_str()) == Some("source_ip")
+    }
+}
+
+/// An ELBv2 listener (`listener/net/<lb name>/<lb hex>/<16 hex>`) that
+/// forwards to one target group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Listener {
+    pub id: String,
+    pub lb_id: String,
+    /// "TCP", "UDP" or "TCP_UDP".
+    pub protocol: String,
+    pub port: u16,
+    pub target_group: String,
+    pub tags: Tags,
+}
+
 /// Every stored resource.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Resource {
@@ -331,6 +518,10 @@ pub enum Resource {
     Instance(Instance),
     Address(Address),
     FlowLog(FlowLog),
+    NatGateway(NatGateway),
+    LoadBalancer(LoadBalancer),
+    TargetGroup(TargetGroup),
+    Listener(Listener),
 }
 
 /// A stored type: its ID prefix and how to get it out of a [`Resource`].
@@ -380,6 +571,11 @@ kind!(Eni, "eni-");
 kind!(Instance, "i-");
 kind!(Address, "eipalloc-");
 kind!(FlowLog, "fl-");
+kind!(NatGateway, "nat-");
+// ELBv2 resources are keyed by the resource part of their ARN.
+kind!(LoadBalancer, "loadbalancer/");
+kind!(TargetGroup, "targetgroup/");
+kind!(Listener, "listener/");
 
 impl Resource {
     pub fn id(&self) -> &str {
@@ -394,6 +590,10 @@ impl Resource {
             Resource::Instance(x) => &x.id,
             Resource::Address(x) => &x.id,
             Resource::FlowLog(x) => &x.id,
+            Resource::NatGateway(x) => &x.id,
+            Resource::LoadBalancer(x) => &x.id,
+            Resource::TargetGroup(x) => &x.id,
+            Resource::Listener(x) => &x.id,
         }
     }
 
@@ -409,6 +609,10 @@ impl Resource {
             Resource::Instance(x) => &mut x.tags,
             Resource::Address(x) => &mut x.tags,
             Resource::FlowLog(x) => &mut x.tags,
+            Resource::NatGateway(x) => &mut x.tags,
+            Resource::LoadBalancer(x) => &mut x.tags,
+            Resource::TargetGroup(x) => &mut x.tags,
+            Resource::Listener(x) => &mut x.tags,
         }
     }
 
@@ -424,6 +628,10 @@ impl Resource {
             Resource::Instance(x) => &x.tags,
             Resource::Address(x) => &x.tags,
             Resource::FlowLog(x) => &x.tags,
+            Resource::NatGateway(x) => &x.tags,
+            Resource::LoadBalancer(x) => &x.tags,
+            Resource::TargetGroup(x) => &x.tags,
+            Resource::Listener(x) => &x.tags,
         }
     }
 
@@ -440,6 +648,18 @@ impl Resource {
             Resource::Instance(_) => "instance",
             Resource::Address(_) => "elastic-ip",
             Resource::FlowLog(_) => "vpc-flow-log",
+            Resource::NatGateway(_) => "natgateway",
+            Resource::LoadBalancer(_) => "loadbalancer",
+            Resource::TargetGroup(_) => "targetgroup",
+            Resource::Listener(_) => "listener",
         }
+    }
+
+    /// An EC2 resource (EC2's DescribeTags lists it), not an ELBv2 one.
+    pub fn is_ec2(&self) -> bool {
+        !matches!(
+            self,
+            Resource::LoadBalancer(_) | Resource::TargetGroup(_) | Resource::Listener(_)
+        )
     }
 }
