@@ -76,6 +76,10 @@ enum Cmd {
         /// Datapath worker threads per network card.
         #[arg(long, default_value_t = 1)]
         workers_per_card: usize,
+        /// Hyperplane nodes (threads) serving NAT gateways and load
+        /// balancers; 0 runs none.
+        #[arg(long, default_value_t = 2)]
+        hyperplane_nodes: usize,
     },
     /// Measure API calls per second against a running `enilab serve`.
     BenchApi {
@@ -190,6 +194,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             accel,
             no_internet,
             workers_per_card,
+            hyperplane_nodes,
         } => {
             let dir = state_dir.unwrap_or_else(|| qemu::default_state_dir().join("api"));
             let mut config = api::Config::load(&dir)?;
@@ -217,6 +222,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                             }),
                             internet: !no_internet,
                             metadata: true,
+                            hyperplane_nodes,
                             image: None,
                         })
                         .context("cannot start the QEMU driver (use --driver record to serve without VMs)")?,

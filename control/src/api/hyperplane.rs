@@ -87,6 +87,9 @@ impl Tier {
     pub fn start(datapath: &Datapath, nodes: usize) -> Result<Tier, TierError> {
         let hp = Hyperplane::new(Options {
             nodes,
+            // A lab's worth: 256 Ki flows a node (the tables are
+            // preallocated; the library's default sizes for a million).
+            flows_per_node: 1 << 18,
             ..Options::default()
         })
         .map_err(|e| TierError::Hyperplane(e.to_string()))?;
@@ -208,6 +211,42 @@ impl Tier {
             g.ports.insert(e.to_string(), port);
         }
         Ok(g.ports.clone())
+    }
+
+    /// The tier for `enilab status`.
+    pub fn status(&self) -> serde_json::Value {
+        use serde_json::json;
+        let stats = self.hp.stats();
+        let running = self.running();
+        let nodes: Vec<_> = stats
+            .nodes
+            .iter()
+            .map(|n| {
+                let lane = self.lanes.stats(n.node);
+                json!({
+                    "node": n.node,
+                    "running": running.get(n.node).copied().unwrap_or(false),
+                    "live": n.live,
+                    "flows": n.flows,
+                    "own_flows": n.primary_flows,
+                    "frames_in": n.frames_in,
+                    "frames_out": n.frames_out,
+                    "replication_lag": n.replication_lag,
+                    "port_allocation_failures": n.port_allocation_failures,
+                    "table_bytes": n.table_memory_bytes,
+                    "lane_received": lane.received,
+                    "lane_sent": lane.sent,
+                    "lane_send_dropped": lane.send_dropped,
+                    "drops": n.drops.iter().filter(|(_, c)| *c > 0)
+                        .map(|(r, c)| (r.name().to_string(), json!(c)))
+                        .collect::<serde_json::Map<_, _>>(),
+                })
+            })
+            .collect();
+        json!({
+            "interfaces": self.inner().ports.clone(),
+            "nodes": nodes,
+        })
     }
 
     /// Stop every node and stop serving the interfaces.
@@ -451,4 +490,57 @@ pub fn stop_hyperplane_node(api: &Api, p: &Params) -> Result<String, ApiError> {
 /// `StartHyperplaneNode Node=N`: the node rejoins with fresh state.
 pub fn start_hyperplane_node(api: &Api, p: &Params) -> Result<String, ApiError> {
     set_node(api, p, true)
+}
+
+/// `InstanceDriver::target_health`'s rows for target group `tg_id`: the
+/// hyperplane reports by address, the API by target id.
+pub fn health_rows(
+    state: &crate::store::State,
+    tg_id: &str,
+    health: &[enilab_hyperplane::TargetHealth],
+) -> Vec<(String, u16, String, Option<String>)> {
+    use crate::store::model::{Eni, TargetGroup};
+    use enilab_hyperplane::HealthState;
+    let Some(tg) = state.get::<TargetGroup>(tg_id) else {
+        return Vec::new();
+    };
+    let ip_of = |id: &str| -> Option<std::net::Ipv4Addr> {
+        if tg.target_type == "ip" {
+            return id.parse().ok();
+        }
+        state
+            .iter::<Eni>()
+            .find(|e| {
+                e.attachment
+                    .as_ref()
+                    .is_some_and(|a| a.instance_id == id && a.device_index == 0)
+            })
+            .and_then(|e| e.primary_ip().parse().ok())
+    };
+    let mut rows = Vec::new();
+    for t in &tg.targets {
+        let Some(ip) = ip_of(&t.id) else { continue };
+        // Several balancer interfaces may check one target: the worst wins.
+        let states: Vec<&enilab_hyperplane::TargetHealth> = health
+            .iter()
+            .filter(|h| h.target_group == tg.id && h.ip == ip && h.port == t.port)
+            .collect();
+        let pick = states
+            .iter()
+            .find(|h| h.state == HealthState::Unhealthy)
+            .or_else(|| states.iter().find(|h| h.state == HealthState::Draining))
+            .or_else(|| states.iter().find(|h| h.state == HealthState::Initial))
+            .or_else(|| states.first());
+        let Some(h) = pick else { continue };
+        let state = match h.state {
+            HealthState::Initial => "initial",
+            HealthState::Healthy => "healthy",
+            HealthState::Unhealthy => "unhealthy",
+            HealthState::Draining => "draining",
+            HealthState::Unused => "unused",
+        };
+        let reason = (!h.reason.is_empty()).then(|| h.reason.clone());
+        rows.push((t.id.clone(), t.port, state.to_string(), reason));
+    }
+    rows
 }

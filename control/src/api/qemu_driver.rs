@@ -39,6 +39,7 @@ use crate::store::{State, Store};
 use super::config::Config;
 use super::datapath::topology_for_account;
 use super::driver::{DriverError, InstanceDriver};
+use super::hyperplane::{self, Tier};
 
 /// The guest never gets more vCPUs than this, whatever the type says: the
 /// guests share this host (TCG on a few cores).
@@ -50,7 +51,8 @@ pub const GUEST_MAX_MEMORY_MIB: u32 = 512;
 pub const UNPLUG_TIMEOUT: Duration = Duration::from_secs(30);
 pub const FORCED_UNPLUG_TIMEOUT: Duration = Duration::from_secs(3);
 /// Port ids stay below this (the metadata service encodes them in 14 bits).
-const MAX_PORT: PortId = 1 << 14;
+/// Instance ENIs take ports below the hyperplane's interfaces.
+const MAX_PORT: PortId = hyperplane::SERVICE_PORT_BASE;
 
 /// What the driver is built from.
 #[derive(Debug, Clone)]
@@ -69,6 +71,8 @@ pub struct QemuDriverOptions {
     /// Serve instance metadata at 169.254.169.254 (a namespace behind the
     /// metadata port). Needs CAP_NET_ADMIN too.
     pub metadata: bool,
+    /// Hyperplane nodes for NAT gateways and load balancers (0: none).
+    pub hyperplane_nodes: usize,
     pub image: Option<Image>,
 }
 
@@ -110,6 +114,8 @@ pub struct QemuDriver {
     /// Taken (stopped) by [`QemuDriver::release`].
     imds: Mutex<Option<ImdsService>>,
     metadata: Option<MetadataConfig>,
+    /// NAT gateways and load balancers.
+    tier: Option<Tier>,
     inner: Arc<Mutex<Inner>>,
     store: Arc<OnceLock<Weak<Store>>>,
     generation: AtomicU64,
@@ -186,6 +192,16 @@ impl QemuDriver {
             port: m.port(),
             peer_mac: m.peer_mac(),
         });
+        let tier = match opts.hyperplane_nodes {
+            0 => None,
+            n => match Tier::start(&datapath, n) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!("no hyperplane ({e}); NAT gateways and load balancers carry no traffic");
+                    None
+                }
+            },
+        };
         Ok(QemuDriver {
             run_root: opts.run_root,
             sockets,
@@ -198,6 +214,7 @@ impl QemuDriver {
             internet,
             imds: Mutex::new(imds),
             metadata,
+            tier,
             inner,
             store,
             generation: AtomicU64::new(0),
@@ -267,6 +284,9 @@ impl QemuDriver {
             i.close();
         }
         drop(self.imds.lock().unwrap_or_else(|e| e.into_inner()).take());
+        if let Some(t) = &self.tier {
+            t.shutdown();
+        }
     }
 
     fn queue_pairs(&self, inst: &Instance, eni: &Eni) -> u16 {
@@ -477,14 +497,40 @@ impl QemuDriver {
             .iter()
             .map(|(id, d)| (id.clone(), d.port))
             .collect();
+        // NAT gateways' and load balancers' interfaces are served by the
+        // hyperplane's lanes, on ports of their own.
+        let services = match &self.tier {
+            Some(t) => t
+                .sync_ports(hyperplane::service_enis(state).iter().map(String::as_str))
+                .unwrap_or_else(|e| {
+                    tracing::error!("hyperplane interfaces: {e}");
+                    BTreeMap::new()
+                }),
+            None => BTreeMap::new(),
+        };
         let mut topo = topology_for_account(
             state,
-            &|eni| ports.get(eni).copied(),
+            &|eni| ports.get(eni).or_else(|| services.get(eni)).copied(),
             gen,
             &self.config.account_id,
         );
         topo.uplink = self.internet.as_ref().map(|i| i.uplink_config());
         topo.metadata = self.metadata;
+        if let Some(t) = &self.tier {
+            let tr = hyperplane::translate(state, &services);
+            for p in &mut topo.ports {
+                if let Some(svc) = tr.services.get(&p.eni_id) {
+                    p.service = Some(svc.clone());
+                    p.source_dest_check = false;
+                    p.security_groups.clear();
+                }
+            }
+            topo.service_returns = tr.returns;
+            // Before the switch sends the interfaces anything new.
+            if let Err(e) = t.hyperplane().publish(tr.config) {
+                tracing::error!("the hyperplane refused the configuration: {e}");
+            }
+        }
         match Snapshot::compile(topo) {
             Ok(snap) => self.switch.publish(snap),
             Err(e) => tracing::error!("the state does not compile into a switch snapshot: {e}"),
@@ -545,6 +591,44 @@ impl InstanceDriver for QemuDriver {
         self.boot(inst, enis)
     }
 
+    fn hyperplane_nodes(&self) -> Option<Vec<(bool, enilab_hyperplane::NodeStats)>> {
+        let t = self.tier.as_ref()?;
+        let running = t.running();
+        Some(
+            t.hyperplane()
+                .stats()
+                .nodes
+                .into_iter()
+                .map(|s| (running.get(s.node).copied().unwrap_or(false), s))
+                .collect(),
+        )
+    }
+
+    fn set_hyperplane_node(&self, node: usize, up: bool) -> Result<(), DriverError> {
+        let t = self
+            .tier
+            .as_ref()
+            .ok_or_else(|| failed("this daemon runs no hyperplane"))?;
+        if up {
+            t.start_node(node)
+        } else {
+            t.stop_node(node)
+        }
+        .map_err(failed)
+    }
+
+    fn target_health(
+        &self,
+        target_group: &str,
+    ) -> Option<Vec<(String, u16, String, Option<String>)>> {
+        let t = self.tier.as_ref()?;
+        let health = t.hyperplane().target_health();
+        let store = self.store.get().and_then(Weak::upgrade)?;
+        let mut rows = None;
+        store.read(|st| rows = Some(hyperplane::health_rows(st, target_group, &health)));
+        rows
+    }
+
     fn status(&self) -> serde_json::Value {
         use serde_json::json;
         let g = self.inner();
@@ -603,6 +687,7 @@ impl InstanceDriver for QemuDriver {
             "vms": vms,
             "devices": devices,
             "cards": cards,
+            "hyperplane": self.tier.as_ref().map(|t| t.status()),
         })
     }
 
