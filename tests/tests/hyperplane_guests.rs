@@ -183,7 +183,7 @@ s.serve_forever()
 /// TCP on :9000: reads one connection to its end, logs its length and
 /// SHA-256.
 const SINK_SERVER: &str = r#"
-import hashlib, socket, sys
+import hashlib, socket, sys, time
 out = open(sys.argv[1], "a", buffering=1)
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -194,12 +194,18 @@ c, a = s.accept()
 out.write("client %s\n" % a[0])
 h = hashlib.sha256()
 n = 0
+last = time.monotonic()
+gap = 0.0
 while True:
     b = c.recv(65536)
+    now = time.monotonic()
+    gap = max(gap, now - last)
+    last = now
     if not b:
         break
     h.update(b)
     n += len(b)
+out.write("gap %.3f\n" % gap)
 out.write("done %d %s\n" % (n, h.hexdigest()))
 "#;
 
@@ -302,6 +308,13 @@ fn nat_gateway(case: NatCase) {
                 server.output().contains("done ")
             });
             let log = server.output();
+            eprintln!(
+                "[{tag}] longest pause in the stream: {} s; nodes after: {}",
+                log.lines()
+                    .find_map(|l| l.strip_prefix("gap "))
+                    .unwrap_or("?"),
+                d.ok("DescribeHyperplaneNodes", &[])
+            );
             assert!(
                 log.contains(&want),
                 "bytes lost or changed: server says {log:?}, want {want:?}"
