@@ -228,8 +228,7 @@ impl ApiDaemon {
 
     /// The daemon's `GET /enilab/status` document.
     pub fn status(&self) -> serde_json::Value {
-        enilab_control::api::status::fetch(self.addr())
-            .unwrap_or_else(|e| panic!("status: {e}"))
+        enilab_control::api::status::fetch(self.addr()).unwrap_or_else(|e| panic!("status: {e}"))
     }
 
     /// Call `action` of API `version`; the XML body or the error.

@@ -82,24 +82,26 @@ fn default_route(d: &ApiDaemon, vpc: &str, subnet: &str, kind: &str, target: &st
 
 /// Launch instances in `subnet` and wait for their agents and addresses.
 fn boot(d: &ApiDaemon, subnet: &str, n: usize) -> Vec<(String, String)> {
-    let xml = d.ok(
-        "RunInstances",
-        &[
-            ("ImageId", "ami-0e1ab000000000001"),
-            ("InstanceType", "t3.micro"),
-            ("MinCount", &n.to_string()),
-            ("MaxCount", &n.to_string()),
-            ("SubnetId", subnet),
-        ],
-    );
-    let ids = extract_all(&xml, "instanceId");
-    let ips = extract_all(&xml, "privateIpAddress");
-    let v: Vec<(String, String)> = ids
-        .iter()
-        .zip(ips.iter())
-        .map(|(a, b)| (a.to_string(), b.to_string()))
+    // One call each: a reservation's answer repeats privateIpAddress per
+    // interface and address, so ids and addresses are taken per call.
+    let v: Vec<(String, String)> = (0..n)
+        .map(|_| {
+            let xml = d.ok(
+                "RunInstances",
+                &[
+                    ("ImageId", "ami-0e1ab000000000001"),
+                    ("InstanceType", "t3.micro"),
+                    ("MinCount", "1"),
+                    ("MaxCount", "1"),
+                    ("SubnetId", subnet),
+                ],
+            );
+            (
+                extract_all(&xml, "instanceId")[0].to_string(),
+                extract_all(&xml, "privateIpAddress")[0].to_string(),
+            )
+        })
         .collect();
-    assert_eq!(v.len(), n, "{xml}");
     for (id, ip) in &v {
         d.wait_guest(id, BOOT);
         d.wait(&format!("{ip} on {id}"), BOOT, || {
@@ -254,7 +256,8 @@ fn nat_gateway(case: NatCase) {
             let server = NsServer::start(&netns, HTTP_SERVER, out);
             let reply = d.sh_ok(inst, &http_get(INTERNET, 8080, "/hello"), SHORT);
             assert!(
-                reply.starts_with("HTTP/1.0 200") && reply.contains("\r\n\r\nhello from the internet"),
+                reply.starts_with("HTTP/1.0 200")
+                    && reply.contains("\r\n\r\nhello from the internet"),
                 "{reply:?}"
             );
             let log = server.output();
@@ -279,11 +282,7 @@ fn nat_gateway(case: NatCase) {
                     expected.extend_from_slice(format!("{n}\n").as_bytes());
                 }
             }
-            let want = format!(
-                "done {} {}",
-                expected.len(),
-                sha256_hex(&expected)
-            );
+            let want = format!("done {} {}", expected.len(), sha256_hex(&expected));
             let agent = d.agent_socket(inst);
             let stream = std::thread::spawn(move || {
                 let mut c = enilab_control::agent::AgentClient::connect(agent).expect("agent");
@@ -418,7 +417,9 @@ fn load_balancer(case: NlbCase) {
             ("UnhealthyThresholdCount", "2"),
         ],
     );
-    let tg = extract(&tg_xml, "TargetGroupArn").expect("tg arn").to_string();
+    let tg = extract(&tg_xml, "TargetGroupArn")
+        .expect("tg arn")
+        .to_string();
     let mut reg: Vec<(String, String)> = Vec::new();
     for (i, (id, _)) in targets.iter().enumerate() {
         reg.push((format!("Targets.member.{}.Id", i + 1), id.clone()));
@@ -436,7 +437,9 @@ fn load_balancer(case: NlbCase) {
             ("Subnets.member.1", &sub),
         ],
     );
-    let lb = extract(&lb_xml, "LoadBalancerArn").expect("lb arn").to_string();
+    let lb = extract(&lb_xml, "LoadBalancerArn")
+        .expect("lb arn")
+        .to_string();
     d.elb(
         "CreateListener",
         &[
@@ -541,7 +544,15 @@ fn fetch_many(d: &ApiDaemon, client: &str, vip: &str, n: usize) -> Vec<(String, 
         .filter(|l| l.starts_with("i-"))
         .filter_map(|l| {
             let mut w = l.split_whitespace();
-            Some((w.next()?.to_string(), w.next()?.to_string()))
+            let target = w.next()?.to_string();
+            // busybox httpd listens on IPv6: "[::ffff:10.0.1.4]".
+            let from = w
+                .next()?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .trim_start_matches("::ffff:")
+                .to_string();
+            Some((target, from))
         })
         .collect()
 }

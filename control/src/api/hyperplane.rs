@@ -295,10 +295,7 @@ pub fn service_enis(state: &crate::store::State) -> Vec<String> {
 
 /// Translate NAT gateways and load balancers into a hyperplane snapshot,
 /// given the switch ports their interfaces have.
-pub fn translate(
-    state: &crate::store::State,
-    ports: &BTreeMap<String, PortId>,
-) -> Translation {
+pub fn translate(state: &crate::store::State, ports: &BTreeMap<String, PortId>) -> Translation {
     use crate::store::model::{Eni, Instance, Listener, LoadBalancer, NatGateway, TargetGroup};
     use enilab_hyperplane::{
         HealthCheckConfig, ListenerConfig, LoadBalancerConfig, NatGatewayConfig, TargetConfig,
@@ -326,7 +323,10 @@ pub fn translate(
             port,
             mac,
             gateway_mac: enilab_switch::GATEWAY_MAC,
-            addresses: addrs.iter().filter_map(|a| a.private_ip.parse().ok()).collect(),
+            addresses: addrs
+                .iter()
+                .filter_map(|a| a.private_ip.parse().ok())
+                .collect(),
         });
         t.services.insert(n.eni_id.clone(), n.id.clone());
     }
@@ -428,7 +428,8 @@ pub fn translate(
     }
     // One return path per (target, port, protocol): the first balancer.
     let mut seen = std::collections::HashSet::new();
-    t.returns.retain(|r| seen.insert((r.ip, r.port, r.protocol)));
+    t.returns
+        .retain(|r| seen.insert((r.ip, r.port, r.protocol)));
     t
 }
 

@@ -197,7 +197,9 @@ impl QemuDriver {
             n => match Tier::start(&datapath, n) {
                 Ok(t) => Some(t),
                 Err(e) => {
-                    tracing::warn!("no hyperplane ({e}); NAT gateways and load balancers carry no traffic");
+                    tracing::warn!(
+                        "no hyperplane ({e}); NAT gateways and load balancers carry no traffic"
+                    );
                     None
                 }
             },
