@@ -9,6 +9,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+use crate::limits::PortLimits;
 use crate::policy::{
     Cidr, CompiledAcl, CompiledPeer, CompiledRule, ElasticIp, FlowLogConfig, FlowLogScope,
     NetworkAclConfig, Peer, RouteTableConfig, RouteTarget, SecurityGroupConfig,
@@ -189,6 +190,8 @@ pub struct PortConfig {
     /// The service this port implements (a `nat-` id for a NAT gateway), so
     /// routes can target it.
     pub service: Option<String>,
+    /// EC2-style allowances (default: unlimited).
+    pub limits: PortLimits,
 }
 
 impl Default for PortConfig {
@@ -205,6 +208,7 @@ impl Default for PortConfig {
             security_groups: Vec::new(),
             source_dest_check: true,
             service: None,
+            limits: PortLimits::default(),
         }
     }
 }
@@ -347,6 +351,7 @@ pub(crate) struct PortInfo {
     pub source_dest_check: bool,
     pub flow_logs: Vec<Arc<FlowLogSpec>>,
     pub eni: Arc<str>,
+    pub limits: PortLimits,
 }
 
 /// Per-VPC compiled state.
@@ -699,6 +704,7 @@ impl Snapshot {
                 source_dest_check: port.source_dest_check && port.service.is_none(),
                 flow_logs,
                 eni: Arc::from(port.eni_id.as_str()),
+                limits: port.limits,
             };
         }
 

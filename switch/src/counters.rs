@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 use serde::Serializer;
 
+use crate::limits::{Allowance, PortLimits, PortMeters};
+
 /// Why the switch dropped a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
@@ -109,6 +111,12 @@ pub struct PortCounters {
     pub dhcp_replies: AtomicU64,
     /// Flows this port took part in that connection tracking admitted.
     pub new_flows: AtomicU64,
+    /// Frames over the ENI's allowances (also counted as `RateLimit` drops).
+    pub pps_allowance_exceeded: AtomicU64,
+    pub bw_out_allowance_exceeded: AtomicU64,
+    pub bw_in_allowance_exceeded: AtomicU64,
+    pub linklocal_allowance_exceeded: AtomicU64,
+    pub(crate) meters: PortMeters,
     drops: [AtomicU64; DropReason::COUNT],
 }
 
@@ -140,6 +148,60 @@ impl PortCounters {
         self.drops[reason.index()].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Charge `packets` frames of `bytes` leaving the instance (`out`) or
+    /// arriving at it against `limits`. False when over, with the allowance
+    /// counted (the caller counts the `RateLimit` drop).
+    #[inline]
+    pub(crate) fn allow(&self, limits: &PortLimits, out: bool, packets: u64, bytes: usize) -> bool {
+        if limits.is_unlimited() {
+            return true;
+        }
+        let now = crate::limits::now_ns();
+        let bits = bytes as u64 * 8;
+        let over = if !self.meters.pps.admit(now, packets, limits.pps) {
+            Some(Allowance::Pps)
+        } else if out && !self.meters.out.admit(now, bits, limits.bw_out_bps) {
+            Some(Allowance::BwOut)
+        } else if !out && !self.meters.inb.admit(now, bits, limits.bw_in_bps) {
+            Some(Allowance::BwIn)
+        } else {
+            None
+        };
+        match over {
+            None => true,
+            Some(a) => {
+                self.exceeded(a);
+                false
+            }
+        }
+    }
+
+    /// Charge one packet to a link-local service (the metadata server).
+    #[inline]
+    pub(crate) fn allow_linklocal(&self, limits: &PortLimits) -> bool {
+        if limits.linklocal_pps == 0 {
+            return true;
+        }
+        let ok = self
+            .meters
+            .linklocal
+            .admit(crate::limits::now_ns(), 1, limits.linklocal_pps);
+        if !ok {
+            self.exceeded(Allowance::LinkLocal);
+        }
+        ok
+    }
+
+    fn exceeded(&self, a: Allowance) {
+        let c = match a {
+            Allowance::Pps => &self.pps_allowance_exceeded,
+            Allowance::BwOut => &self.bw_out_allowance_exceeded,
+            Allowance::BwIn => &self.bw_in_allowance_exceeded,
+            Allowance::LinkLocal => &self.linklocal_allowance_exceeded,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Current value of one drop counter.
     pub fn drops(&self, reason: DropReason) -> u64 {
         self.drops[reason.index()].load(Ordering::Relaxed)
@@ -159,6 +221,10 @@ impl PortCounters {
             arp_replies: self.arp_replies.load(Ordering::Relaxed),
             dhcp_replies: self.dhcp_replies.load(Ordering::Relaxed),
             new_flows: self.new_flows.load(Ordering::Relaxed),
+            pps_allowance_exceeded: self.pps_allowance_exceeded.load(Ordering::Relaxed),
+            bw_out_allowance_exceeded: self.bw_out_allowance_exceeded.load(Ordering::Relaxed),
+            bw_in_allowance_exceeded: self.bw_in_allowance_exceeded.load(Ordering::Relaxed),
+            linklocal_allowance_exceeded: self.linklocal_allowance_exceeded.load(Ordering::Relaxed),
             drops,
         }
     }
@@ -174,12 +240,20 @@ impl PortCounters {
             &self.arp_replies,
             &self.dhcp_replies,
             &self.new_flows,
+            &self.pps_allowance_exceeded,
+            &self.bw_out_allowance_exceeded,
+            &self.bw_in_allowance_exceeded,
+            &self.linklocal_allowance_exceeded,
         ]
         .into_iter()
         .chain(&self.drops)
         {
             c.store(0, Ordering::Relaxed);
         }
+        self.meters.pps.reset();
+        self.meters.out.reset();
+        self.meters.inb.reset();
+        self.meters.linklocal.reset();
     }
 }
 
@@ -198,6 +272,10 @@ pub struct PortStats {
     pub arp_replies: u64,
     pub dhcp_replies: u64,
     pub new_flows: u64,
+    pub pps_allowance_exceeded: u64,
+    pub bw_out_allowance_exceeded: u64,
+    pub bw_in_allowance_exceeded: u64,
+    pub linklocal_allowance_exceeded: u64,
     #[serde(serialize_with = "serialize_drops")]
     pub drops: [u64; DropReason::COUNT],
 }

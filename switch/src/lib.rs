@@ -14,6 +14,7 @@ mod config;
 mod conntrack;
 mod counters;
 mod flowlog;
+mod limits;
 mod metadata;
 mod pipeline;
 pub mod policy;
@@ -26,6 +27,7 @@ pub use config::{
 pub use conntrack::{ConntrackStats, Timeouts};
 pub use counters::{DropReason, PortCounters, PortStats};
 pub use flowlog::HEADER as FLOW_LOG_HEADER;
+pub use limits::PortLimits;
 pub use metadata::{
     decode_metadata_client, metadata_client_addr, IMDS_ADDR, METADATA_CLIENT_NET, METADATA_GATEWAY,
     METADATA_MAC,

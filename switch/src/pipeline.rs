@@ -40,6 +40,7 @@ use crate::config::{PortConfig, PortInfo, Snapshot, SubnetConfig};
 use crate::conntrack::{Conntrack, ConntrackStats, Timeouts};
 use crate::counters::{DropReason, PortCounters, PortStats};
 use crate::flowlog::{FlowLogWriter, LocalLog};
+use crate::limits::wire_packets;
 use crate::wire::ethernet::{self, ethertype};
 use crate::{Egress, PacketMeta, PortId, Verdict, MAX_PORTS};
 
@@ -330,6 +331,14 @@ impl SwitchWorker {
         let ingress_counters = counters.get(ingress as usize);
         if let Some(c) = ingress_counters {
             c.add_tx(frame.len());
+            // The sender's allowances, before any work is spent on it.
+            if let Some(info) = snap.info(ingress) {
+                let packets = wire_packets(frame.len(), meta.gso.map(|g| g.size));
+                if !c.allow(&info.limits, true, packets, frame.len()) {
+                    c.count_drop(DropReason::RateLimit);
+                    return Verdict::Dropped(DropReason::RateLimit);
+                }
+            }
         }
         let mut work = Work {
             scratch,
@@ -342,15 +351,27 @@ impl SwitchWorker {
         let blame = Cell::new(None);
 
         let verdict = if snap.uplink.is_some_and(|u| u.port == ingress) {
-            let mut tx = Tx { out, counters };
+            let mut tx = Tx {
+                out,
+                counters,
+                snap,
+            };
             uplink::handle(snap, &blame, frame, meta, &mut work, &mut tx)
         } else if snap.metadata.is_some_and(|m| m.port == ingress) {
-            let mut tx = Tx { out, counters };
+            let mut tx = Tx {
+                out,
+                counters,
+                snap,
+            };
             metadata::handle(snap, frame, meta, &mut work, &mut tx)
         } else {
             match Ctx::new(snap, counters, ingress, &blame) {
                 Some(ctx) => {
-                    let mut tx = Tx { out, counters };
+                    let mut tx = Tx {
+                        out,
+                        counters,
+                        snap,
+                    };
                     ctx.dispatch(frame, meta, &mut work, &mut tx)
                 }
                 None => Verdict::Dropped(DropReason::PortDown),
@@ -435,11 +456,21 @@ impl<'a> Ctx<'a> {
 pub(crate) struct Tx<'a, E: Egress + ?Sized> {
     out: &'a mut E,
     counters: &'a [PortCounters],
+    snap: &'a Snapshot,
 }
 
 impl<E: Egress + ?Sized> Tx<'_, E> {
     /// Emit one frame; counts `rx` on `port`, or `QueueFull` if refused.
+    /// A frame over the receiver's allowances is dropped here (counted as
+    /// `RateLimit` on it) and reported as not sent.
     fn send(&mut self, port: PortId, flow_hash: u32, frame: &[u8], meta: &PacketMeta) -> bool {
+        if let (Some(c), Some(info)) = (self.counters.get(port as usize), self.snap.info(port)) {
+            let packets = wire_packets(frame.len(), meta.gso.map(|g| g.size));
+            if !c.allow(&info.limits, false, packets, frame.len()) {
+                c.count_drop(DropReason::RateLimit);
+                return false;
+            }
+        }
         let ok = self.out.emit(port, flow_hash, frame, meta);
         if let Some(c) = self.counters.get(port as usize) {
             if ok {

@@ -69,6 +69,12 @@ pub(super) fn handle<E: Egress + ?Sized>(
         return router(ctx, frame, meta, tx);
     }
     if dst == IMDS_ADDR {
+        if ctx
+            .counters(ctx.ingress)
+            .is_some_and(|c| !c.allow_linklocal(&ctx.info.limits))
+        {
+            return Verdict::Dropped(DropReason::RateLimit);
+        }
         return metadata::outbound(ctx, frame, meta, tx);
     }
 

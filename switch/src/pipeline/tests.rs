@@ -469,6 +469,11 @@ fn sub(a: &PortStats, b: &PortStats) -> PortStats {
         arp_replies: a.arp_replies - b.arp_replies,
         dhcp_replies: a.dhcp_replies - b.dhcp_replies,
         new_flows: a.new_flows - b.new_flows,
+        pps_allowance_exceeded: a.pps_allowance_exceeded - b.pps_allowance_exceeded,
+        bw_out_allowance_exceeded: a.bw_out_allowance_exceeded - b.bw_out_allowance_exceeded,
+        bw_in_allowance_exceeded: a.bw_in_allowance_exceeded - b.bw_in_allowance_exceeded,
+        linklocal_allowance_exceeded: a.linklocal_allowance_exceeded
+            - b.linklocal_allowance_exceeded,
         drops,
     }
 }
@@ -2269,4 +2274,88 @@ fn service_returns_go_through_the_balancer() {
     // A return through a port that is not in the snapshot is refused.
     topo.service_returns[0].service = ABSENT;
     assert!(Snapshot::compile(topo).is_err());
+}
+
+/// Allowances: a flood from a limited port is held to its pps, a limited
+/// receiver to its inbound bandwidth, the metadata service to link-local
+/// pps; every excess frame is counted under its allowance and as a
+/// `RateLimit` drop. Unlimited ports are untouched.
+#[test]
+fn allowances_hold_floods_and_are_counted() {
+    use crate::PortLimits;
+    let mut topo = topology().topology;
+    for p in &mut topo.ports {
+        match p.id {
+            1 => {
+                p.limits = PortLimits {
+                    pps: 1000,
+                    linklocal_pps: 100,
+                    ..PortLimits::default()
+                }
+            }
+            // 1 Mbit/s in: a 50 ms burst is 6,250 bytes.
+            3 => {
+                p.limits = PortLimits {
+                    bw_in_bps: 1_000_000,
+                    ..PortLimits::default()
+                }
+            }
+            _ => {}
+        }
+    }
+    let sw = Switch::new();
+    sw.publish(Snapshot::compile(topo).expect("compiles"));
+    let mut w = sw.worker();
+    let send = |w: &mut SwitchWorker, ingress: PortId, frame: &[u8], n: usize| -> usize {
+        (0..n)
+            .filter(|_| {
+                let mut f = frame.to_vec();
+                let mut cap = Capture::default();
+                matches!(
+                    w.process(ingress, &mut f, &PacketMeta::default(), &mut cap),
+                    Verdict::Forwarded(_) | Verdict::Replied
+                )
+            })
+            .count()
+    };
+    // 1000 pps, 50 ms of burst: 51 of 500 back-to-back frames pass (a few
+    // more if the loop is slow enough to earn tokens).
+    let passed = send(&mut w, 1, &udp(M1, M2, P1, P2, 64, (5000, 6000), b"x"), 500);
+    assert!((51..=60).contains(&passed), "{passed} passed");
+    let s1 = sw.stats(1);
+    assert_eq!(s1.pps_allowance_exceeded, 500 - passed as u64);
+    assert_eq!(s1.drops(DropReason::RateLimit), 500 - passed as u64);
+    // Port 3 sends without limits (its allowance is inbound), port 2
+    // receives without.
+    assert_eq!(
+        send(&mut w, 3, &udp(M3, GW, P3, P2, 64, (6000, 5000), b"y"), 500),
+        500
+    );
+    assert_eq!(sw.stats(2).drops(DropReason::RateLimit), 0);
+    assert_eq!(sw.stats(3).drops(DropReason::RateLimit), 0);
+    // Toward port 3 (1 Mbit/s in) from port 2: 1000-byte frames, about six.
+    let big = udp(M2, GW, P2, P3, 64, (7000, 8000), &[0u8; 958]);
+    assert_eq!(big.len(), 1000);
+    let passed = send(&mut w, 2, &big, 100);
+    assert!((6..=8).contains(&passed), "{passed} passed");
+    let s3 = sw.stats(3);
+    assert_eq!(s3.bw_in_allowance_exceeded, 100 - passed as u64);
+    assert_eq!(s3.drops(DropReason::RateLimit), 100 - passed as u64);
+    assert_eq!(s3.rx_packets, passed as u64);
+
+    // Link-local: 100 pps to the metadata server, 50 ms of burst.
+    let mut topo = topology().topology;
+    topo.ports[0].limits = PortLimits {
+        linklocal_pps: 100,
+        ..PortLimits::default()
+    };
+    let sw = Switch::new();
+    sw.publish(Snapshot::compile(topo).expect("compiles"));
+    let mut w = sw.worker();
+    let passed = send(&mut w, 1, &tcp(M1, GW, P1, IMDS, (40000, 80), b"GET"), 300);
+    assert!((6..=8).contains(&passed), "{passed} passed");
+    let s1 = sw.stats(1);
+    assert_eq!(s1.linklocal_allowance_exceeded, 300 - passed as u64);
+    assert_eq!(s1.drops(DropReason::RateLimit), 300 - passed as u64);
+    assert_eq!(s1.pps_allowance_exceeded, 0);
 }

@@ -1,0 +1,160 @@
+//! Per-ENI allowances, as EC2 enforces them: packets per second (both
+//! directions together), bandwidth out of and into the instance, and
+//! link-local traffic (the metadata service) per second. What goes over is
+//! dropped and counted under the names EC2's ENA driver reports
+//! (`pps_allowance_exceeded`, `bw_out_allowance_exceeded`,
+//! `bw_in_allowance_exceeded`, `linklocal_allowance_exceeded`).
+//!
+//! Each allowance is a GCRA ("virtual scheduling") meter: one atomic
+//! theoretical arrival time per port and direction, so every worker that
+//! serves the port shares it without a lock, and a port without limits
+//! costs one branch.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+/// One ENI's allowances; 0 means unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PortLimits {
+    /// Packets per second, sent and received together.
+    pub pps: u64,
+    /// Bits per second the instance may send.
+    pub bw_out_bps: u64,
+    /// Bits per second the instance may receive.
+    pub bw_in_bps: u64,
+    /// Packets per second to link-local services (EC2: 1024).
+    pub linklocal_pps: u64,
+}
+
+impl PortLimits {
+    pub fn is_unlimited(&self) -> bool {
+        *self == PortLimits::default()
+    }
+}
+
+/// How much of a burst a meter tolerates: this much time's worth of its
+/// rate, so a sender that pauses may catch up briefly (EC2 allows bursts
+/// too), but a flood is held to the rate.
+const BURST_NS: u64 = 50_000_000;
+
+/// A GCRA meter.
+#[derive(Debug, Default)]
+pub(crate) struct Meter {
+    tat: AtomicU64,
+}
+
+impl Meter {
+    /// Admit `units` at `rate` units per second at time `now` (ns).
+    pub fn admit(&self, now: u64, units: u64, rate: u64) -> bool {
+        if rate == 0 {
+            return true;
+        }
+        let cost = units.saturating_mul(1_000_000_000) / rate;
+        let mut tat = self.tat.load(Ordering::Relaxed);
+        loop {
+            let base = tat.max(now);
+            if base - now > BURST_NS {
+                return false;
+            }
+            match self.tat.compare_exchange_weak(
+                tat,
+                base.saturating_add(cost),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(t) => tat = t,
+            }
+        }
+    }
+
+    pub fn reset(&self) {
+        self.tat.store(0, Ordering::Relaxed);
+    }
+}
+
+/// The meters and allowance counters of one port (inside its counters).
+#[derive(Debug, Default)]
+pub(crate) struct PortMeters {
+    pub pps: Meter,
+    pub out: Meter,
+    pub inb: Meter,
+    pub linklocal: Meter,
+}
+
+/// Which allowance a drop exceeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Allowance {
+    Pps,
+    BwOut,
+    BwIn,
+    LinkLocal,
+}
+
+/// Nanoseconds on the meters' clock (monotonic, process-wide).
+pub(crate) fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    // Start at one burst so a fresh meter (TAT 0) is never in the future.
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64 + BURST_NS
+}
+
+/// Frames on the wire: a segmentation-offload frame counts as the segments
+/// it becomes.
+pub(crate) fn wire_packets(len: usize, gso_size: Option<u16>) -> u64 {
+    match gso_size {
+        Some(mss) if mss > 0 => (len as u64).div_ceil(u64::from(mss)).max(1),
+        _ => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meter_holds_a_flood_to_its_rate_after_the_burst() {
+        // 1000 pps: a burst of 50 ms is 50 packets (51 with the first).
+        let m = Meter::default();
+        let t0 = 1_000_000_000;
+        let passed = (0..200).filter(|_| m.admit(t0, 1, 1000)).count();
+        assert_eq!(passed, 51);
+        // 100 ms later the meter has drained: the same burst again.
+        let passed = (0..200)
+            .filter(|_| m.admit(t0 + 100_000_000, 1, 1000))
+            .count();
+        assert_eq!(passed, 51);
+        // 10 ms after that, ten more.
+        let passed = (0..200)
+            .filter(|_| m.admit(t0 + 110_000_000, 1, 1000))
+            .count();
+        assert_eq!(passed, 10);
+        // Unlimited admits everything.
+        assert!((0..10_000).all(|_| m.admit(t0, 1, 0)));
+    }
+
+    #[test]
+    fn meter_paces_a_steady_sender_without_drops() {
+        let m = Meter::default();
+        // 10,000 pps offered at exactly 10,000 pps for one second.
+        let dropped = (0..10_000u64)
+            .filter(|i| !m.admit(1_000_000_000 + i * 100_000, 1, 10_000))
+            .count();
+        assert_eq!(dropped, 0);
+        // Bytes: 1 Mbit/s is 125,000 bytes/s; 1500-byte frames every 12 ms
+        // fit exactly.
+        let b = Meter::default();
+        let dropped = (0..100u64)
+            .filter(|i| !b.admit(1_000_000_000 + i * 12_000_000, 1500 * 8, 1_000_000))
+            .count();
+        assert_eq!(dropped, 0);
+    }
+
+    #[test]
+    fn wire_packets_counts_segments() {
+        assert_eq!(wire_packets(64, None), 1);
+        assert_eq!(wire_packets(3000, Some(1000)), 3);
+        assert_eq!(wire_packets(3001, Some(1000)), 4);
+        assert_eq!(wire_packets(10, Some(0)), 1);
+    }
+}
