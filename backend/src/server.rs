@@ -215,4 +215,28 @@ mod tests {
         dp.shutdown();
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn a_card_restarts_under_its_socket_and_leaks_no_threads() {
+        let dir = std::env::temp_dir().join(format!("enilab-cr-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("e.sock");
+        let dp = Datapath::new(enilab_switch::Switch::new(), 2);
+        let mut srv = dp.add_eni(&path, cfg(1), 0).unwrap();
+        assert_eq!(dp.worker_threads(), 2);
+        for round in 0..3 {
+            srv.stop();
+            assert!(dp.restart_card(0), "round {round}: card 0 was running");
+            assert_eq!(dp.worker_threads(), 0, "round {round}: old workers joined");
+            srv = dp.add_eni(&path, cfg(1), 0).unwrap();
+            assert_eq!(dp.worker_threads(), 2, "round {round}: a fresh group");
+            let fe = vhost::vhost_user::Frontend::connect(&path, 2).unwrap();
+            use vhost::VhostBackend;
+            assert!(fe.get_features().unwrap() & (1 << 32) != 0);
+        }
+        assert!(!dp.restart_card(7), "no card 7");
+        drop(srv);
+        dp.shutdown();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

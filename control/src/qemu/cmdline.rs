@@ -19,8 +19,9 @@ pub const DEFAULT_PCIE_PORTS: usize = 8;
 /// (0x1f holds the ICH9 functions of q35).
 pub const MAX_PCIE_PORTS: usize = 15 * 8;
 
-/// Delay between QEMU's reconnect attempts to a vhost-user backend, in ms.
-pub const NIC_RECONNECT_MS: u64 = 1000;
+/// Delay between QEMU's reconnect attempts to a vhost-user backend, in ms:
+/// short, because a backend restart is a blackout of at least this long.
+pub const NIC_RECONNECT_MS: u64 = 100;
 
 /// First PCI slot on `pcie.0` used for root ports.
 const FIRST_PORT_SLOT: usize = 0x10;

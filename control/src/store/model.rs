@@ -331,6 +331,7 @@ pub enum Resource {
     Instance(Instance),
     Address(Address),
     FlowLog(FlowLog),
+    FailoverGroup(FailoverGroup),
 }
 
 /// A stored type: its ID prefix and how to get it out of a [`Resource`].
@@ -394,6 +395,7 @@ impl Resource {
             Resource::Instance(x) => &x.id,
             Resource::Address(x) => &x.id,
             Resource::FlowLog(x) => &x.id,
+            Resource::FailoverGroup(x) => &x.id,
         }
     }
 
@@ -409,6 +411,7 @@ impl Resource {
             Resource::Instance(x) => &mut x.tags,
             Resource::Address(x) => &mut x.tags,
             Resource::FlowLog(x) => &mut x.tags,
+            Resource::FailoverGroup(x) => &mut x.tags,
         }
     }
 
@@ -424,6 +427,7 @@ impl Resource {
             Resource::Instance(x) => &x.tags,
             Resource::Address(x) => &x.tags,
             Resource::FlowLog(x) => &x.tags,
+            Resource::FailoverGroup(x) => &x.tags,
         }
     }
 
@@ -440,6 +444,29 @@ impl Resource {
             Resource::Instance(_) => "instance",
             Resource::Address(_) => "elastic-ip",
             Resource::FlowLog(_) => "vpc-flow-log",
+            Resource::FailoverGroup(_) => "failover-group",
         }
     }
 }
+
+// ---- Failover groups (enilab, not EC2) ----
+
+/// An ENI and the ordered standby instances it moves to when the instance
+/// holding it fails (`control/src/api/failover.rs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailoverGroup {
+    pub id: String,
+    pub eni_id: String,
+    pub standbys: Vec<String>,
+    pub creation_time: u64,
+    /// Completed moves.
+    pub failovers: u32,
+    /// The last thing the detector did or could not do.
+    #[serde(default)]
+    pub last_event: Option<String>,
+    #[serde(default)]
+    pub last_event_time: u64,
+    pub tags: Tags,
+}
+
+kind!(FailoverGroup, "efg-");

@@ -13,6 +13,7 @@ pub mod b64;
 pub mod eni;
 pub mod guest;
 pub mod imds;
+pub mod kv;
 pub mod net;
 pub mod proto;
 pub mod server;

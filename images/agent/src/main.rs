@@ -1,6 +1,8 @@
 //! `enilab-agent`: the guest agent daemon. Started (and restarted) by init.
 //!
 //! Usage: `enilab-agent [--port NAME] [--device PATH] [--no-net] [--no-eni]`
+//!        `enilab-agent kv --listen ADDR [--replica ADDR]` (see `kv`)
+//!        `enilab-agent kv-client ADDR SECONDS`
 //!   --port NAME    virtio-serial port name (default org.enilab.agent)
 //!   --device PATH  serve on this character device instead of looking up
 //!                  the port in sysfs
@@ -14,7 +16,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use enilab_agent::{eni, guest, net, proto, server, sys};
+use enilab_agent::{eni, guest, kv, net, proto, server, sys};
 
 fn log(msg: &str) {
     eprintln!("enilab-agent: {msg}");
@@ -31,7 +33,17 @@ fn main() {
     let mut device: Option<PathBuf> = None;
     let mut run_net = true;
     let mut run_eni = true;
-    let mut args = std::env::args().skip(1);
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(mode @ ("kv" | "kv-client")) = argv.first().map(String::as_str) {
+        match kv::main(mode, &argv[1..]) {
+            Ok(()) => return,
+            Err(e) => {
+                eprintln!("enilab-agent {mode}: {e}");
+                std::process::exit(2);
+            }
+        }
+    }
+    let mut args = argv.into_iter();
     while let Some(a) = args.next() {
         match a.as_str() {
             "--port" => port = args.next().unwrap_or_else(|| usage()),
@@ -93,7 +105,8 @@ fn main() {
 
     let opts = server::ServeOptions {
         reconnectable: true,
-        heartbeat: Duration::from_secs(1),
+        // Frequent enough for the host to call a guest hung within ~1 s.
+        heartbeat: Duration::from_millis(200),
         hello: Arc::new(move || guest::system_hello(boot_ms)),
         stop,
     };
