@@ -61,14 +61,14 @@ fn qualify(
     let Some(inst) = st.get::<Instance>(inst_id) else {
         return Err(format!("{inst_id} does not exist"));
     };
-    if inst.state != InstanceState::Running {
-        return Err(format!("{inst_id} is {}, not running", inst.state.name()));
-    }
     if eni.vpc_id != inst.vpc_id {
         return Err(format!(
             "{inst_id} is in {}, the interface in {}",
             inst.vpc_id, eni.vpc_id
         ));
+    }
+    if inst.state != InstanceState::Running {
+        return Err(format!("{inst_id} is {}, not running", inst.state.name()));
     }
     match api.driver.health(inst) {
         Health::Healthy => {}

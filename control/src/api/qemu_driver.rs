@@ -49,6 +49,8 @@ pub const GUEST_MAX_MEMORY_MIB: u32 = 512;
 /// detach waits this long at most before dropping the device anyway.
 pub const UNPLUG_TIMEOUT: Duration = Duration::from_secs(30);
 pub const FORCED_UNPLUG_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the background half of a forced detach waits for the guest.
+pub const BACKGROUND_UNPLUG_TIMEOUT: Duration = Duration::from_secs(120);
 /// A guest whose agent has sent heartbeats (every 200 ms) but none for this
 /// long is hung.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(1200);
@@ -812,7 +814,10 @@ impl InstanceDriver for QemuDriver {
                 let name = format!("unplug-{}", &id[..id.len().min(8)]);
                 let spawned = std::thread::Builder::new().name(name).spawn(move || {
                     if vm.qemu.is_running() {
-                        match vm.qemu.unplug_nic(&id, FORCED_UNPLUG_TIMEOUT) {
+                        // A hung guest may come back (a paused VM resumed)
+                        // and release the device then: wait long for it, so
+                        // the NIC never stays half-plugged in its QEMU.
+                        match vm.qemu.unplug_nic(&id, BACKGROUND_UNPLUG_TIMEOUT) {
                             Ok(()) | Err(qemu::QemuError::NicNotFound(_)) => {}
                             Err(e) => tracing::info!(nic = %id, "background unplug: {e}"),
                         }

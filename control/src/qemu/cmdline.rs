@@ -597,7 +597,7 @@ mod tests {
         assert!(has(
             &a,
             "-chardev",
-            "socket,id=chr-eni-a,path=/run/enilab/eni/eni-a.sock,reconnect-ms=1000"
+            "socket,id=chr-eni-a,path=/run/enilab/eni/eni-a.sock,reconnect-ms=100"
         ));
         assert!(has(
             &a,
@@ -632,7 +632,7 @@ mod tests {
             n.qmp_chardev_add(),
             json!({"id":"chr-eni-c","backend":{"type":"socket","data":{
                 "addr":{"type":"unix","data":{"path":"/run/enilab/eni/eni-c.sock"}},
-                "server":false,"reconnect-ms":1000}}})
+                "server":false,"reconnect-ms":100}}})
         );
         assert_eq!(
             n.qmp_netdev_add(),

@@ -15,6 +15,7 @@ pub mod guest;
 pub mod imds;
 pub mod kv;
 pub mod net;
+pub mod probe;
 pub mod proto;
 pub mod server;
 pub mod sys;

@@ -3,6 +3,7 @@
 //! Usage: `enilab-agent [--port NAME] [--device PATH] [--no-net] [--no-eni]`
 //!        `enilab-agent kv --listen ADDR [--replica ADDR]` (see `kv`)
 //!        `enilab-agent kv-client ADDR SECONDS`
+//!        `enilab-agent echo ADDR`, `enilab-agent probe ADDR INTERVAL_MS SECONDS`
 //!   --port NAME    virtio-serial port name (default org.enilab.agent)
 //!   --device PATH  serve on this character device instead of looking up
 //!                  the port in sysfs
@@ -16,7 +17,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use enilab_agent::{eni, guest, kv, net, proto, server, sys};
+use enilab_agent::{eni, guest, kv, net, probe, proto, server, sys};
 
 fn log(msg: &str) {
     eprintln!("enilab-agent: {msg}");
@@ -25,6 +26,43 @@ fn log(msg: &str) {
 fn usage() -> ! {
     eprintln!("usage: enilab-agent [--port NAME] [--device PATH] [--no-net] [--no-eni]");
     std::process::exit(2);
+}
+
+/// `echo ADDR` or `probe ADDR INTERVAL_MS SECONDS` (see `probe`).
+fn test_service(mode: &str, args: &[String]) -> i32 {
+    let addr: Option<std::net::SocketAddr> = args.first().and_then(|a| a.parse().ok());
+    let Some(addr) = addr else {
+        eprintln!("enilab-agent {mode}: expected an address like 10.0.1.5:7001");
+        return 2;
+    };
+    if mode == "echo" {
+        let me = guest::kernel_params()
+            .get("instance")
+            .cloned()
+            .unwrap_or_else(|| "?".to_string());
+        return match probe::echo(addr, &me) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("enilab-agent echo: {e}");
+                1
+            }
+        };
+    }
+    let num = |i: usize| args.get(i).and_then(|s| s.parse::<u64>().ok());
+    let (Some(ms), Some(secs)) = (num(1), num(2)) else {
+        eprintln!("enilab-agent probe: ADDR INTERVAL_MS SECONDS");
+        return 2;
+    };
+    match probe::probe(addr, Duration::from_millis(ms.max(1)), Duration::from_secs(secs)) {
+        Ok(r) => {
+            println!("{}", r.json());
+            0
+        }
+        Err(e) => {
+            eprintln!("enilab-agent probe: {e}");
+            1
+        }
+    }
 }
 
 fn main() {
@@ -42,6 +80,9 @@ fn main() {
                 std::process::exit(2);
             }
         }
+    }
+    if let Some(mode @ ("echo" | "probe")) = argv.first().map(String::as_str) {
+        std::process::exit(test_service(mode, &argv[1..]));
     }
     let mut args = argv.into_iter();
     while let Some(a) = args.next() {
