@@ -218,13 +218,13 @@ fn report(what: &str, mut v: Vec<Duration>) {
 }
 
 /// Leak-relevant counts from the daemon: fds, threads, datapath workers,
-/// devices, and NICs per guest.
-fn counts(d: &ApiDaemon) -> (u64, u64, u64, usize, Vec<u64>) {
+/// devices, and NICs over all guests.
+fn counts(d: &ApiDaemon) -> (u64, u64, u64, usize, u64) {
     let st = d.status();
     let p = &st["driver"]["process"];
     let nics = st["driver"]["vms"]
         .as_array()
-        .map(|v| v.iter().map(|x| x["nics"].as_u64().unwrap_or(0)).collect())
+        .map(|v| v.iter().map(|x| x["nics"].as_u64().unwrap_or(0)).sum())
         .unwrap_or_default();
     (
         p["fds"].as_u64().unwrap_or(0),
