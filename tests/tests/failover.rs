@@ -167,27 +167,29 @@ struct Probe {
 }
 
 /// Probe `ip` from C for `secs` while `during` runs (after `lead` of
-/// steady replies).
-fn probe_while(l: &Lab, ip: &str, secs: u64, lead: Duration, during: impl FnOnce()) -> Probe {
-    let argv = [
-        "/sbin/enilab-agent".to_string(),
-        "probe".to_string(),
-        format!("{ip}:{ECHO_PORT}"),
-        PROBE_MS.to_string(),
-        secs.to_string(),
-    ];
-    let out = std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-            l.d.exec(&l.c, &argv, Duration::from_secs(secs + 30))
-        });
-        std::thread::sleep(lead);
-        during();
-        h.join().expect("probe thread")
+/// steady replies). The probe runs detached in the guest (it must outlive
+/// a daemon restart, which ends the agent sessions); its JSON is read after.
+fn probe_while(l: &mut Lab, ip: &str, secs: u64, lead: Duration, during: impl FnOnce(&mut ApiDaemon)) -> Probe {
+    let out_file = "/tmp/probe.json";
+    l.d.sh_ok(
+        &l.c,
+        &format!("rm -f {out_file}; /sbin/enilab-agent probe {ip}:{ECHO_PORT} {PROBE_MS} {secs} >{out_file} 2>&1 &"),
+        SHORT,
+    );
+    let t = Instant::now();
+    std::thread::sleep(lead);
+    during(&mut l.d);
+    let d = &l.d;
+    let mut text = String::new();
+    d.wait("the probe's report", Duration::from_secs(secs + 60), || {
+        if t.elapsed() < Duration::from_secs(secs) {
+            return false;
+        }
+        text = d.sh(&l.c, &format!("cat {out_file}"), SHORT).stdout_str();
+        text.trim_end().ends_with('}')
     });
-    assert!(out.success(), "probe failed: {}", out.stderr_str());
-    let raw: Value = serde_json::from_str(out.stdout_str().trim())
-        .unwrap_or_else(|e| panic!("probe output {:?}: {e}", out.stdout_str()));
+    let raw: Value = serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("probe output {text:?}: {e}"));
     let s = |k: &str| raw[k].as_str().unwrap_or("").to_string();
     let n = |k: &str| raw[k].as_u64().unwrap_or(0);
     Probe {
@@ -249,10 +251,9 @@ enum Mode {
 /// The ENI moves between A and B `runs` times (killing ends after one);
 /// clients keep using X. Operator mode also checks for leaks.
 fn scenario_failover(mode: Mode) {
-    let Some(l) = lab(&format!("{mode:?}")) else {
+    let Some(mut l) = lab(&format!("{mode:?}")) else {
         return;
     };
-    let d = &l.d;
     let runs = if mode == Mode::AutoKill {
         1
     } else if mode == Mode::Operator {
@@ -261,7 +262,7 @@ fn scenario_failover(mode: Mode) {
         runs()
     };
     if mode != Mode::Operator {
-        d.ok(
+        l.d.ok(
             "CreateFailoverGroup",
             &[
                 ("NetworkInterfaceId", &l.eni),
@@ -270,24 +271,26 @@ fn scenario_failover(mode: Mode) {
             ],
         );
     }
-    let before = counts(d);
+    let before = counts(&l.d);
     let mut gaps = Vec::new();
     let (mut holder, mut standby) = (l.a.clone(), l.b.clone());
+    let (x, eni) = (l.x.clone(), l.eni.clone());
     for run in 0..runs {
-        let p = probe_while(&l, &l.x, 8, Duration::from_secs(2), || match mode {
+        let p = probe_while(&mut l, &x, 8, Duration::from_secs(2), |d| match mode {
             Mode::Operator => {
-                let (att, _) = attachment(d, &l.eni);
+                let (att, _) = attachment(d, &eni);
                 d.ok(
                     "DetachNetworkInterface",
                     &[("AttachmentId", &att), ("Force", "true")],
                 );
-                d.wait("detached", SHORT, || d.attachment_status(&l.eni).is_empty());
-                attach(d, &l.eni, &standby);
+                d.wait("detached", SHORT, || d.attachment_status(&eni).is_empty());
+                attach(d, &eni, &standby);
             }
             Mode::AutoHang => d.pause(&holder, true),
             Mode::AutoKill => assert!(d.kill_guest(&holder), "kill {holder}"),
         });
-        eprintln!("[{mode:?}] run {run}: {holder} -> {standby}: {:?}", p.raw);
+        let d = &l.d;
+        eprintln!("[{mode:?}] run {run}: {holder} -> {standby}: {}", p.raw);
         assert_eq!(attachment(d, &l.eni).1, standby, "run {run}: the ENI is on the standby");
         assert!(p.before > 0 && p.after > 0, "run {run}: replies before and after: {p:?}");
         assert_eq!((p.from.as_str(), p.to.as_str()), (holder.as_str(), standby.as_str()), "run {run}: {p:?}");
@@ -307,6 +310,7 @@ fn scenario_failover(mode: Mode) {
         }
         std::mem::swap(&mut holder, &mut standby);
     }
+    let d = &l.d;
     let what = match mode {
         Mode::Operator => "operator failover (detach Force + attach)",
         Mode::AutoHang => "automatic failover, guest hung (last reply from A to first from B)",
@@ -351,7 +355,7 @@ fn failover_automatic_kill() {
 /// A secondary address of A's primary ENI moves to B's primary ENI
 /// (AllowReassignment): the MAC behind it changes, traffic follows.
 fn scenario_reassign() {
-    let Some(l) = lab("reassign") else { return };
+    let Some(mut l) = lab("reassign") else { return };
     let d = &l.d;
     let enis = |inst: &str| {
         let xml = d.ok(
@@ -370,13 +374,15 @@ fn scenario_reassign() {
     let mut gaps = Vec::new();
     let (mut from, mut to) = ((l.a.clone(), ea), (l.b.clone(), eb));
     for run in 0..runs() {
-        let p = probe_while(&l, &y, 8, Duration::from_secs(2), || {
+        let target = to.1.clone();
+        let p = probe_while(&mut l, &y, 8, Duration::from_secs(2), |d| {
             d.ok(
                 "AssignPrivateIpAddresses",
-                &[("NetworkInterfaceId", &to.1), ("PrivateIpAddress.1", &y), ("AllowReassignment", "true")],
+                &[("NetworkInterfaceId", &target), ("PrivateIpAddress.1", &y), ("AllowReassignment", "true")],
             );
         });
-        eprintln!("[reassign] run {run}: {} -> {}: {:?}", from.0, to.0, p.raw);
+        let d = &l.d;
+        eprintln!("[reassign] run {run}: {} -> {}: {}", from.0, to.0, p.raw);
         assert!(p.before > 0 && p.after > 0, "run {run}: {p:?}");
         assert_eq!(p.last, to.0, "run {run}: the new holder answers: {p:?}");
         // The old guest dropped the address.
@@ -387,7 +393,7 @@ fn scenario_reassign() {
         gaps.push(p.gap);
         std::mem::swap(&mut from, &mut to);
     }
-    let ann = d.status()["driver"]["process"]["announcements"].as_u64().unwrap_or(0);
+    let ann = l.d.status()["driver"]["process"]["announcements"].as_u64().unwrap_or(0);
     assert!(ann >= runs() as u64, "a gratuitous ARP per move: {ann}");
     report("IP reassignment (AllowReassignment)", gaps);
 }
@@ -397,51 +403,32 @@ fn reassign_private_ip() {
     scenario_reassign();
 }
 
-/// The backend restarts (all cards, or card 0) under running guests, or
-/// the daemon does: traffic resumes, same QEMU.
+/// The backend restarts (every card's worker group) under running guests,
+/// or the daemon does: traffic resumes, same QEMU.
 fn scenario_restart(daemon: bool) {
     let Some(mut l) = lab(if daemon { "daemon-restart" } else { "backend-restart" }) else {
         return;
     };
     let pid = l.d.qemu_pid(&l.a);
     let mut gaps = Vec::new();
+    let a_ip = l.a_ip.clone();
     for run in 0..runs() {
-        let a_ip = l.a_ip.clone();
-        let addr = l.d.addr();
-        let root = l.d.run_root().to_path_buf();
-        // The daemon restart needs `&mut`: probe through the agent socket
-        // directly (it survives the daemon).
-        let sock = root.join("instances").join(&l.c).join("agent.sock");
-        let argv = [
-            "/sbin/enilab-agent".to_string(),
-            "probe".to_string(),
-            format!("{a_ip}:{ECHO_PORT}"),
-            PROBE_MS.to_string(),
-            "8".to_string(),
-        ];
-        let h = std::thread::spawn(move || {
-            let mut c = enilab_control::agent::AgentClient::connect(&sock).expect("agent of C");
-            c.exec_capture(&argv, Duration::from_secs(40)).expect("probe")
+        let p = probe_while(&mut l, &a_ip, 8, Duration::from_secs(2), |d| {
+            if daemon {
+                d.restart();
+            } else {
+                let (code, v) = d.live("/enilab/backend/restart");
+                assert_eq!(code, 200, "{v}");
+                eprintln!("[backend] restart: {v}");
+            }
         });
-        std::thread::sleep(Duration::from_secs(2));
-        if daemon {
-            l.d.restart();
-        } else {
-            let (code, v) = enilab_control::api::failover::post_live(addr, "/enilab/backend/restart").expect("restart");
-            assert_eq!(code, 200, "{v}");
-            eprintln!("[backend] restart: {v}");
-        }
-        let out = h.join().expect("probe thread");
-        let raw: Value = serde_json::from_str(out.stdout_str().trim()).unwrap_or(Value::Null);
-        eprintln!("[{}] run {run}: {raw}", if daemon { "daemon" } else { "backend" });
-        let n = |k: &str| raw[k].as_u64().unwrap_or(0);
-        assert!(n("before") > 0 && n("after") > 0, "run {run}: traffic resumes: {raw}");
-        assert_eq!(raw["last"].as_str(), Some(l.a.as_str()));
-        gaps.push(Duration::from_millis(n("max_gap_ms")));
+        eprintln!("[{}] run {run}: {}", if daemon { "daemon" } else { "backend" }, p.raw);
+        assert!(p.before > 0 && p.after > 0, "run {run}: traffic resumes: {p:?}");
+        assert_eq!(p.last, l.a, "run {run}: {p:?}");
+        gaps.push(p.gap);
     }
     assert_eq!(l.d.qemu_pid(&l.a), pid, "the guest was not restarted");
     report(if daemon { "daemon restart" } else { "backend restart (all cards)" }, gaps);
-    let _ = &mut l;
 }
 
 #[test]

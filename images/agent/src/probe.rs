@@ -106,7 +106,20 @@ pub fn probe(addr: SocketAddr, interval: Duration, duration: Duration) -> std::i
             events.push((t0.elapsed().as_millis() as u64, who));
         }
     }
-    Ok(summarize(seq, &events))
+    // The end of the window counts as an event: traffic that never comes
+    // back is a gap to the end, not a short one.
+    events.push((t0.elapsed().as_millis() as u64, "(end)".to_string()));
+    let mut r = summarize(seq, &events);
+    if let Some(n) = r.replies.remove("(end)") {
+        r.replies_after_gap = r.replies_after_gap.saturating_sub(n);
+    }
+    r.last = events
+        .iter()
+        .rev()
+        .nth(1)
+        .map(|e| e.1.clone())
+        .unwrap_or_default();
+    Ok(r)
 }
 
 #[cfg(test)]
