@@ -360,8 +360,7 @@ impl ApiDaemon {
 
     /// The daemon's `GET /enilab/status` document.
     pub fn status(&self) -> serde_json::Value {
-        enilab_control::api::status::fetch(self.addr())
-            .unwrap_or_else(|e| panic!("status: {e}"))
+        enilab_control::api::status::fetch(self.addr()).unwrap_or_else(|e| panic!("status: {e}"))
     }
 
     /// `POST` a live operation (`/enilab/...`): its HTTP status and JSON.

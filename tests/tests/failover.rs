@@ -51,7 +51,10 @@ struct Lab {
 fn lab(tag: &str) -> Option<Lab> {
     let env = require_guests()?;
     let bin = require(REQUIRE_GUESTS, enilab_bin())?;
-    eprintln!("[{tag}] accelerator {} ({})", env.accel.accel, env.accel.reason);
+    eprintln!(
+        "[{tag}] accelerator {} ({})",
+        env.accel.accel, env.accel.reason
+    );
     let d = ApiDaemon::start(bin, tag, BUDGET, &[]);
     let vpc = d.get("CreateVpc", &[("CidrBlock", "10.0.0.0/16")], "vpcId");
     let subnet = d.get(
@@ -142,7 +145,10 @@ fn attach(d: &ApiDaemon, eni: &str, inst: &str) -> String {
 }
 
 fn attachment(d: &ApiDaemon, eni: &str) -> (String, String) {
-    let xml = d.ok("DescribeNetworkInterfaces", &[("NetworkInterfaceId.1", eni)]);
+    let xml = d.ok(
+        "DescribeNetworkInterfaces",
+        &[("NetworkInterfaceId.1", eni)],
+    );
     let a = extract(&xml, "attachment").unwrap_or("");
     (
         extract(a, "attachmentId").unwrap_or("").to_string(),
@@ -169,7 +175,13 @@ struct Probe {
 /// Probe `ip` from C for `secs` while `during` runs (after `lead` of
 /// steady replies). The probe runs detached in the guest (it must outlive
 /// a daemon restart, which ends the agent sessions); its JSON is read after.
-fn probe_while(l: &mut Lab, ip: &str, secs: u64, lead: Duration, during: impl FnOnce(&mut ApiDaemon)) -> Probe {
+fn probe_while(
+    l: &mut Lab,
+    ip: &str,
+    secs: u64,
+    lead: Duration,
+    during: impl FnOnce(&mut ApiDaemon),
+) -> Probe {
     let out_file = "/tmp/probe.json";
     l.d.sh_ok(
         &l.c,
@@ -188,8 +200,8 @@ fn probe_while(l: &mut Lab, ip: &str, secs: u64, lead: Duration, during: impl Fn
         text = d.sh(&l.c, &format!("cat {out_file}"), SHORT).stdout_str();
         text.trim_end().ends_with('}')
     });
-    let raw: Value = serde_json::from_str(text.trim())
-        .unwrap_or_else(|e| panic!("probe output {text:?}: {e}"));
+    let raw: Value =
+        serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("probe output {text:?}: {e}"));
     let s = |k: &str| raw[k].as_str().unwrap_or("").to_string();
     let n = |k: &str| raw[k].as_u64().unwrap_or(0);
     Probe {
@@ -232,7 +244,10 @@ fn counts(d: &ApiDaemon) -> (u64, u64, u64, usize, u64) {
         p["fds"].as_u64().unwrap_or(0),
         p["threads"].as_u64().unwrap_or(0),
         p["worker_threads"].as_u64().unwrap_or(0),
-        st["driver"]["devices"].as_array().map(|v| v.len()).unwrap_or(0),
+        st["driver"]["devices"]
+            .as_array()
+            .map(|v| v.len())
+            .unwrap_or(0),
         nics,
     )
 }
@@ -291,9 +306,20 @@ fn scenario_failover(mode: Mode) {
         });
         let d = &l.d;
         eprintln!("[{mode:?}] run {run}: {holder} -> {standby}: {}", p.raw);
-        assert_eq!(attachment(d, &l.eni).1, standby, "run {run}: the ENI is on the standby");
-        assert!(p.before > 0 && p.after > 0, "run {run}: replies before and after: {p:?}");
-        assert_eq!((p.from.as_str(), p.to.as_str()), (holder.as_str(), standby.as_str()), "run {run}: {p:?}");
+        assert_eq!(
+            attachment(d, &l.eni).1,
+            standby,
+            "run {run}: the ENI is on the standby"
+        );
+        assert!(
+            p.before > 0 && p.after > 0,
+            "run {run}: replies before and after: {p:?}"
+        );
+        assert_eq!(
+            (p.from.as_str(), p.to.as_str()),
+            (holder.as_str(), standby.as_str()),
+            "run {run}: {p:?}"
+        );
         assert_eq!(p.last, standby, "run {run}: the standby answers at the end");
         gaps.push(p.gap);
         if mode == Mode::AutoHang {
@@ -305,7 +331,10 @@ fn scenario_failover(mode: Mode) {
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .any(|v| v["instance"] == h.as_str() && v["heartbeat_ms"].as_u64().is_some_and(|m| m < 500))
+                    .any(|v| {
+                        v["instance"] == h.as_str()
+                            && v["heartbeat_ms"].as_u64().is_some_and(|m| m < 500)
+                    })
             });
         }
         std::mem::swap(&mut holder, &mut standby);
@@ -331,9 +360,16 @@ fn scenario_failover(mode: Mode) {
         let mut after = counts(d);
         let settled = wait_until(Duration::from_secs(20), || {
             after = counts(d);
-            after.0 <= before.0 && after.1 <= before.1 + 1 && after.2 == before.2 && after.3 == before.3 && after.4 == before.4
+            after.0 <= before.0
+                && after.1 <= before.1 + 1
+                && after.2 == before.2
+                && after.3 == before.3
+                && after.4 == before.4
         });
-        assert!(settled, "leak after {runs} failovers: before {before:?} after {after:?}");
+        assert!(
+            settled,
+            "leak after {runs} failovers: before {before:?} after {after:?}"
+        );
     }
 }
 
@@ -360,14 +396,24 @@ fn scenario_reassign() {
     let enis = |inst: &str| {
         let xml = d.ok(
             "DescribeNetworkInterfaces",
-            &[("Filter.1.Name", "attachment.instance-id"), ("Filter.1.Value.1", inst), ("Filter.2.Name", "attachment.device-index"), ("Filter.2.Value.1", "0")],
+            &[
+                ("Filter.1.Name", "attachment.instance-id"),
+                ("Filter.1.Value.1", inst),
+                ("Filter.2.Name", "attachment.device-index"),
+                ("Filter.2.Value.1", "0"),
+            ],
         );
-        extract(&xml, "networkInterfaceId").unwrap_or("").to_string()
+        extract(&xml, "networkInterfaceId")
+            .unwrap_or("")
+            .to_string()
     };
     let (ea, eb) = (enis(&l.a), enis(&l.b));
     let y = d.get(
         "AssignPrivateIpAddresses",
-        &[("NetworkInterfaceId", &ea), ("SecondaryPrivateIpAddressCount", "1")],
+        &[
+            ("NetworkInterfaceId", &ea),
+            ("SecondaryPrivateIpAddressCount", "1"),
+        ],
         "privateIpAddress",
     );
     d.wait(&format!("{y} on A"), SHORT * 2, || d.pings(&l.c, &y));
@@ -378,7 +424,11 @@ fn scenario_reassign() {
         let p = probe_while(&mut l, &y, 8, Duration::from_secs(2), |d| {
             d.ok(
                 "AssignPrivateIpAddresses",
-                &[("NetworkInterfaceId", &target), ("PrivateIpAddress.1", &y), ("AllowReassignment", "true")],
+                &[
+                    ("NetworkInterfaceId", &target),
+                    ("PrivateIpAddress.1", &y),
+                    ("AllowReassignment", "true"),
+                ],
             );
         });
         let d = &l.d;
@@ -388,12 +438,16 @@ fn scenario_reassign() {
         // The old guest dropped the address.
         let old = from.0.clone();
         d.wait(&format!("{y} gone from {old}"), SHORT, || {
-            !d.sh(&old, "ip -4 -o addr show", SHORT).stdout_str().contains(&format!("inet {y}/"))
+            !d.sh(&old, "ip -4 -o addr show", SHORT)
+                .stdout_str()
+                .contains(&format!("inet {y}/"))
         });
         gaps.push(p.gap);
         std::mem::swap(&mut from, &mut to);
     }
-    let ann = l.d.status()["driver"]["process"]["announcements"].as_u64().unwrap_or(0);
+    let ann = l.d.status()["driver"]["process"]["announcements"]
+        .as_u64()
+        .unwrap_or(0);
     assert!(ann >= runs() as u64, "a gratuitous ARP per move: {ann}");
     report("IP reassignment (AllowReassignment)", gaps);
 }
@@ -406,7 +460,11 @@ fn reassign_private_ip() {
 /// The backend restarts (every card's worker group) under running guests,
 /// or the daemon does: traffic resumes, same QEMU.
 fn scenario_restart(daemon: bool) {
-    let Some(mut l) = lab(if daemon { "daemon-restart" } else { "backend-restart" }) else {
+    let Some(mut l) = lab(if daemon {
+        "daemon-restart"
+    } else {
+        "backend-restart"
+    }) else {
         return;
     };
     let pid = l.d.qemu_pid(&l.a);
@@ -422,13 +480,27 @@ fn scenario_restart(daemon: bool) {
                 eprintln!("[backend] restart: {v}");
             }
         });
-        eprintln!("[{}] run {run}: {}", if daemon { "daemon" } else { "backend" }, p.raw);
-        assert!(p.before > 0 && p.after > 0, "run {run}: traffic resumes: {p:?}");
+        eprintln!(
+            "[{}] run {run}: {}",
+            if daemon { "daemon" } else { "backend" },
+            p.raw
+        );
+        assert!(
+            p.before > 0 && p.after > 0,
+            "run {run}: traffic resumes: {p:?}"
+        );
         assert_eq!(p.last, l.a, "run {run}: {p:?}");
         gaps.push(p.gap);
     }
     assert_eq!(l.d.qemu_pid(&l.a), pid, "the guest was not restarted");
-    report(if daemon { "daemon restart" } else { "backend restart (all cards)" }, gaps);
+    report(
+        if daemon {
+            "daemon restart"
+        } else {
+            "backend restart (all cards)"
+        },
+        gaps,
+    );
 }
 
 #[test]
@@ -449,9 +521,16 @@ fn scenario_kv() {
     let d = &l.d;
     d.ok(
         "CreateFailoverGroup",
-        &[("NetworkInterfaceId", &l.eni), ("StandbyInstanceId.1", &l.b)],
+        &[
+            ("NetworkInterfaceId", &l.eni),
+            ("StandbyInstanceId.1", &l.b),
+        ],
     );
-    d.sh_ok(&l.b, &format!("/sbin/enilab-agent kv --listen 0.0.0.0:{KV_PORT} >/tmp/kv.log 2>&1 &"), SHORT);
+    d.sh_ok(
+        &l.b,
+        &format!("/sbin/enilab-agent kv --listen 0.0.0.0:{KV_PORT} >/tmp/kv.log 2>&1 &"),
+        SHORT,
+    );
     d.sh_ok(
         &l.a,
         &format!("/sbin/enilab-agent kv --listen 0.0.0.0:{KV_PORT} --replica {}:{KV_PORT} >/tmp/kv.log 2>&1 &", l.b_ip),
@@ -463,7 +542,12 @@ fn scenario_kv() {
         let h = s.spawn(|| {
             d.exec(
                 &l.c,
-                &["/sbin/enilab-agent", "kv-client", &format!("{x}:{KV_PORT}"), "12"],
+                &[
+                    "/sbin/enilab-agent",
+                    "kv-client",
+                    &format!("{x}:{KV_PORT}"),
+                    "12",
+                ],
                 Duration::from_secs(90),
             )
         });
@@ -471,13 +555,22 @@ fn scenario_kv() {
         assert!(d.kill_guest(&l.a), "kill A");
         h.join().expect("kv client")
     });
-    let v: Value = serde_json::from_str(out.stdout_str().trim())
-        .unwrap_or_else(|e| panic!("kv-client said {:?} / {}: {e}", out.stdout_str(), out.stderr_str()));
+    let v: Value = serde_json::from_str(out.stdout_str().trim()).unwrap_or_else(|e| {
+        panic!(
+            "kv-client said {:?} / {}: {e}",
+            out.stdout_str(),
+            out.stderr_str()
+        )
+    });
     eprintln!("[kv] {v}");
     let n = |k: &str| v[k].as_u64().unwrap_or(u64::MAX);
     assert_eq!(attachment(d, &l.eni).1, l.b, "X moved to B");
     assert!(n("acked") > 10, "writes were acknowledged: {v}");
-    assert_eq!((n("missing"), n("wrong"), n("unverified")), (0, 0, 0), "zero lost writes: {v}");
+    assert_eq!(
+        (n("missing"), n("wrong"), n("unverified")),
+        (0, 0, 0),
+        "zero lost writes: {v}"
+    );
 }
 
 #[test]
@@ -492,24 +585,43 @@ fn scenario_bad_standby() {
     let d = &l.d;
     // Another VPC's instance (pending or running: the VPC check comes first).
     let vpc2 = d.get("CreateVpc", &[("CidrBlock", "10.1.0.0/16")], "vpcId");
-    let sub2 = d.get("CreateSubnet", &[("VpcId", &vpc2), ("CidrBlock", "10.1.1.0/24")], "subnetId");
+    let sub2 = d.get(
+        "CreateSubnet",
+        &[("VpcId", &vpc2), ("CidrBlock", "10.1.1.0/24")],
+        "subnetId",
+    );
     let other = extract(
         &d.ok(
             "RunInstances",
-            &[("ImageId", "ami-0e1ab000000000001"), ("InstanceType", "t3.micro"), ("MinCount", "1"), ("MaxCount", "1"), ("SubnetId", &sub2)],
+            &[
+                ("ImageId", "ami-0e1ab000000000001"),
+                ("InstanceType", "t3.micro"),
+                ("MinCount", "1"),
+                ("MaxCount", "1"),
+                ("SubnetId", &sub2),
+            ],
         ),
         "instanceId",
     )
     .unwrap_or("")
     .to_string();
     // A full standby: B with a second ENI (t3.micro holds two).
-    let filler = extract(&d.ok("CreateNetworkInterface", &[("SubnetId", &l.subnet)]), "networkInterfaceId")
-        .unwrap_or("")
-        .to_string();
+    let filler = extract(
+        &d.ok("CreateNetworkInterface", &[("SubnetId", &l.subnet)]),
+        "networkInterfaceId",
+    )
+    .unwrap_or("")
+    .to_string();
     // (case, standby, expected words in the message, setup, undo)
     type Step<'a> = Box<dyn Fn() + 'a>;
     let cases: Vec<(&str, String, &str, Step<'_>, Step<'_>)> = vec![
-        ("another VPC", other.clone(), &vpc2, Box::new(|| {}), Box::new(|| {})),
+        (
+            "another VPC",
+            other.clone(),
+            &vpc2,
+            Box::new(|| {}),
+            Box::new(|| {}),
+        ),
         (
             "full",
             l.b.clone(),
@@ -519,11 +631,22 @@ fn scenario_bad_standby() {
             }),
             Box::new(|| {
                 let (att, _) = attachment(d, &filler);
-                d.ok("DetachNetworkInterface", &[("AttachmentId", &att), ("Force", "true")]);
-                d.wait("filler detached", SHORT, || d.attachment_status(&filler).is_empty());
+                d.ok(
+                    "DetachNetworkInterface",
+                    &[("AttachmentId", &att), ("Force", "true")],
+                );
+                d.wait("filler detached", SHORT, || {
+                    d.attachment_status(&filler).is_empty()
+                });
             }),
         ),
-        ("down", l.b.clone(), "is down", Box::new(|| d.pause(&l.b, true)), Box::new(|| d.pause(&l.b, false))),
+        (
+            "down",
+            l.b.clone(),
+            "is down",
+            Box::new(|| d.pause(&l.b, true)),
+            Box::new(|| d.pause(&l.b, false)),
+        ),
     ];
     for (what, standby, words, setup, undo) in cases {
         if d.attachment_status(&l.eni).is_empty() {
@@ -535,16 +658,36 @@ fn scenario_bad_standby() {
         }
         let t = Instant::now();
         let err = d
-            .call("FailoverNetworkInterface", &[("NetworkInterfaceId", &l.eni), ("InstanceId.1", &standby)])
+            .call(
+                "FailoverNetworkInterface",
+                &[("NetworkInterfaceId", &l.eni), ("InstanceId.1", &standby)],
+            )
             .expect_err(what);
-        eprintln!("[bad] {what}: {} in {:?}: {}", err.code, t.elapsed(), err.message);
+        eprintln!(
+            "[bad] {what}: {} in {:?}: {}",
+            err.code,
+            t.elapsed(),
+            err.message
+        );
         assert_eq!(err.code, "NoHealthyStandby", "{what}: {err:?}");
-        assert!(err.message.contains(words), "{what}: the message says why: {}", err.message);
-        assert!(err.message.contains("attached nowhere"), "{what}: {}", err.message);
+        assert!(
+            err.message.contains(words),
+            "{what}: the message says why: {}",
+            err.message
+        );
+        assert!(
+            err.message.contains("attached nowhere"),
+            "{what}: {}",
+            err.message
+        );
         assert_eq!(d.attachment_status(&l.eni), "", "{what}: attached nowhere");
         let devs = d.status()["driver"]["devices"].clone();
         assert!(
-            !devs.as_array().into_iter().flatten().any(|x| x["eni"] == l.eni.as_str()),
+            !devs
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|x| x["eni"] == l.eni.as_str()),
             "{what}: no device left for the ENI: {devs}"
         );
         undo();

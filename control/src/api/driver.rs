@@ -138,7 +138,9 @@ pub trait InstanceDriver: Send + Sync + 'static {
     /// Pause (QMP `stop`) or resume (`cont`) a guest: how tests make a
     /// guest hang.
     fn pause(&self, _inst: &str, _paused: bool) -> Result<(), DriverError> {
-        Err(DriverError::Failed("this driver runs no guests".to_string()))
+        Err(DriverError::Failed(
+            "this driver runs no guests".to_string(),
+        ))
     }
 
     /// Called once at start-up for each instance the state says is running,

@@ -137,7 +137,10 @@ pub fn move_eni(api: &Api, eni_id: &str, standbys: &[String]) -> Result<Moved, A
             }
             api.store.write(|t| {
                 if let Some(mut e) = t.get::<Eni>(eni_id).cloned() {
-                    if e.attachment.as_ref().is_some_and(|a| a.instance_id == inst_id) {
+                    if e.attachment
+                        .as_ref()
+                        .is_some_and(|a| a.instance_id == inst_id)
+                    {
                         e.attachment = None;
                         t.put(e);
                     }
@@ -154,7 +157,10 @@ pub fn move_eni(api: &Api, eni_id: &str, standbys: &[String]) -> Result<Moved, A
         if let Some(a) = &eni.attachment {
             return Err(ApiError::new(
                 "InvalidNetworkInterface.InUse",
-                format!("Interface {eni_id} was attached to {} meanwhile.", a.instance_id),
+                format!(
+                    "Interface {eni_id} was attached to {} meanwhile.",
+                    a.instance_id
+                ),
             ));
         }
         let mut why = Vec::new();
@@ -247,7 +253,10 @@ fn write_moved(x: &mut Xml, eni: &str, m: &Moved) {
 pub fn failover_network_interface(api: &Api, p: &Params) -> Result<String, ApiError> {
     let eni = req(p, "NetworkInterfaceId")?;
     ENI.check(eni)?;
-    let mut standbys: Vec<String> = list(p, "InstanceId")?.iter().map(|s| s.to_string()).collect();
+    let mut standbys: Vec<String> = list(p, "InstanceId")?
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     for s in &standbys {
         INSTANCE.check(s)?;
     }
@@ -536,9 +545,9 @@ pub fn post_live(
 ) -> Result<(u16, serde_json::Value), FailoverError> {
     use std::io::{Read, Write};
     let io = |e| FailoverError::Connect(addr, e);
-    let mut s =
-        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(io)?;
-    s.set_read_timeout(Some(Duration::from_secs(60))).map_err(io)?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(io)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(io)?;
     write!(
         s,
         "POST {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -547,7 +556,9 @@ pub fn post_live(
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).map_err(io)?;
     let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or(FailoverError::Answer(addr))?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or(FailoverError::Answer(addr))?;
     let status = head
         .split_whitespace()
         .nth(1)

@@ -270,7 +270,11 @@ impl QemuDriver {
     }
 
     fn eni_socket(&self, eni: &Eni) -> PathBuf {
-        let att = eni.attachment.as_ref().map(|a| a.id.as_str()).unwrap_or("none");
+        let att = eni
+            .attachment
+            .as_ref()
+            .map(|a| a.id.as_str())
+            .unwrap_or("none");
         self.socket_path(&eni.id, att)
     }
 
@@ -572,7 +576,10 @@ impl QemuDriver {
             let frame = enilab_switch::announcement(addr, mac);
             let mut sent = 0;
             for (peer, port) in ports {
-                if *peer != eni && subnet_of.get(peer) == Some(subnet) && self.datapath.inject(*port, &frame) {
+                if *peer != eni
+                    && subnet_of.get(peer) == Some(subnet)
+                    && self.datapath.inject(*port, &frame)
+                {
                     sent += 1;
                 }
             }
@@ -780,7 +787,10 @@ impl InstanceDriver for QemuDriver {
         };
         // The same NIC may still be leaving this guest (a forced detach
         // finishes its unplug in the background): let it finish first.
-        let pending = self.inner().unplugs.remove(&(inst.id.clone(), eni.id.clone()));
+        let pending = self
+            .inner()
+            .unplugs
+            .remove(&(inst.id.clone(), eni.id.clone()));
         if let Some(h) = pending {
             let _ = h.join();
         }
@@ -904,7 +914,11 @@ impl InstanceDriver for QemuDriver {
         let vm = self
             .vm(inst)
             .ok_or_else(|| failed(format!("{inst} has no running guest")))?;
-        let res = if paused { vm.qemu.stop() } else { vm.qemu.cont() };
+        let res = if paused {
+            vm.qemu.stop()
+        } else {
+            vm.qemu.cont()
+        };
         res.map_err(failed)
     }
 

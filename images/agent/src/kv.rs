@@ -84,7 +84,10 @@ impl Replica {
             }
             self.conn = None;
         }
-        Err(KvError::Usage(format!("replica {} did not take the write", self.addr)))
+        Err(KvError::Usage(format!(
+            "replica {} did not take the write",
+            self.addr
+        )))
     }
 }
 
@@ -146,7 +149,11 @@ fn session(s: TcpStream, table: &Table, replica: Option<&Mutex<Replica>>) -> Res
 }
 
 /// One request on a (re)connecting client; `None` on any failure.
-fn request(conn: &mut Option<(BufReader<TcpStream>, TcpStream)>, addr: SocketAddr, req: &str) -> Option<String> {
+fn request(
+    conn: &mut Option<(BufReader<TcpStream>, TcpStream)>,
+    addr: SocketAddr,
+    req: &str,
+) -> Option<String> {
     if conn.is_none() {
         let s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
         s.set_read_timeout(Some(IO_TIMEOUT)).ok()?;
@@ -166,7 +173,11 @@ fn request(conn: &mut Option<(BufReader<TcpStream>, TcpStream)>, addr: SocketAdd
 /// Write `key-N` = `N` for `duration` (reconnecting as needed), then read
 /// back every acknowledged key for up to `verify_for`. Prints one JSON line
 /// `{"acked":A,"attempts":T,"missing":M,"wrong":W,"unverified":U}`.
-pub fn client(addr: SocketAddr, duration: Duration, verify_for: Duration) -> Result<String, KvError> {
+pub fn client(
+    addr: SocketAddr,
+    duration: Duration,
+    verify_for: Duration,
+) -> Result<String, KvError> {
     let mut conn = None;
     let mut acked: Vec<u64> = Vec::new();
     let mut attempts = 0u64;
@@ -282,7 +293,10 @@ mod tests {
         // The replica has it on its own.
         let mut c2 = None;
         assert_eq!(request(&mut c2, b_addr, "GET k").as_deref(), Some("VAL 7"));
-        assert_eq!(request(&mut conn, a_addr, "NOPE").as_deref(), Some("ERR bad request"));
+        assert_eq!(
+            request(&mut conn, a_addr, "NOPE").as_deref(),
+            Some("ERR bad request")
+        );
         // A primary whose replica is gone refuses writes instead of acking.
         let c = TcpListener::bind("127.0.0.1:0").unwrap();
         let dead = c.local_addr().unwrap();

@@ -53,7 +53,11 @@ fn test_service(mode: &str, args: &[String]) -> i32 {
         eprintln!("enilab-agent probe: ADDR INTERVAL_MS SECONDS");
         return 2;
     };
-    match probe::probe(addr, Duration::from_millis(ms.max(1)), Duration::from_secs(secs)) {
+    match probe::probe(
+        addr,
+        Duration::from_millis(ms.max(1)),
+        Duration::from_secs(secs),
+    ) {
         Ok(r) => {
             println!("{}", r.json());
             0

@@ -135,12 +135,25 @@ mod tests {
         let cases: Vec<(Vec<(u64, String)>, u64, &str, &str, u64, u64)> = vec![
             (ev(&[]), 0, "", "", 0, 0),
             (ev(&[(0, "a"), (50, "a"), (100, "a")]), 50, "a", "a", 1, 2),
-            (ev(&[(0, "a"), (50, "a"), (1450, "b"), (1500, "b")]), 1400, "a", "b", 2, 2),
+            (
+                ev(&[(0, "a"), (50, "a"), (1450, "b"), (1500, "b")]),
+                1400,
+                "a",
+                "b",
+                2,
+                2,
+            ),
         ];
         for (events, gap, from, to, before, after) in cases {
             let r = summarize(10, &events);
             assert_eq!(
-                (r.max_gap_ms, r.gap_from.as_str(), r.gap_to.as_str(), r.replies_before_gap, r.replies_after_gap),
+                (
+                    r.max_gap_ms,
+                    r.gap_from.as_str(),
+                    r.gap_to.as_str(),
+                    r.replies_before_gap,
+                    r.replies_after_gap
+                ),
                 (gap, from, to, before, after),
                 "{events:?}"
             );
