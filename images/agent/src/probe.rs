@@ -132,7 +132,8 @@ mod tests {
             v.iter().map(|(t, w)| (*t, w.to_string())).collect()
         };
         // (events, max gap, from, to, before, after)
-        let cases: Vec<(Vec<(u64, String)>, u64, &str, &str, u64, u64)> = vec![
+        type Case<'a> = (Vec<(u64, String)>, u64, &'a str, &'a str, u64, u64);
+        let cases: Vec<Case<'_>> = vec![
             (ev(&[]), 0, "", "", 0, 0),
             (ev(&[(0, "a"), (50, "a"), (100, "a")]), 50, "a", "a", 1, 2),
             (
