@@ -158,6 +158,30 @@ impl Datapath {
         ok
     }
 
+    /// Restart card `id`'s worker group: stop its threads and forget it, so
+    /// the next [`Datapath::card`] starts a fresh group. The caller stops
+    /// the card's ENI servers first and serves them again afterwards (QEMU
+    /// reconnects with `reconnect-ms`). False if the card was not running.
+    pub fn restart_card(&self, id: u32) -> bool {
+        let old = self
+            .cards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        match old {
+            Some(c) => {
+                c.shutdown();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Worker threads running, over every card (for leak checks).
+    pub fn worker_threads(&self) -> usize {
+        self.cards().iter().map(|c| c.live_workers()).sum()
+    }
+
     /// Stop every card.
     pub fn shutdown(&self) {
         for c in self.cards() {

@@ -23,6 +23,7 @@ pub struct EniServer {
     path: PathBuf,
     stop: Arc<EventFd>,
     thread: Option<JoinHandle<()>>,
+    stopped: bool,
 }
 
 impl EniServer {
@@ -46,6 +47,7 @@ impl EniServer {
             path: path.to_path_buf(),
             stop,
             thread: Some(thread),
+            stopped: false,
         })
     }
 
@@ -58,7 +60,13 @@ impl EniServer {
     }
 
     /// Close the socket, end any session and stop serving the device.
+    /// Idempotent: a second call (e.g. the drop of a server stopped for a
+    /// card restart) must not unpublish the port or remove the socket of
+    /// the server that replaced it.
     pub fn stop(&mut self) {
+        if std::mem::replace(&mut self.stopped, true) {
+            return;
+        }
         let _ = self.stop.write(1);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -211,6 +219,34 @@ mod tests {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
         }
+        drop(srv);
+        dp.shutdown();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_card_restarts_under_its_socket_and_leaks_no_threads() {
+        let dir = std::env::temp_dir().join(format!("enilab-cr-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("e.sock");
+        let dp = Datapath::new(enilab_switch::Switch::new(), 2);
+        let mut srv = dp.add_eni(&path, cfg(1), 0).unwrap();
+        assert_eq!(dp.worker_threads(), 2);
+        for round in 0..3 {
+            srv.stop();
+            let old = srv;
+            assert!(dp.restart_card(0), "round {round}: card 0 was running");
+            assert_eq!(dp.worker_threads(), 0, "round {round}: old workers joined");
+            srv = dp.add_eni(&path, cfg(1), 0).unwrap();
+            // Dropping the stopped server leaves the new one alone.
+            drop(old);
+            assert!(path.exists(), "round {round}: the new socket stays");
+            assert_eq!(dp.worker_threads(), 2, "round {round}: a fresh group");
+            let fe = vhost::vhost_user::Frontend::connect(&path, 2).unwrap();
+            use vhost::VhostBackend;
+            assert!(fe.get_features().unwrap() & (1 << 32) != 0);
+        }
+        assert!(!dp.restart_card(7), "no card 7");
         drop(srv);
         dp.shutdown();
         let _ = std::fs::remove_dir_all(&dir);

@@ -909,6 +909,17 @@ impl AgentClient {
         }
     }
 
+    /// Asks the guest agent to reconcile its ENIs with instance metadata
+    /// now (and often for a few seconds).
+    pub fn reconcile(&mut self) -> Result<(), AgentError> {
+        match self.request(Request::Reconcile { id: 0 }, "reconcile")? {
+            Message::Ok { .. } => Ok(()),
+            other => Err(AgentError::Protocol(format!(
+                "unexpected reply to reconcile: {other:?}"
+            ))),
+        }
+    }
+
     /// Creates or replaces `path` in the guest (parent directories too).
     pub fn write_file(
         &mut self,

@@ -93,6 +93,25 @@ enum Cmd {
         #[arg(long, default_value_t = 4)]
         connections: usize,
     },
+    /// ENI failover groups and moves (enilab actions on the daemon's
+    /// endpoint).
+    Failover {
+        /// The daemon's address.
+        #[arg(long, default_value = "127.0.0.1:8990")]
+        endpoint: std::net::SocketAddr,
+        #[command(subcommand)]
+        cmd: FailoverCmd,
+    },
+    /// Restart the datapath's worker group of one card (or all) under
+    /// running guests; QEMU reconnects by itself.
+    RestartBackend {
+        /// The daemon's address.
+        #[arg(long, default_value = "127.0.0.1:8990")]
+        endpoint: std::net::SocketAddr,
+        /// Only this network card.
+        #[arg(long)]
+        card: Option<u32>,
+    },
     /// Show the lab as tables: instances, network interfaces (device and
     /// card index, switch port, counters), network cards and subnets, from
     /// a running `enilab serve`; without one, the guests under the run dir.
@@ -104,6 +123,31 @@ enum Cmd {
         /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum FailoverCmd {
+    /// Create a group: the ENI moves to the first healthy standby when its
+    /// instance fails.
+    Create {
+        #[arg(long)]
+        eni: String,
+        /// Standby instances, in order of preference.
+        #[arg(long = "standby", required = true)]
+        standbys: Vec<String>,
+    },
+    /// List the groups.
+    #[command(alias = "ls")]
+    Describe,
+    /// Delete a group (the ENI stays where it is).
+    Delete { group: String },
+    /// Move an ENI now (to these instances, else to its group's standbys).
+    Move {
+        #[arg(long)]
+        eni: String,
+        #[arg(long = "to")]
+        to: Vec<String>,
     },
 }
 
@@ -269,6 +313,56 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
+        Cmd::Failover { endpoint, cmd } => {
+            let mut params: Vec<(String, String)> = Vec::new();
+            let action = match cmd {
+                FailoverCmd::Create { eni, standbys } => {
+                    params.push(("NetworkInterfaceId".into(), eni));
+                    for (i, s) in standbys.into_iter().enumerate() {
+                        params.push((format!("StandbyInstanceId.{}", i + 1), s));
+                    }
+                    "CreateFailoverGroup"
+                }
+                FailoverCmd::Describe => "DescribeFailoverGroups",
+                FailoverCmd::Delete { group } => {
+                    params.push(("FailoverGroupId".into(), group));
+                    "DeleteFailoverGroup"
+                }
+                FailoverCmd::Move { eni, to } => {
+                    params.push(("NetworkInterfaceId".into(), eni));
+                    for (i, s) in to.into_iter().enumerate() {
+                        params.push((format!("InstanceId.{}", i + 1), s));
+                    }
+                    "FailoverNetworkInterface"
+                }
+            };
+            let mut body = format!("Action={action}&Version=2016-11-15");
+            for (k, v) in &params {
+                // IDs and names only: nothing to escape.
+                body.push_str(&format!("&{k}={v}"));
+            }
+            let mut c = api::bench::Client::connect(endpoint)?;
+            let (status, xml) = c.post(&body)?;
+            println!("{xml}");
+            Ok(if status == 200 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Cmd::RestartBackend { endpoint, card } => {
+            let path = match card {
+                Some(c) => format!("{}?card={c}", api::failover::BACKEND_RESTART_PATH),
+                None => api::failover::BACKEND_RESTART_PATH.to_string(),
+            };
+            let (status, v) = api::failover::post_live(endpoint, &path)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(if status == 200 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
         Cmd::Status { endpoint, json } => {
             match api::status::fetch(endpoint) {
                 Ok(v) if json => {

@@ -32,7 +32,9 @@ pub use metadata::{
     decode_metadata_client, metadata_client_addr, IMDS_ADDR, METADATA_CLIENT_NET, METADATA_GATEWAY,
     METADATA_MAC,
 };
-pub use pipeline::{flow_hash, Switch, SwitchOptions, SwitchWorker};
+pub use pipeline::{
+    announcement, flow_hash, Switch, SwitchOptions, SwitchWorker, ANNOUNCEMENT_LEN,
+};
 pub use policy::{
     AclEntry, Cidr, ElasticIp, FlowLogConfig, FlowLogScope, NetworkAclConfig, Peer, PolicyError,
     PortMatch, Protocol, Route, RouteTableConfig, RouteTarget, SecurityGroupConfig, SgRule,

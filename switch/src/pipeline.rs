@@ -44,6 +44,7 @@ use crate::limits::wire_packets;
 use crate::wire::ethernet::{self, ethertype};
 use crate::{Egress, PacketMeta, PortId, Verdict, MAX_PORTS};
 
+pub use arp::{announcement, ANNOUNCEMENT_LEN};
 pub use flow::flow_hash;
 
 /// Size of a worker's reply buffer: more than the largest reply (a DHCP

@@ -226,11 +226,6 @@ impl ApiDaemon {
         }
     }
 
-    /// The daemon's `GET /enilab/status` document.
-    pub fn status(&self) -> serde_json::Value {
-        enilab_control::api::status::fetch(self.addr()).unwrap_or_else(|e| panic!("status: {e}"))
-    }
-
     /// Call `action` of API `version`; the XML body or the error.
     pub fn call_version(
         &self,
@@ -379,6 +374,23 @@ impl ApiDaemon {
                 );
             }
         }
+    }
+
+    /// The daemon's `GET /enilab/status` document.
+    pub fn status(&self) -> serde_json::Value {
+        enilab_control::api::status::fetch(self.addr()).unwrap_or_else(|e| panic!("status: {e}"))
+    }
+
+    /// `POST` a live operation (`/enilab/...`): its HTTP status and JSON.
+    pub fn live(&self, path_and_query: &str) -> (u16, serde_json::Value) {
+        enilab_control::api::failover::post_live(self.addr(), path_and_query)
+            .unwrap_or_else(|e| panic!("{path_and_query}: {e}"))
+    }
+
+    /// Pause (QMP `stop`) or resume a guest through the daemon.
+    pub fn pause(&self, id: &str, paused: bool) {
+        let (code, v) = self.live(&format!("/enilab/instance/pause?id={id}&paused={paused}"));
+        assert_eq!(code, 200, "pause {id}={paused}: {v}");
     }
 
     /// QEMU pids under the run root (from their pidfiles).

@@ -146,6 +146,16 @@ impl Card {
         }
     }
 
+    /// Worker threads not yet joined (0 after [`Card::shutdown`]).
+    pub fn live_workers(&self) -> usize {
+        self.threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|t| !t.is_finished())
+            .count()
+    }
+
     pub fn worker_stats(&self) -> Vec<WorkerStats> {
         self.workers
             .iter()

@@ -23,6 +23,17 @@ pub enum DriverError {
     Failed(String),
 }
 
+/// What a failure detector knows of an instance's guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// QEMU runs and the agent's heartbeat is fresh.
+    Healthy,
+    /// Nothing to judge by yet (booting, no heartbeat so far).
+    Unknown,
+    /// QEMU exited, or the heartbeat stopped: the reason.
+    Failed(String),
+}
+
 /// Work to do after a commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Job {
@@ -144,6 +155,32 @@ pub trait InstanceDriver: Send + Sync + 'static {
     /// Is the instance's guest running now? The recording driver says yes.
     fn is_running(&self, _inst: &Instance) -> bool {
         true
+    }
+
+    /// Is the guest alive? (failover detection; the recording driver
+    /// always says yes).
+    fn health(&self, _inst: &Instance) -> Health {
+        Health::Healthy
+    }
+
+    /// Ask the guest of `inst` to reconcile its ENIs with instance
+    /// metadata now (after an attach or an address move). Never blocks.
+    fn refresh_guest(&self, _inst: &str) {}
+
+    /// Restart the datapath's worker group of one card (or every card)
+    /// under running guests; a JSON report of what was restarted.
+    fn restart_backend(&self, _card: Option<u32>) -> Result<serde_json::Value, DriverError> {
+        Err(DriverError::Failed(
+            "this driver has no datapath to restart".to_string(),
+        ))
+    }
+
+    /// Pause (QMP `stop`) or resume (`cont`) a guest: how tests make a
+    /// guest hang.
+    fn pause(&self, _inst: &str, _paused: bool) -> Result<(), DriverError> {
+        Err(DriverError::Failed(
+            "this driver runs no guests".to_string(),
+        ))
     }
 
     /// Called once at start-up for each instance the state says is running,

@@ -859,6 +859,7 @@ pub fn assign_private_ip_addresses(api: &Api, p: &Params) -> Result<String, ApiE
         ));
     }
     let cfg = &api.config;
+    let mut moved_from: Vec<String> = Vec::new();
     let (new_ips, new_pfs) = api.store.write(|t| {
         let mut eni = ENI.get::<Eni>(t, id)?.clone();
         let subnet = t
@@ -905,6 +906,9 @@ pub fn assign_private_ip_addresses(api: &Api, p: &Params) -> Result<String, ApiE
                         )));
                     }
                     o.private_ips.retain(|x| x.ip != *ip);
+                    if let Some(a) = &o.attachment {
+                        moved_from.push(a.instance_id.clone());
+                    }
                     let oid = o.id.clone();
                     t.put(o);
                     // An Elastic IP on the address moves with it.
@@ -956,9 +960,20 @@ pub fn assign_private_ip_addresses(api: &Api, p: &Params) -> Result<String, ApiE
             eni.prefixes.push(c.to_string());
             new_pfs.push(c.to_string());
         }
+        if let Some(a) = &eni.attachment {
+            moved_from.push(a.instance_id.clone());
+        }
         t.put(eni);
         Ok((new_ips, new_pfs))
     })?;
+    // The datapath followed at commit (and announced a moved address);
+    // the guests on both sides reconcile now rather than at their next
+    // poll: the old one drops the address, the new one adds it.
+    moved_from.sort();
+    moved_from.dedup();
+    for inst in &moved_from {
+        api.driver.refresh_guest(inst);
+    }
     let mut x = Xml::new();
     x.text("networkInterfaceId", id)
         .set("assignedPrivateIpAddressesSet", &new_ips, |x, ip| {

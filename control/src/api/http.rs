@@ -55,6 +55,22 @@ pub async fn handle(
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         return Ok(resp);
     }
+    if req.method() == Method::POST && req.uri().path().starts_with("/enilab/") {
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or("").to_string();
+        let api2 = api.clone();
+        let r = tokio::task::spawn_blocking(move || super::failover::live_op(&api2, &path, &query))
+            .await
+            .unwrap_or(None);
+        if let Some((status, v)) = r {
+            let mut resp = Response::new(Full::new(Bytes::from(v.to_string())));
+            *resp.status_mut() = hyper::StatusCode::from_u16(status)
+                .unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            return Ok(resp);
+        }
+    }
     Ok(to_response(handle_inner(api, req).await))
 }
 

@@ -22,6 +22,7 @@ pub mod datapath;
 pub mod driver;
 pub mod elb;
 pub mod eni;
+pub mod failover;
 pub mod flowlog;
 pub mod http;
 pub mod hyperplane;
@@ -44,7 +45,7 @@ use std::sync::Arc;
 use crate::store::{ids, Store, StoreError};
 
 pub use config::{Config, ConfigError, InstanceType};
-pub use driver::{DriverError, InstanceDriver, Job, RecordingDriver};
+pub use driver::{DriverError, Health, InstanceDriver, Job, RecordingDriver};
 pub use query::{Params, QueryError};
 
 /// The API version we speak.
@@ -225,6 +226,14 @@ pub const ACTIONS: &[(&str, Handler)] = &[
     ("CreateTags", tags::create_tags),
     ("DeleteTags", tags::delete_tags),
     ("DescribeTags", tags::describe_tags),
+    // enilab's own actions (not EC2).
+    ("CreateFailoverGroup", failover::create_failover_group),
+    ("DescribeFailoverGroups", failover::describe_failover_groups),
+    ("DeleteFailoverGroup", failover::delete_failover_group),
+    (
+        "FailoverNetworkInterface",
+        failover::failover_network_interface,
+    ),
 ];
 
 /// The API: state, configuration, the driver and its job queue.
@@ -273,6 +282,7 @@ impl Api {
         // The datapath starts from the state as it is, adopted devices
         // included, before the first request.
         api.store.read(|st| api.driver.on_change(st));
+        failover::Detector::start(&api);
         Ok(api)
     }
 

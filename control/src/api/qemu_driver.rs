@@ -19,7 +19,7 @@
 //!   the next daemon adopts them through their QMP sockets
 //!   ([`InstanceDriver::adopt`]) or records them as stopped.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use enilab_backend::{Datapath, DeviceConfig, EniServer};
 use enilab_switch::{MetadataConfig, PortId, Snapshot, Switch};
 
-use crate::agent::AgentMux;
+use crate::agent::{AgentClient, AgentMux};
 use crate::image::Image;
 use crate::imds::{ImdsService, MetadataSource};
 use crate::lab::{instance_dir, Internet, InternetOptions};
@@ -38,8 +38,9 @@ use crate::store::{State, Store};
 
 use super::config::Config;
 use super::datapath::topology_for_account;
-use super::driver::{DriverError, InstanceDriver};
+
 use super::hyperplane::{self, Tier};
+use super::driver::{DriverError, Health, InstanceDriver};
 
 /// The guest never gets more vCPUs than this, whatever the type says: the
 /// guests share this host (TCG on a few cores).
@@ -50,6 +51,11 @@ pub const GUEST_MAX_MEMORY_MIB: u32 = 512;
 /// detach waits this long at most before dropping the device anyway.
 pub const UNPLUG_TIMEOUT: Duration = Duration::from_secs(30);
 pub const FORCED_UNPLUG_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the background half of a forced detach waits for the guest.
+pub const BACKGROUND_UNPLUG_TIMEOUT: Duration = Duration::from_secs(120);
+/// A guest whose agent has sent heartbeats (every 200 ms) but none for this
+/// long is hung.
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(1200);
 /// Port ids stay below this (the metadata service encodes them in 14 bits).
 /// Instance ENIs take ports below the hyperplane's interfaces.
 const MAX_PORT: PortId = hyperplane::SERVICE_PORT_BASE;
@@ -82,6 +88,9 @@ struct Device {
     card: u32,
     queue_pairs: u16,
     instance: String,
+    /// The attachment it serves: the socket path names it.
+    attachment: String,
+    config: DeviceConfig,
     server: EniServer,
 }
 
@@ -98,6 +107,12 @@ struct Inner {
     vms: BTreeMap<String, Arc<Vm>>,
     free_ports: Vec<PortId>,
     next_port: PortId,
+    /// Hot-unplugs left to finish in the background after a forced detach,
+    /// by (instance, ENI): a new attach of the same NIC waits for its own.
+    unplugs: BTreeMap<(String, String), std::thread::JoinHandle<()>>,
+    /// Who owned each (VPC, address) at the last publish, with the MAC:
+    /// a change of owner is announced.
+    owners: BTreeMap<(String, String), (String, [u8; 6])>,
 }
 
 /// Instances as QEMU guests on this host's datapath.
@@ -119,6 +134,8 @@ pub struct QemuDriver {
     inner: Arc<Mutex<Inner>>,
     store: Arc<OnceLock<Weak<Store>>>,
     generation: AtomicU64,
+    /// Gratuitous ARP frames sent for moved addresses.
+    announcements: AtomicU64,
 }
 
 fn failed(what: impl std::fmt::Display) -> DriverError {
@@ -220,6 +237,7 @@ impl QemuDriver {
             inner,
             store,
             generation: AtomicU64::new(0),
+            announcements: AtomicU64::new(0),
         })
     }
 
@@ -262,9 +280,22 @@ impl QemuDriver {
             .collect()
     }
 
-    /// Where an ENI's vhost-user socket is.
-    pub fn socket_path(&self, eni: &str) -> PathBuf {
-        self.sockets.join(format!("{eni}.sock"))
+    /// Where an ENI's vhost-user socket is for one attachment. The
+    /// attachment is in the name so that a failed instance's QEMU, which
+    /// keeps reconnecting (`reconnect-ms`) to the path it had, can never
+    /// take the session of the ENI's next instance.
+    pub fn socket_path(&self, eni: &str, attachment: &str) -> PathBuf {
+        let tag = attachment.trim_start_matches("eni-attach-");
+        self.sockets.join(format!("{eni}-{tag}.sock"))
+    }
+
+    fn eni_socket(&self, eni: &Eni) -> PathBuf {
+        let att = eni
+            .attachment
+            .as_ref()
+            .map(|a| a.id.as_str())
+            .unwrap_or("none");
+        self.socket_path(&eni.id, att)
     }
 
     fn run_dir(&self, inst: &str) -> PathBuf {
@@ -312,7 +343,7 @@ impl QemuDriver {
     fn nic_spec(&self, eni: &Eni, queue_pairs: u16) -> NicSpec {
         NicSpec {
             id: eni.id.trim_start_matches("eni-").to_string(),
-            socket_path: self.socket_path(&eni.id),
+            socket_path: self.eni_socket(eni),
             mac: eni.mac.clone(),
             queue_pairs,
         }
@@ -322,10 +353,19 @@ impl QemuDriver {
     /// reserved) if it has none.
     fn ensure_device(&self, inst: &Instance, eni: &Eni) -> Result<NicSpec, DriverError> {
         let card = eni.attachment.as_ref().map(|a| a.card_index).unwrap_or(0);
+        let attachment = eni
+            .attachment
+            .as_ref()
+            .map(|a| a.id.clone())
+            .unwrap_or_default();
         let queue_pairs = self.queue_pairs(inst, eni);
         let mut g = self.inner();
         if let Some(d) = g.devices.get(&eni.id) {
-            if d.card == card && d.queue_pairs == queue_pairs && d.instance == inst.id {
+            if d.card == card
+                && d.queue_pairs == queue_pairs
+                && d.instance == inst.id
+                && d.attachment == attachment
+            {
                 return Ok(self.nic_spec(eni, queue_pairs));
             }
         }
@@ -343,18 +383,15 @@ impl QemuDriver {
             None => return Err(failed("no free switch port")),
         };
         self.switch.reset_counters(port);
-        let socket = self.socket_path(&eni.id);
-        let server = match self.datapath.add_eni(
-            &socket,
-            DeviceConfig {
-                eni_id: eni.id.clone(),
-                port,
-                mac,
-                mtu: 1500,
-                queue_pairs,
-            },
-            card,
-        ) {
+        let socket = self.eni_socket(eni);
+        let config = DeviceConfig {
+            eni_id: eni.id.clone(),
+            port,
+            mac,
+            mtu: 1500,
+            queue_pairs,
+        };
+        let server = match self.datapath.add_eni(&socket, config.clone(), card) {
             Ok(s) => s,
             Err(e) => {
                 g.free_ports.push(port);
@@ -369,6 +406,8 @@ impl QemuDriver {
                 card,
                 queue_pairs,
                 instance: inst.id.clone(),
+                attachment,
+                config,
                 server,
             },
         );
@@ -510,6 +549,7 @@ impl QemuDriver {
                 }),
             None => BTreeMap::new(),
         };
+        self.announce_moves(state, &ports);
         let mut topo = topology_for_account(
             state,
             &|eni| ports.get(eni).or_else(|| services.get(eni)).copied(),
@@ -537,6 +577,121 @@ impl QemuDriver {
             Ok(snap) => self.switch.publish(snap),
             Err(e) => tracing::error!("the state does not compile into a switch snapshot: {e}"),
         }
+    }
+}
+
+impl QemuDriver {
+    /// Compare who owns each address now with the last publish and, for
+    /// every address that changed owner (failover, reassignment), send a
+    /// gratuitous ARP with the new owner's MAC to every other port of its
+    /// subnet. The switch answers ARP with the owner's MAC and forwards by
+    /// destination address (rewriting the MAC), so a stale cache cannot
+    /// black-hole traffic; the announcement keeps the peers' caches true.
+    /// Queue pushes only: cheap enough under the store lock.
+    fn announce_moves(&self, state: &State, ports: &BTreeMap<String, PortId>) {
+        let mut now: BTreeMap<(String, String), (String, [u8; 6])> = BTreeMap::new();
+        let mut subnet_of: BTreeMap<String, String> = BTreeMap::new();
+        for e in state.iter::<Eni>() {
+            if !ports.contains_key(&e.id) {
+                continue;
+            }
+            let Some(mac) = crate::netns::parse_mac(&e.mac) else {
+                continue;
+            };
+            subnet_of.insert(e.id.clone(), e.subnet_id.clone());
+            for ip in &e.private_ips {
+                now.insert((e.vpc_id.clone(), ip.ip.clone()), (e.id.clone(), mac));
+            }
+        }
+        let moved: Vec<(String, String, [u8; 6])> = {
+            let mut g = self.inner();
+            let moved = now
+                .iter()
+                .filter(|(k, (eni, _))| g.owners.get(*k).is_some_and(|(old, _)| old != eni))
+                .map(|((_, ip), (eni, mac))| (ip.clone(), eni.clone(), *mac))
+                .collect();
+            // Owners that vanished are kept: an address that comes back on
+            // another ENI after a gap (detach, then attach) is a move too.
+            g.owners.extend(now);
+            moved
+        };
+        for (ip, eni, mac) in moved {
+            let Ok(addr) = ip.parse::<std::net::Ipv4Addr>() else {
+                continue;
+            };
+            let Some(subnet) = subnet_of.get(&eni) else {
+                continue;
+            };
+            let frame = enilab_switch::announcement(addr, mac);
+            let mut sent = 0;
+            for (peer, port) in ports {
+                if *peer != eni
+                    && subnet_of.get(peer) == Some(subnet)
+                    && self.datapath.inject(*port, &frame)
+                {
+                    sent += 1;
+                }
+            }
+            self.announcements.fetch_add(sent, Ordering::Relaxed);
+            tracing::info!(%ip, %eni, peers = sent, "address moved: gratuitous ARP sent");
+        }
+    }
+
+    /// Stop every ENI server of the card(s), restart the worker groups,
+    /// and serve the same devices (same ports, MACs, socket paths) again.
+    fn restart_cards(&self, card: Option<u32>) -> Result<serde_json::Value, DriverError> {
+        let t0 = Instant::now();
+        let cards: BTreeSet<u32> = match card {
+            Some(c) => [c].into(),
+            None => self.datapath.cards().iter().map(|c| c.id()).collect(),
+        };
+        if let Some(c) = card {
+            if !self.datapath.cards().iter().any(|x| x.id() == c) {
+                return Err(failed(format!("card {c} is not running")));
+            }
+        }
+        // Take the devices out (their ports stay reserved: not freed).
+        let mut taken: Vec<(String, Device)> = {
+            let mut g = self.inner();
+            let ids: Vec<String> = g
+                .devices
+                .iter()
+                .filter(|(_, d)| cards.contains(&d.card))
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| g.devices.remove(&id).map(|d| (id, d)))
+                .collect()
+        };
+        for (_, d) in taken.iter_mut() {
+            d.server.stop();
+        }
+        for c in &cards {
+            self.datapath.restart_card(*c);
+        }
+        let mut errors = Vec::new();
+        let n = taken.len();
+        for (id, d) in taken {
+            let path = d.server.path().to_path_buf();
+            match self.datapath.add_eni(&path, d.config.clone(), d.card) {
+                Ok(server) => {
+                    self.inner().devices.insert(id, Device { server, ..d });
+                }
+                Err(e) => {
+                    self.inner().free_ports.push(d.port);
+                    errors.push(format!("{id}: {e}"));
+                }
+            }
+        }
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!(?cards, devices = n, ms, "backend restarted");
+        if !errors.is_empty() {
+            return Err(failed(format!(
+                "backend restarted but some devices could not be served again: {}",
+                errors.join("; ")
+            )));
+        }
+        Ok(serde_json::json!({"cards": cards, "devices": n, "ms": ms}))
     }
 }
 
@@ -659,11 +814,22 @@ impl InstanceDriver for QemuDriver {
                     "pid": vm.qemu.pid(),
                     "running": vm.qemu.is_running(),
                     "agent": vm.agent.ready(),
+                    "nics": vm.qemu.nics().len(),
+                    "heartbeat_ms": vm.agent.last_heartbeat().map(|t| t.elapsed().as_millis() as u64),
                     "up_s": vm.started.elapsed().as_secs(),
                 })
             })
             .collect();
+        let unplugs = g.unplugs.len();
         drop(g);
+        let count = |dir: &str| std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+        let process = json!({
+            "fds": count("/proc/self/fd"),
+            "threads": count("/proc/self/task"),
+            "worker_threads": self.datapath.worker_threads(),
+            "pending_unplugs": unplugs,
+            "announcements": self.announcements.load(Ordering::Relaxed),
+        });
         let cards: Vec<_> = self
             .datapath
             .cards()
@@ -687,6 +853,7 @@ impl InstanceDriver for QemuDriver {
                 "stats": self.switch.stats(i.port()),
             })),
             "vms": vms,
+            "process": process,
             "devices": devices,
             "cards": cards,
             "hyperplane": self.tier.as_ref().map(|t| t.status()),
@@ -706,6 +873,15 @@ impl InstanceDriver for QemuDriver {
             // Stopped (or not yet booted): the next start plugs it.
             return Ok(());
         };
+        // The same NIC may still be leaving this guest (a forced detach
+        // finishes its unplug in the background): let it finish first.
+        let pending = self
+            .inner()
+            .unplugs
+            .remove(&(inst.id.clone(), eni.id.clone()));
+        if let Some(h) = pending {
+            let _ = h.join();
+        }
         let nic = self.ensure_device(inst, eni)?;
         if vm.qemu.nics().iter().any(|(_, id)| *id == nic.id) {
             return Ok(());
@@ -714,6 +890,7 @@ impl InstanceDriver for QemuDriver {
         match vm.qemu.hotplug_nic(&nic) {
             Ok(bus) => {
                 tracing::info!(eni = %eni.id, instance = %inst.id, %bus, ms = t.elapsed().as_millis() as u64, "hot-plugged");
+                self.refresh_guest(&inst.id);
                 Ok(())
             }
             Err(e) => {
@@ -724,6 +901,38 @@ impl InstanceDriver for QemuDriver {
     }
 
     fn detach(&self, inst: &Instance, eni: &Eni, force: bool) -> Result<(), DriverError> {
+        if force {
+            // Do not wait for a guest that may be dead or hung: the device
+            // goes at once (the ENI can serve its next instance now), and
+            // the unplug finishes, or not, in the background.
+            self.drop_device(&eni.id);
+            if let Some(vm) = self.vm(&inst.id) {
+                let id = eni.id.trim_start_matches("eni-").to_string();
+                let key = (inst.id.clone(), eni.id.clone());
+                let name = format!("unplug-{}", &id[..id.len().min(8)]);
+                let spawned = std::thread::Builder::new().name(name).spawn(move || {
+                    if vm.qemu.is_running() {
+                        // A hung guest may come back (a paused VM resumed)
+                        // and release the device then: wait long for it, so
+                        // the NIC never stays half-plugged in its QEMU.
+                        match vm.qemu.unplug_nic(&id, BACKGROUND_UNPLUG_TIMEOUT) {
+                            Ok(()) | Err(qemu::QemuError::NicNotFound(_)) => {}
+                            Err(e) => tracing::info!(nic = %id, "background unplug: {e}"),
+                        }
+                    }
+                });
+                match spawned {
+                    Ok(h) => {
+                        let old = self.inner().unplugs.insert(key, h);
+                        if let Some(old) = old {
+                            let _ = old.join();
+                        }
+                    }
+                    Err(e) => tracing::warn!("cannot start the background unplug: {e}"),
+                }
+            }
+            return Ok(());
+        }
         let res = match self.vm(&inst.id) {
             Some(vm) => {
                 let id = eni.id.trim_start_matches("eni-");
@@ -748,6 +957,57 @@ impl InstanceDriver for QemuDriver {
 
     fn is_running(&self, inst: &Instance) -> bool {
         self.vm(&inst.id).is_some_and(|v| v.qemu.is_running())
+    }
+
+    fn health(&self, inst: &Instance) -> Health {
+        let Some(vm) = self.vm(&inst.id) else {
+            return Health::Failed("the instance has no guest".to_string());
+        };
+        if !vm.qemu.is_running() {
+            return Health::Failed(format!("QEMU (pid {}) exited", vm.qemu.pid()));
+        }
+        match vm.agent.last_heartbeat() {
+            None => Health::Unknown,
+            Some(t) if t.elapsed() > HEARTBEAT_TIMEOUT => Health::Failed(format!(
+                "no agent heartbeat for {} ms",
+                t.elapsed().as_millis()
+            )),
+            Some(_) => Health::Healthy,
+        }
+    }
+
+    fn refresh_guest(&self, inst: &str) {
+        let Some(vm) = self.vm(inst) else { return };
+        let sock = vm.agent.socket_path().to_path_buf();
+        let inst = inst.to_string();
+        // Off the caller's thread: a hung guest must not hold up the API.
+        let _ = std::thread::Builder::new()
+            .name("agent-nudge".into())
+            .spawn(move || {
+                let res = AgentClient::connect(&sock).and_then(|mut c| {
+                    c.set_timeout(Duration::from_secs(2));
+                    c.reconcile()
+                });
+                if let Err(e) = res {
+                    tracing::debug!(instance = %inst, "reconcile request: {e}");
+                }
+            });
+    }
+
+    fn restart_backend(&self, card: Option<u32>) -> Result<serde_json::Value, DriverError> {
+        self.restart_cards(card)
+    }
+
+    fn pause(&self, inst: &str, paused: bool) -> Result<(), DriverError> {
+        let vm = self
+            .vm(inst)
+            .ok_or_else(|| failed(format!("{inst} has no running guest")))?;
+        let res = if paused {
+            vm.qemu.stop()
+        } else {
+            vm.qemu.cont()
+        };
+        res.map_err(failed)
     }
 
     fn adopt(&self, inst: &Instance, enis: &[Eni]) -> bool {

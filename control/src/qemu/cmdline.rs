@@ -19,8 +19,9 @@ pub const DEFAULT_PCIE_PORTS: usize = 8;
 /// (0x1f holds the ICH9 functions of q35).
 pub const MAX_PCIE_PORTS: usize = 15 * 8;
 
-/// Delay between QEMU's reconnect attempts to a vhost-user backend, in ms.
-pub const NIC_RECONNECT_MS: u64 = 1000;
+/// Delay between QEMU's reconnect attempts to a vhost-user backend, in ms:
+/// short, because a backend restart is a blackout of at least this long.
+pub const NIC_RECONNECT_MS: u64 = 100;
 
 /// First PCI slot on `pcie.0` used for root ports.
 const FIRST_PORT_SLOT: usize = 0x10;
@@ -596,7 +597,7 @@ mod tests {
         assert!(has(
             &a,
             "-chardev",
-            "socket,id=chr-eni-a,path=/run/enilab/eni/eni-a.sock,reconnect-ms=1000"
+            "socket,id=chr-eni-a,path=/run/enilab/eni/eni-a.sock,reconnect-ms=100"
         ));
         assert!(has(
             &a,
@@ -631,7 +632,7 @@ mod tests {
             n.qmp_chardev_add(),
             json!({"id":"chr-eni-c","backend":{"type":"socket","data":{
                 "addr":{"type":"unix","data":{"path":"/run/enilab/eni/eni-c.sock"}},
-                "server":false,"reconnect-ms":1000}}})
+                "server":false,"reconnect-ms":100}}})
         );
         assert_eq!(
             n.qmp_netdev_add(),

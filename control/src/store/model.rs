@@ -522,6 +522,7 @@ pub enum Resource {
     LoadBalancer(LoadBalancer),
     TargetGroup(TargetGroup),
     Listener(Listener),
+    FailoverGroup(FailoverGroup),
 }
 
 /// A stored type: its ID prefix and how to get it out of a [`Resource`].
@@ -594,6 +595,7 @@ impl Resource {
             Resource::LoadBalancer(x) => &x.id,
             Resource::TargetGroup(x) => &x.id,
             Resource::Listener(x) => &x.id,
+            Resource::FailoverGroup(x) => &x.id,
         }
     }
 
@@ -613,6 +615,7 @@ impl Resource {
             Resource::LoadBalancer(x) => &mut x.tags,
             Resource::TargetGroup(x) => &mut x.tags,
             Resource::Listener(x) => &mut x.tags,
+            Resource::FailoverGroup(x) => &mut x.tags,
         }
     }
 
@@ -632,6 +635,7 @@ impl Resource {
             Resource::LoadBalancer(x) => &x.tags,
             Resource::TargetGroup(x) => &x.tags,
             Resource::Listener(x) => &x.tags,
+            Resource::FailoverGroup(x) => &x.tags,
         }
     }
 
@@ -652,6 +656,7 @@ impl Resource {
             Resource::LoadBalancer(_) => "loadbalancer",
             Resource::TargetGroup(_) => "targetgroup",
             Resource::Listener(_) => "listener",
+            Resource::FailoverGroup(_) => "failover-group",
         }
     }
 
@@ -663,3 +668,25 @@ impl Resource {
         )
     }
 }
+
+// ---- Failover groups (enilab, not EC2) ----
+
+/// An ENI and the ordered standby instances it moves to when the instance
+/// holding it fails (`control/src/api/failover.rs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailoverGroup {
+    pub id: String,
+    pub eni_id: String,
+    pub standbys: Vec<String>,
+    pub creation_time: u64,
+    /// Completed moves.
+    pub failovers: u32,
+    /// The last thing the detector did or could not do.
+    #[serde(default)]
+    pub last_event: Option<String>,
+    #[serde(default)]
+    pub last_event_time: u64,
+    pub tags: Tags,
+}
+
+kind!(FailoverGroup, "efg-");

@@ -20,7 +20,7 @@ use std::fs;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -538,6 +538,38 @@ fn log(msg: &str) {
     eprintln!("enilab-agent: eni: {msg}");
 }
 
+/// Until when (milliseconds of uptime) the watcher reconciles every
+/// [`FAST_INTERVAL`] instead of every `interval`: set by [`nudge`].
+static FAST_UNTIL_MS: AtomicU64 = AtomicU64::new(0);
+/// A nudge not yet seen by the watcher.
+static NUDGED: AtomicBool = AtomicBool::new(false);
+const FAST_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a nudge keeps the watcher fast: a hot-plugged NIC shows up in
+/// the guest about a second after the host asks for it.
+const FAST_FOR_MS: u64 = 5_000;
+
+/// The host says the ENIs changed (attach, failover, address moved):
+/// reconcile now and often for a few seconds.
+pub fn nudge() {
+    FAST_UNTIL_MS.store(crate::sys::uptime_ms() + FAST_FOR_MS, Ordering::SeqCst);
+    NUDGED.store(true, Ordering::SeqCst);
+}
+
+/// Sleep `interval`, or less: return early on a nudge; in the fast window
+/// sleep [`FAST_INTERVAL`].
+fn pause(interval: Duration) {
+    let fast = crate::sys::uptime_ms() < FAST_UNTIL_MS.load(Ordering::SeqCst);
+    let total = if fast { FAST_INTERVAL } else { interval };
+    let deadline = Instant::now() + total;
+    let slice = Duration::from_millis(20);
+    while Instant::now() < deadline {
+        if NUDGED.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        std::thread::sleep(slice.min(deadline.saturating_duration_since(Instant::now())));
+    }
+}
+
 /// The managed interfaces (`ethN`) with their MACs.
 pub fn interfaces(sysfs: &Path) -> Vec<Iface> {
     let mut out = Vec::new();
@@ -683,7 +715,7 @@ pub fn watch(cfg: EniConfig, stop: Arc<AtomicBool>) {
     let mut first = true;
     while !stop.load(Ordering::SeqCst) {
         if !first {
-            std::thread::sleep(cfg.interval);
+            pause(cfg.interval);
         }
         first = false;
         let ifaces = interfaces(&cfg.sysfs);

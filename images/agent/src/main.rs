@@ -1,6 +1,9 @@
 //! `enilab-agent`: the guest agent daemon. Started (and restarted) by init.
 //!
 //! Usage: `enilab-agent [--port NAME] [--device PATH] [--no-net] [--no-eni]`
+//!        `enilab-agent kv --listen ADDR [--replica ADDR]` (see `kv`)
+//!        `enilab-agent kv-client ADDR SECONDS`
+//!        `enilab-agent echo ADDR`, `enilab-agent probe ADDR INTERVAL_MS SECONDS`
 //!   --port NAME    virtio-serial port name (default org.enilab.agent)
 //!   --device PATH  serve on this character device instead of looking up
 //!                  the port in sysfs
@@ -14,7 +17,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use enilab_agent::{eni, guest, net, proto, server, sys};
+use enilab_agent::{eni, guest, kv, net, probe, proto, server, sys};
 
 fn log(msg: &str) {
     eprintln!("enilab-agent: {msg}");
@@ -25,13 +28,67 @@ fn usage() -> ! {
     std::process::exit(2);
 }
 
+/// `echo ADDR` or `probe ADDR INTERVAL_MS SECONDS` (see `probe`).
+fn test_service(mode: &str, args: &[String]) -> i32 {
+    let addr: Option<std::net::SocketAddr> = args.first().and_then(|a| a.parse().ok());
+    let Some(addr) = addr else {
+        eprintln!("enilab-agent {mode}: expected an address like 10.0.1.5:7001");
+        return 2;
+    };
+    if mode == "echo" {
+        let me = guest::kernel_params()
+            .get("instance")
+            .cloned()
+            .unwrap_or_else(|| "?".to_string());
+        return match probe::echo(addr, &me) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("enilab-agent echo: {e}");
+                1
+            }
+        };
+    }
+    let num = |i: usize| args.get(i).and_then(|s| s.parse::<u64>().ok());
+    let (Some(ms), Some(secs)) = (num(1), num(2)) else {
+        eprintln!("enilab-agent probe: ADDR INTERVAL_MS SECONDS");
+        return 2;
+    };
+    match probe::probe(
+        addr,
+        Duration::from_millis(ms.max(1)),
+        Duration::from_secs(secs),
+    ) {
+        Ok(r) => {
+            println!("{}", r.json());
+            0
+        }
+        Err(e) => {
+            eprintln!("enilab-agent probe: {e}");
+            1
+        }
+    }
+}
+
 fn main() {
     let boot_ms = sys::uptime_ms();
     let mut port = proto::PORT_NAME.to_string();
     let mut device: Option<PathBuf> = None;
     let mut run_net = true;
     let mut run_eni = true;
-    let mut args = std::env::args().skip(1);
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(mode @ ("kv" | "kv-client")) = argv.first().map(String::as_str) {
+        match kv::main(mode, &argv[1..]) {
+            Ok(()) => return,
+            Err(e) => {
+                eprintln!("enilab-agent {mode}: {e}");
+                std::process::exit(2);
+            }
+        }
+    }
+    if let Some(mode @ ("echo" | "probe")) = argv.first().map(String::as_str) {
+        std::process::exit(test_service(mode, &argv[1..]));
+    }
+    let mut args = argv.into_iter();
     while let Some(a) = args.next() {
         match a.as_str() {
             "--port" => port = args.next().unwrap_or_else(|| usage()),
@@ -93,7 +150,8 @@ fn main() {
 
     let opts = server::ServeOptions {
         reconnectable: true,
-        heartbeat: Duration::from_secs(1),
+        // Frequent enough for the host to call a guest hung within ~1 s.
+        heartbeat: Duration::from_millis(200),
         hello: Arc::new(move || guest::system_hello(boot_ms)),
         stop,
     };

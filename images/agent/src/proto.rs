@@ -115,6 +115,10 @@ pub enum Request {
     Hello { id: u64 },
     /// Answered by the host mux, never by the guest. Reply: `status`.
     Status { id: u64 },
+    /// Reconcile the ENIs with instance metadata now, and every 100 ms for
+    /// a few seconds (an ENI was just attached or an address moved).
+    /// Reply: `ok`.
+    Reconcile { id: u64 },
 }
 
 impl Request {
@@ -126,7 +130,8 @@ impl Request {
             | Request::ReadFile { id, .. }
             | Request::Cancel { id, .. }
             | Request::Hello { id }
-            | Request::Status { id } => *id,
+            | Request::Status { id }
+            | Request::Reconcile { id } => *id,
         }
     }
 
@@ -138,7 +143,8 @@ impl Request {
             | Request::ReadFile { id, .. }
             | Request::Cancel { id, .. }
             | Request::Hello { id }
-            | Request::Status { id } => *id = new,
+            | Request::Status { id }
+            | Request::Reconcile { id } => *id = new,
         }
     }
 }
@@ -443,6 +449,7 @@ mod tests {
         });
         rt_req(Request::Hello { id: 6 });
         rt_req(Request::Status { id: 8 });
+        rt_req(Request::Reconcile { id: 9 });
     }
 
     #[test]

@@ -388,6 +388,10 @@ fn handle_line(shared: &Arc<Shared>, gen: u64, line: Line) {
             h.id = Some(id);
             shared.send(gen, &Message::Hello(h), false);
         }
+        Request::Reconcile { id } => {
+            crate::eni::nudge();
+            shared.send(gen, &Message::Ok { id }, false);
+        }
         Request::Status { id } => {
             let message = "status is answered by the host mux, not the guest agent".to_string();
             shared.send(

@@ -102,10 +102,62 @@ pub(super) fn answer<E: Egress + ?Sized>(
     }
 }
 
+/// Length of a gratuitous ARP frame (Ethernet + ARP, unpadded).
+pub const ANNOUNCEMENT_LEN: usize = ethernet::HEADER_LEN + 28;
+
+/// A gratuitous ARP request announcing that `ip` is at `mac` (sender =
+/// target = `ip`, broadcast), for the control plane to send toward the
+/// peers of an address that moved: Linux updates an existing neighbour
+/// entry from it. The switch never forwards these between guests itself.
+pub fn announcement(ip: std::net::Ipv4Addr, mac: [u8; 6]) -> [u8; ANNOUNCEMENT_LEN] {
+    let mut out = [0u8; ANNOUNCEMENT_LEN];
+    let repr = arp::Repr {
+        operation: arp::operation::REQUEST,
+        sender_hw: mac,
+        sender_ip: ip,
+        target_hw: [0; 6],
+        target_ip: ip,
+    };
+    // Both writes fit ANNOUNCEMENT_LEN exactly; a failure would leave
+    // zeros, never panic.
+    if ethernet::emit(&mut out, ethernet::BROADCAST, mac, ethernet::ethertype::ARP).is_ok() {
+        if let Some(body) = out.get_mut(ethernet::HEADER_LEN..) {
+            let _ = repr.emit(body);
+        }
+    }
+    out
+}
+
 fn write_reply(out: &mut [u8], dst: [u8; 6], reply: &arp::Repr) -> Result<usize, WireError> {
     ethernet::emit(out, dst, reply.sender_hw, ethernet::ethertype::ARP)?;
     let body = out
         .get_mut(ethernet::HEADER_LEN..)
         .ok_or(WireError::Truncated)?;
     Ok(ethernet::HEADER_LEN + reply.emit(body)?)
+}
+
+#[cfg(test)]
+mod announcement_tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn an_announcement_parses_as_a_gratuitous_request() {
+        let cases = [
+            (Ipv4Addr::new(10, 0, 1, 9), [2, 0, 0, 0, 0, 9]),
+            (Ipv4Addr::new(172, 16, 3, 200), [0x0a, 1, 2, 3, 4, 5]),
+        ];
+        for (ip, mac) in cases {
+            let f = announcement(ip, mac);
+            let eth = ethernet::Frame::new_checked(&f[..]).expect("ethernet");
+            assert_eq!(eth.dst(), ethernet::BROADCAST);
+            assert_eq!(eth.src(), mac);
+            let p = arp::Packet::new_checked(eth.payload()).expect("arp");
+            let r = arp::Repr::parse(&p);
+            assert_eq!(r.operation, arp::operation::REQUEST);
+            assert_eq!((r.sender_ip, r.target_ip, r.sender_hw), (ip, ip, mac));
+            // The switch itself treats it as an announcement: never flooded.
+            assert_eq!(request(&eth), Err(DropReason::Broadcast));
+        }
+    }
 }
