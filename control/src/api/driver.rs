@@ -70,6 +70,18 @@ impl Job {
     }
 }
 
+/// One target's health as the datapath's checks see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetHealth {
+    /// The target as registered: an instance ID or an IPv4 address.
+    pub id: String,
+    pub port: u16,
+    /// ELBv2's state: `initial`, `healthy`, `unhealthy`, ...
+    pub state: String,
+    /// ELBv2's reason code, e.g. `Target.FailedHealthChecks`.
+    pub reason: Option<String>,
+}
+
 /// Runs instances. Every method is called on a worker thread, never with
 /// the store locked, and may block.
 pub trait InstanceDriver: Send + Sync + 'static {
@@ -112,14 +124,10 @@ pub trait InstanceDriver: Send + Sync + 'static {
     }
 
     /// Health of the targets of `target_group` (the ID, as stored) as the
-    /// datapath's health checks see them: (target id, port, state, reason)
-    /// with ELBv2's state and reason names (`healthy`, `unhealthy` /
+    /// datapath's health checks see them, with ELBv2's state and reason names (`healthy`, `unhealthy` /
     /// `Target.FailedHealthChecks`, ...). None: the driver has no health
     /// checks (DescribeTargetHealth then reports registration states).
-    fn target_health(
-        &self,
-        _target_group: &str,
-    ) -> Option<Vec<(String, u16, String, Option<String>)>> {
+    fn target_health(&self, _target_group: &str) -> Option<Vec<TargetHealth>> {
         None
     }
 
