@@ -1291,6 +1291,10 @@ class ElbTests(Base):
         import time
         time.sleep(2.5)
         self.assertIn((i1, 80, "initial", "Elb.RegistrationInProgress"), self.health(g))
+        # A terminated instance leaves its target groups.
+        self.ec2.terminate_instances(InstanceIds=[i2])
+        self.wait_state(i2, "terminated")
+        self.assertNotIn(i2, [h[0] for h in self.health(g)])
         # Deleting listeners and the load balancer.
         self.elb.delete_listener(ListenerArn=ln["ListenerArn"])
         self.eerr("ListenerNotFound", self.elb.describe_listeners, ListenerArns=[ln["ListenerArn"]])

@@ -710,8 +710,7 @@ pub fn describe_target_health(api: &Api, p: &Params) -> Result<String, ApiError>
     })
 }
 
-/// Drop `tg`'s targets that are the instance `id` (for callers that remove
-/// instances; unused by the API itself for now).
+/// Remove the instance `id` from every target group (it terminated).
 pub fn forget_instance(t: &mut Txn<'_>, id: &str) {
     let groups: Vec<TargetGroup> = t
         .iter::<TargetGroup>()
