@@ -70,17 +70,10 @@ impl Job {
     }
 }
 
-/// One target's health as the datapath's checks see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TargetHealth {
-    /// The target as registered: an instance ID or an IPv4 address.
-    pub id: String,
-    pub port: u16,
-    /// ELBv2's state: `initial`, `healthy`, `unhealthy`, ...
-    pub state: String,
-    /// ELBv2's reason code, e.g. `Target.FailedHealthChecks`.
-    pub reason: Option<String>,
-}
+/// One target's health as the datapath's checks see it: (target id as
+/// registered, port, ELBv2 state such as `healthy`, ELBv2 reason code such
+/// as `Target.FailedHealthChecks`).
+pub type TargetHealthRow = (String, u16, String, Option<String>);
 
 /// Runs instances. Every method is called on a worker thread, never with
 /// the store locked, and may block.
@@ -127,7 +120,7 @@ pub trait InstanceDriver: Send + Sync + 'static {
     /// datapath's health checks see them, with ELBv2's state and reason names (`healthy`, `unhealthy` /
     /// `Target.FailedHealthChecks`, ...). None: the driver has no health
     /// checks (DescribeTargetHealth then reports registration states).
-    fn target_health(&self, _target_group: &str) -> Option<Vec<TargetHealth>> {
+    fn target_health(&self, _target_group: &str) -> Option<Vec<TargetHealthRow>> {
         None
     }
 

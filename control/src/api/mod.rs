@@ -43,7 +43,7 @@ use std::sync::Arc;
 use crate::store::{ids, Store, StoreError};
 
 pub use config::{Config, ConfigError, InstanceType};
-pub use driver::{DriverError, InstanceDriver, Job, RecordingDriver, TargetHealth};
+pub use driver::{DriverError, InstanceDriver, Job, RecordingDriver, TargetHealthRow};
 pub use query::{Params, QueryError};
 
 /// The API version we speak.

@@ -523,7 +523,7 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use super::super::driver::{InstanceDriver, TargetHealth};
+    use super::super::driver::{InstanceDriver, TargetHealthRow};
     use super::super::Config;
     use super::*;
 
@@ -532,13 +532,13 @@ mod tests {
     struct HealthDriver;
 
     impl InstanceDriver for HealthDriver {
-        fn target_health(&self, _tg: &str) -> Option<Vec<TargetHealth>> {
-            Some(vec![TargetHealth {
-                id: "10.8.1.50".into(),
-                port: 80,
-                state: "unhealthy".into(),
-                reason: Some("Target.FailedHealthChecks".into()),
-            }])
+        fn target_health(&self, _tg: &str) -> Option<Vec<TargetHealthRow>> {
+            Some(vec![(
+                "10.8.1.50".into(),
+                80,
+                "unhealthy".into(),
+                Some("Target.FailedHealthChecks".into()),
+            )])
         }
     }
 

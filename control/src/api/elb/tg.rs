@@ -10,7 +10,7 @@ use crate::store::net::{self, Cidr};
 use crate::store::{State, Txn};
 
 use super::super::common::{now_ms, VPC};
-use super::super::driver::{Job, TargetHealth};
+use super::super::driver::{Job, TargetHealthRow};
 use super::super::query::Params;
 use super::super::xml::Xml;
 use super::super::{Api, ApiError};
@@ -585,7 +585,7 @@ fn health_of(
     st: &State,
     tg: &TargetGroup,
     in_use: bool,
-    datapath: Option<&[TargetHealth]>,
+    datapath: Option<&[TargetHealthRow]>,
     t: &Target,
 ) -> Health {
     let h = |s: &str, r: &str, d: &str| (s.to_string(), Some(r.to_string()), Some(d.to_string()));
@@ -623,8 +623,11 @@ fn health_of(
         );
     }
     if let Some(list) = datapath {
-        if let Some(th) = list.iter().find(|x| x.id == t.id && x.port == t.port) {
-            return (th.state.clone(), th.reason.clone(), None);
+        if let Some((_, _, state, reason)) = list
+            .iter()
+            .find(|(id, port, _, _)| *id == t.id && *port == t.port)
+        {
+            return (state.clone(), reason.clone(), None);
         }
     }
     h(
