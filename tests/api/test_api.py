@@ -217,7 +217,11 @@ class RoutingTests(Base):
         self.err("RouteAlreadyExists", self.ec2.create_route, RouteTableId=rtb, DestinationCidrBlock="0.0.0.0/0", GatewayId=igw)
         e = self.ec2.create_network_interface(SubnetId=s)["NetworkInterface"]["NetworkInterfaceId"]
         self.ec2.create_route(RouteTableId=rtb, DestinationCidrBlock="192.168.0.0/16", NetworkInterfaceId=e)
-        self.ec2.create_route(RouteTableId=rtb, DestinationCidrBlock="172.16.0.0/12", NatGatewayId="nat-0123456789abcdef0")
+        # A NAT gateway target must exist (NAT gateways are modelled).
+        self.err("InvalidNatGatewayID.NotFound", self.ec2.create_route, RouteTableId=rtb, DestinationCidrBlock="172.16.0.0/12",
+                 NatGatewayId="nat-0123456789abcdef0")
+        nat = self.ec2.create_nat_gateway(SubnetId=s, ConnectivityType="private")["NatGateway"]["NatGatewayId"]
+        self.ec2.create_route(RouteTableId=rtb, DestinationCidrBlock="172.16.0.0/12", NatGatewayId=nat)
         a = self.ec2.associate_route_table(RouteTableId=rtb, SubnetId=s)
         self.assertEqual(a["AssociationState"]["State"], "associated")
         self.err("Resource.AlreadyAssociated", self.ec2.associate_route_table, RouteTableId=rtb, SubnetId=s)
@@ -226,7 +230,7 @@ class RoutingTests(Base):
         self.assertEqual(routes["10.20.0.0/16"]["GatewayId"], "local")
         self.assertEqual(routes["0.0.0.0/0"]["GatewayId"], igw)
         self.assertEqual(routes["192.168.0.0/16"]["NetworkInterfaceId"], e)
-        self.assertEqual(routes["172.16.0.0/12"]["NatGatewayId"], "nat-0123456789abcdef0")
+        self.assertEqual(routes["172.16.0.0/12"]["NatGatewayId"], nat)
         got = self.ec2.describe_route_tables(Filters=[{"Name": "association.subnet-id", "Values": [s]}])["RouteTables"]
         self.assertEqual([x["RouteTableId"] for x in got], [rtb])
         got = self.ec2.describe_route_tables(Filters=[{"Name": "route.gateway-id", "Values": [igw]}])["RouteTables"]
@@ -1287,6 +1291,10 @@ class ElbTests(Base):
         import time
         time.sleep(2.5)
         self.assertIn((i1, 80, "initial", "Elb.RegistrationInProgress"), self.health(g))
+        # A terminated instance leaves its target groups.
+        self.ec2.terminate_instances(InstanceIds=[i2])
+        self.wait_state(i2, "terminated")
+        self.assertNotIn(i2, [h[0] for h in self.health(g)])
         # Deleting listeners and the load balancer.
         self.elb.delete_listener(ListenerArn=ln["ListenerArn"])
         self.eerr("ListenerNotFound", self.elb.describe_listeners, ListenerArns=[ln["ListenerArn"]])

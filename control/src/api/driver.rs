@@ -81,6 +81,11 @@ impl Job {
     }
 }
 
+/// One target's health as the datapath's checks see it: (target id as
+/// registered, port, ELBv2 state such as `healthy`, ELBv2 reason code such
+/// as `Target.FailedHealthChecks`).
+pub type TargetHealthRow = (String, u16, String, Option<String>);
+
 /// Runs instances. Every method is called on a worker thread, never with
 /// the store locked, and may block.
 pub trait InstanceDriver: Send + Sync + 'static {
@@ -136,14 +141,10 @@ pub trait InstanceDriver: Send + Sync + 'static {
     }
 
     /// Health of the targets of `target_group` (the ID, as stored) as the
-    /// datapath's health checks see them: (target id, port, state, reason)
-    /// with ELBv2's state and reason names (`healthy`, `unhealthy` /
+    /// datapath's health checks see them, with ELBv2's state and reason names (`healthy`, `unhealthy` /
     /// `Target.FailedHealthChecks`, ...). None: the driver has no health
     /// checks (DescribeTargetHealth then reports registration states).
-    fn target_health(
-        &self,
-        _target_group: &str,
-    ) -> Option<Vec<(String, u16, String, Option<String>)>> {
+    fn target_health(&self, _target_group: &str) -> Option<Vec<TargetHealthRow>> {
         None
     }
 

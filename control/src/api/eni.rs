@@ -258,9 +258,10 @@ pub fn write_eni(x: &mut Xml, st: &State, e: &Eni, owner: &str, in_instance: boo
     x.text("networkInterfaceId", &e.id)
         .text("subnetId", &e.subnet_id)
         .text("vpcId", &e.vpc_id);
+    let managed = super::natgw::managed_interface(st, &e.id);
     if !in_instance {
         x.text("availabilityZone", &e.az)
-            .bool("requesterManaged", false);
+            .bool("requesterManaged", managed.is_some());
     }
     x.text("description", &e.description)
         .text("ownerId", owner)
@@ -276,7 +277,7 @@ pub fn write_eni(x: &mut Xml, st: &State, e: &Eni, owner: &str, in_instance: boo
         .text("privateIpAddress", e.primary_ip())
         .text("privateDnsName", &dns_name(e.primary_ip()))
         .bool("sourceDestCheck", e.source_dest_check)
-        .text("interfaceType", "interface");
+        .text("interfaceType", managed.unwrap_or("interface"));
     x.set("groupSet", &e.groups, |x, g| {
         x.text("groupId", g);
         if let Some(sg) = st.get::<SecurityGroup>(g) {
@@ -432,6 +433,12 @@ pub fn delete_network_interface(api: &Api, p: &Params) -> Result<String, ApiErro
     let id = req(p, "NetworkInterfaceId")?;
     api.store.write(|t| {
         let e = ENI.get::<Eni>(t, id)?;
+        if let Some(kind) = super::natgw::managed_interface(t, id) {
+            return Err(ApiError::new(
+                "OperationNotPermitted",
+                format!("The network interface {id} is managed by a {kind} and cannot be deleted directly."),
+            ));
+        }
         if e.attachment.is_some() {
             return Err(ApiError::new(
                 "InvalidNetworkInterface.InUse",
@@ -499,8 +506,12 @@ fn eni_field(st: &State, e: &Eni, n: &str, owner: &str) -> Vec<String> {
         "mac-address" => vec![e.mac.clone()],
         "owner-id" | "attachment.instance-owner-id" => vec![owner.to_string()],
         "source-dest-check" => vec![e.source_dest_check.to_string()],
-        "requester-managed" => vec!["false".into()],
-        "interface-type" => vec!["interface".into()],
+        "requester-managed" => vec![super::natgw::managed_interface(st, &e.id)
+            .is_some()
+            .to_string()],
+        "interface-type" => vec![super::natgw::managed_interface(st, &e.id)
+            .unwrap_or("interface")
+            .to_string()],
         "private-ip-address" | "addresses.private-ip-address" => {
             e.private_ips.iter().map(|p| p.ip.clone()).collect()
         }

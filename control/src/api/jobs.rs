@@ -189,8 +189,10 @@ fn set_state(
     }
 }
 
-/// Terminated: delete-on-termination interfaces go, the others are detached.
+/// Terminated: delete-on-termination interfaces go, the others are
+/// detached, and the instance leaves every target group (as in AWS).
 fn release_interfaces(t: &mut Txn<'_>, id: &str) {
+    super::elb::tg::forget_instance(t, id);
     let enis: Vec<Eni> = instance_enis(t, id).into_iter().cloned().collect();
     for mut e in enis {
         if e.attachment

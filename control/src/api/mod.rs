@@ -45,7 +45,7 @@ use std::sync::Arc;
 use crate::store::{ids, Store, StoreError};
 
 pub use config::{Config, ConfigError, InstanceType};
-pub use driver::{DriverError, Health, InstanceDriver, Job, RecordingDriver};
+pub use driver::{DriverError, Health, InstanceDriver, Job, RecordingDriver, TargetHealthRow};
 pub use query::{Params, QueryError};
 
 /// The API version we speak.

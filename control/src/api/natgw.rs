@@ -399,7 +399,7 @@ pub fn describe_nat_gateways(api: &Api, p: &Params) -> Result<String, ApiError> 
             .collect();
         let (sel, token) = paginate(sel, |n| &n.id, &pg);
         let mut x = Xml::new();
-        x.set("natGatewaySet", sel, |x, n| write_nat(x, n));
+        x.set("natGatewaySet", sel, write_nat);
         x.opt("nextToken", token.as_deref());
         Ok(x.finish())
     })
@@ -410,4 +410,146 @@ pub fn describe_nat_gateways(api: &Api, p: &Params) -> Result<String, ApiError> 
 pub fn active_nat_gateways(st: &State) -> impl Iterator<Item = &NatGateway> + '_ {
     st.iter::<NatGateway>()
         .filter(|n| n.state == NatState::Available)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_parameters_fixture() {
+        let a = "eipalloc-0123456789abcdef0";
+        let b = "eipalloc-0123456789abcdef1";
+        // (parameters, expected error code or "")
+        let table: &[(&[(&str, &str)], &str)] = &[
+            (&[("SubnetId", "subnet-1"), ("AllocationId", a)], ""),
+            (&[("AllocationId", a)], "MissingParameter"),
+            (&[("SubnetId", "subnet-1")], "MissingParameter"),
+            (
+                &[("SubnetId", "subnet-1"), ("ConnectivityType", "private")],
+                "",
+            ),
+            (
+                &[
+                    ("SubnetId", "subnet-1"),
+                    ("ConnectivityType", "private"),
+                    ("AllocationId", a),
+                ],
+                "InvalidParameterCombination",
+            ),
+            (
+                &[("SubnetId", "subnet-1"), ("ConnectivityType", "nope")],
+                "InvalidParameterValue",
+            ),
+            (
+                &[("SubnetId", "subnet-1"), ("AllocationId", "x")],
+                "InvalidAllocationID.Malformed",
+            ),
+            (
+                &[
+                    ("SubnetId", "subnet-1"),
+                    ("AllocationId", a),
+                    ("SecondaryAllocationId.1", a),
+                ],
+                "InvalidParameterValue",
+            ),
+            (
+                &[
+                    ("SubnetId", "subnet-1"),
+                    ("AllocationId", a),
+                    ("SecondaryAllocationId.1", b),
+                ],
+                "",
+            ),
+            (
+                &[
+                    ("SubnetId", "subnet-1"),
+                    ("AllocationId", a),
+                    ("SecondaryAllocationId.1", b),
+                    ("SecondaryPrivateIpAddress.1", "10.0.0.9"),
+                ],
+                "",
+            ),
+            (
+                &[
+                    ("SubnetId", "subnet-1"),
+                    ("AllocationId", a),
+                    ("SecondaryPrivateIpAddressCount", "2"),
+                ],
+                "InvalidParameterCombination",
+            ),
+            (
+                &[
+                    ("SubnetId", "subnet-1"),
+                    ("ConnectivityType", "private"),
+                    ("SecondaryPrivateIpAddressCount", "31"),
+                ],
+                "",
+            ),
+            (
+                &[
+                    ("SubnetId", "subnet-1"),
+                    ("ConnectivityType", "private"),
+                    ("SecondaryPrivateIpAddressCount", "32"),
+                ],
+                "InvalidParameterValue",
+            ),
+            (
+                &[
+                    ("SubnetId", "subnet-1"),
+                    ("ConnectivityType", "private"),
+                    ("SecondaryPrivateIpAddressCount", "1"),
+                    ("SecondaryPrivateIpAddress.1", "10.0.0.9"),
+                ],
+                "InvalidParameterCombination",
+            ),
+            (
+                &[
+                    ("SubnetId", "subnet-1"),
+                    ("ConnectivityType", "private"),
+                    ("AvailabilityMode", "regional"),
+                ],
+                "InvalidParameterValue",
+            ),
+            (
+                &[
+                    ("SubnetId", "subnet-1"),
+                    ("AllocationId", a),
+                    ("TagSpecification.1.ResourceType", "vpc"),
+                ],
+                "InvalidParameterValue",
+            ),
+        ];
+        for (params, want) in table {
+            let p = Params::from_pairs(params.iter().copied());
+            match (parse_request(&p), *want) {
+                (Ok(_), "") => {}
+                (Err(e), w) if e.code() == w => {}
+                (Ok(_), w) => panic!("{params:?}: accepted, want {w}"),
+                (Err(e), w) => panic!("{params:?}: got {}, want {w:?}", e.code()),
+            }
+        }
+    }
+
+    #[test]
+    fn too_many_secondary_allocations() {
+        let ids: Vec<String> = (0..8)
+            .map(|i| format!("eipalloc-012345678{i:08x}"))
+            .collect();
+        let mut pairs = vec![
+            ("SubnetId".to_string(), "subnet-1".to_string()),
+            (
+                "AllocationId".to_string(),
+                "eipalloc-0aaaaaaaaaaaaaaaa".to_string(),
+            ),
+        ];
+        for (n, id) in ids.iter().enumerate() {
+            pairs.push((format!("SecondaryAllocationId.{}", n + 1), id.clone()));
+        }
+        let p = Params::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let e = parse_request(&p).err().map(|e| e.code().to_string());
+        assert_eq!(e.as_deref(), Some("AddressLimitExceeded"));
+        let p = Params::from_pairs(pairs[..9].iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        assert!(parse_request(&p).is_ok());
+    }
 }

@@ -39,8 +39,8 @@ use crate::store::{State, Store};
 use super::config::Config;
 use super::datapath::topology_for_account;
 
-use super::hyperplane::{self, Tier};
 use super::driver::{DriverError, Health, InstanceDriver};
+use super::hyperplane::{self, Tier};
 
 /// The guest never gets more vCPUs than this, whatever the type says: the
 /// guests share this host (TCG on a few cores).

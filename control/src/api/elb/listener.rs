@@ -156,7 +156,7 @@ pub fn create_listener(api: &Api, p: &Params) -> Result<String, ApiError> {
 pub fn describe_listeners(api: &Api, p: &Params) -> Result<String, ApiError> {
     let lb_arn = p.get("LoadBalancerArn");
     let arns = members(p, "ListenerArns")?;
-    if lb_arn.is_some() == !arns.is_empty() {
+    if lb_arn.is_some() != arns.is_empty() {
         return Err(validation(
             "Specify either LoadBalancerArn or ListenerArns (one of them)",
         ));

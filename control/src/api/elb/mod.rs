@@ -516,3 +516,242 @@ pub fn view(st: &State) -> Vec<NlbView<'_>> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::super::driver::{InstanceDriver, TargetHealthRow};
+    use super::super::Config;
+    use super::*;
+
+    /// Reports every target of every group on port 80 as unhealthy: the
+    /// datapath seam of DescribeTargetHealth.
+    struct HealthDriver;
+
+    impl InstanceDriver for HealthDriver {
+        fn target_health(&self, _tg: &str) -> Option<Vec<TargetHealthRow>> {
+            Some(vec![(
+                "10.8.1.50".into(),
+                80,
+                "unhealthy".into(),
+                Some("Target.FailedHealthChecks".into()),
+            )])
+        }
+    }
+
+    struct Lab {
+        api: Arc<Api>,
+        dir: PathBuf,
+    }
+
+    impl Drop for Lab {
+        fn drop(&mut self) {
+            std::fs::remove_dir_all(&self.dir).ok();
+        }
+    }
+
+    impl Lab {
+        fn new(tag: &str) -> Lab {
+            let dir = std::env::temp_dir().join(format!(
+                "enilab-elb-{tag}-{}",
+                crate::store::ids::random_u64()
+            ));
+            let api = Api::open(&dir, Config::default(), Arc::new(HealthDriver)).expect("open api");
+            Lab { api, dir }
+        }
+
+        fn call(&self, version: &str, action: &str, args: &[(&str, &str)]) -> String {
+            let mut pairs = vec![("Action", action), ("Version", version)];
+            pairs.extend_from_slice(args);
+            let r = self.api.call(&Params::from_pairs(pairs));
+            assert_eq!(r.status, 200, "{action}: {}", r.body);
+            r.body
+        }
+
+        fn ec2(&self, action: &str, args: &[(&str, &str)]) -> String {
+            self.call("2016-11-15", action, args)
+        }
+
+        fn elb(&self, action: &str, args: &[(&str, &str)]) -> String {
+            self.call(VERSION, action, args)
+        }
+    }
+
+    fn field(body: &str, name: &str) -> String {
+        let open = format!("<{name}>");
+        body.split(&open)
+            .nth(1)
+            .and_then(|s| s.split(&format!("</{name}>")).next())
+            .unwrap_or_else(|| panic!("no <{name}> in {body}"))
+            .to_string()
+    }
+
+    #[test]
+    fn read_model_and_health_seam() {
+        let lab = Lab::new("view");
+        let vpc = field(
+            &lab.ec2("CreateVpc", &[("CidrBlock", "10.8.0.0/16")]),
+            "vpcId",
+        );
+        let sub = field(
+            &lab.ec2(
+                "CreateSubnet",
+                &[("VpcId", &vpc), ("CidrBlock", "10.8.1.0/24")],
+            ),
+            "subnetId",
+        );
+        let inst = field(
+            &lab.ec2(
+                "RunInstances",
+                &[
+                    ("ImageId", "ami-0e1ab000000000001"),
+                    ("InstanceType", "t3.micro"),
+                    ("MinCount", "1"),
+                    ("MaxCount", "1"),
+                    ("SubnetId", &sub),
+                ],
+            ),
+            "instanceId",
+        );
+        let lb = field(
+            &lab.elb(
+                "CreateLoadBalancer",
+                &[
+                    ("Name", "m"),
+                    ("Type", "network"),
+                    ("Scheme", "internal"),
+                    ("SubnetMappings.member.1.SubnetId", &sub),
+                    ("SubnetMappings.member.1.PrivateIPv4Address", "10.8.1.200"),
+                ],
+            ),
+            "LoadBalancerArn",
+        );
+        let itg = field(
+            &lab.elb(
+                "CreateTargetGroup",
+                &[
+                    ("Name", "i"),
+                    ("Protocol", "TCP"),
+                    ("Port", "80"),
+                    ("VpcId", &vpc),
+                ],
+            ),
+            "TargetGroupArn",
+        );
+        let ipg = field(
+            &lab.elb(
+                "CreateTargetGroup",
+                &[
+                    ("Name", "p"),
+                    ("Protocol", "UDP"),
+                    ("Port", "80"),
+                    ("VpcId", &vpc),
+                    ("TargetType", "ip"),
+                ],
+            ),
+            "TargetGroupArn",
+        );
+        for (tg, proto, port) in [(&itg, "TCP", "80"), (&ipg, "UDP", "80")] {
+            lab.elb(
+                "CreateListener",
+                &[
+                    ("LoadBalancerArn", &lb),
+                    ("Protocol", proto),
+                    ("Port", if proto == "TCP" { port } else { "81" }),
+                    ("DefaultActions.member.1.Type", "forward"),
+                    ("DefaultActions.member.1.TargetGroupArn", tg),
+                ],
+            );
+        }
+        assert!(lab.api.jobs.wait_idle(Duration::from_secs(10)));
+        lab.elb(
+            "RegisterTargets",
+            &[("TargetGroupArn", &itg), ("Targets.member.1.Id", &inst)],
+        );
+        lab.elb(
+            "RegisterTargets",
+            &[
+                ("TargetGroupArn", &ipg),
+                ("Targets.member.1.Id", "10.8.1.50"),
+                ("Targets.member.2.Id", "10.8.1.51"),
+            ],
+        );
+        lab.elb(
+            "DeregisterTargets",
+            &[
+                ("TargetGroupArn", &ipg),
+                ("Targets.member.1.Id", "10.8.1.51"),
+            ],
+        );
+        let inst_ip = lab.api.store.read(|st| instance_ip(st, &inst));
+        assert!(inst_ip.is_some_and(|ip| ip.octets()[..3] == [10, 8, 1]));
+        lab.api.store.read(|st| {
+            let v = view(st);
+            assert_eq!(v.len(), 1);
+            let nlb = &v[0];
+            assert_eq!(nlb.lb.state, LbState::Active);
+            assert_eq!(nlb.lb.nodes.len(), 1);
+            assert_eq!(nlb.lb.nodes[0].private_ip, "10.8.1.200");
+            assert!(st.get::<Eni>(&nlb.lb.nodes[0].eni_id).is_some());
+            assert_eq!(nlb.listeners.len(), 2);
+            for l in &nlb.listeners {
+                let tg = l.target_group.as_ref().expect("target group");
+                match l.listener.protocol.as_str() {
+                    "TCP" => {
+                        assert_eq!(tg.targets.len(), 1);
+                        assert_eq!(tg.targets[0].ip, inst_ip);
+                        assert_eq!(tg.targets[0].port, 80);
+                    }
+                    _ => {
+                        let got: Vec<(Option<Ipv4Addr>, bool)> = tg
+                            .targets
+                            .iter()
+                            .map(|t| (t.ip, t.draining_since.is_some()))
+                            .collect();
+                        assert_eq!(
+                            got,
+                            vec![
+                                (Some(Ipv4Addr::new(10, 8, 1, 50)), false),
+                                (Some(Ipv4Addr::new(10, 8, 1, 51)), true),
+                            ]
+                        );
+                    }
+                }
+            }
+        });
+        // The driver's health is what DescribeTargetHealth reports; draining
+        // wins over it, and targets it does not know are `initial`.
+        let body = lab.elb("DescribeTargetHealth", &[("TargetGroupArn", &ipg)]);
+        let states: Vec<String> = body
+            .split("<State>")
+            .skip(1)
+            .filter_map(|s| s.split("</State>").next().map(String::from))
+            .collect();
+        assert_eq!(states, vec!["unhealthy", "draining"]);
+        assert!(body.contains("<Reason>Target.FailedHealthChecks</Reason>"));
+        let body = lab.elb("DescribeTargetHealth", &[("TargetGroupArn", &itg)]);
+        assert_eq!(field(&body, "State"), "initial");
+    }
+
+    #[test]
+    fn names_fixture() {
+        let table = [
+            ("a", true),
+            ("web-1", true),
+            ("x".repeat(32).as_str(), true),
+            ("x".repeat(33).as_str(), false),
+            ("", false),
+            ("-a", false),
+            ("a-", false),
+            ("a_b", false),
+            ("a.b", false),
+        ]
+        .map(|(n, ok)| (n.to_string(), ok));
+        for (n, ok) in table {
+            assert_eq!(check_name("Load balancer", &n).is_ok(), ok, "{n:?}");
+        }
+    }
+}

@@ -10,7 +10,7 @@ use crate::store::net::{self, Cidr};
 use crate::store::{State, Txn};
 
 use super::super::common::{now_ms, VPC};
-use super::super::driver::Job;
+use super::super::driver::{Job, TargetHealthRow};
 use super::super::query::Params;
 use super::super::xml::Xml;
 use super::super::{Api, ApiError};
@@ -419,8 +419,10 @@ pub fn describe_target_group_attributes(api: &Api, p: &Params) -> Result<String,
     })
 }
 
-/// `Targets.member.N`: (id, port if given, availability zone).
-fn targets_of(p: &Params) -> Result<Vec<(String, Option<u16>, Option<String>)>, ApiError> {
+/// One `Targets.member.N`: id, port if given, availability zone.
+type TargetArg = (String, Option<u16>, Option<String>);
+
+fn targets_of(p: &Params) -> Result<Vec<TargetArg>, ApiError> {
     let mut out = Vec::new();
     for t in member_structs(p, "Targets")? {
         let id = req(&t, "Id").map_err(|_| missing("Targets.member.N.Id"))?;
@@ -583,7 +585,7 @@ fn health_of(
     st: &State,
     tg: &TargetGroup,
     in_use: bool,
-    datapath: Option<&[(String, u16, String, Option<String>)]>,
+    datapath: Option<&[TargetHealthRow]>,
     t: &Target,
 ) -> Health {
     let h = |s: &str, r: &str, d: &str| (s.to_string(), Some(r.to_string()), Some(d.to_string()));
@@ -711,8 +713,7 @@ pub fn describe_target_health(api: &Api, p: &Params) -> Result<String, ApiError>
     })
 }
 
-/// Drop `tg`'s targets that are the instance `id` (for callers that remove
-/// instances; unused by the API itself for now).
+/// Remove the instance `id` from every target group (it terminated).
 pub fn forget_instance(t: &mut Txn<'_>, id: &str) {
     let groups: Vec<TargetGroup> = t
         .iter::<TargetGroup>()
@@ -722,5 +723,201 @@ pub fn forget_instance(t: &mut Txn<'_>, id: &str) {
     for mut g in groups {
         g.targets.retain(|x| x.id != id);
         t.put(g);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(target_type: &str, protocol: &str) -> TargetGroup {
+        TargetGroup {
+            id: "targetgroup/t/0000000000000001".into(),
+            name: "t".into(),
+            protocol: protocol.into(),
+            port: 80,
+            vpc_id: "vpc-1".into(),
+            target_type: target_type.into(),
+            health_check: HealthCheck {
+                enabled: true,
+                protocol: "TCP".into(),
+                port: "traffic-port".into(),
+                path: None,
+                interval_s: 30,
+                timeout_s: 10,
+                healthy_threshold: 5,
+                unhealthy_threshold: 2,
+            },
+            attributes: default_attributes(target_type, protocol),
+            targets: Vec::new(),
+            tags: Tags::new(),
+        }
+    }
+
+    #[test]
+    fn attribute_changes_fixture() {
+        // (target type, protocol, key, value, expected error code or "")
+        let table = [
+            (
+                "instance",
+                "TCP",
+                "deregistration_delay.timeout_seconds",
+                "0",
+                "",
+            ),
+            (
+                "instance",
+                "TCP",
+                "deregistration_delay.timeout_seconds",
+                "3600",
+                "",
+            ),
+            (
+                "instance",
+                "TCP",
+                "deregistration_delay.timeout_seconds",
+                "3601",
+                "ValidationError",
+            ),
+            (
+                "instance",
+                "TCP",
+                "deregistration_delay.timeout_seconds",
+                "-1",
+                "ValidationError",
+            ),
+            ("instance", "TCP", "stickiness.enabled", "true", ""),
+            (
+                "instance",
+                "TCP",
+                "stickiness.enabled",
+                "yes",
+                "ValidationError",
+            ),
+            ("instance", "TCP", "stickiness.type", "source_ip", ""),
+            (
+                "instance",
+                "TCP",
+                "stickiness.type",
+                "lb_cookie",
+                "ValidationError",
+            ),
+            (
+                "instance",
+                "TCP",
+                "proxy_protocol_v2.enabled",
+                "true",
+                "InvalidConfigurationRequest",
+            ),
+            ("instance", "TCP", "proxy_protocol_v2.enabled", "false", ""),
+            (
+                "instance",
+                "UDP",
+                "preserve_client_ip.enabled",
+                "false",
+                "InvalidConfigurationRequest",
+            ),
+            ("ip", "UDP", "preserve_client_ip.enabled", "false", ""),
+            (
+                "instance",
+                "TCP",
+                "load_balancing.cross_zone.enabled",
+                "use_load_balancer_configuration",
+                "",
+            ),
+            ("instance", "TCP", "no.such.key", "1", "ValidationError"),
+        ];
+        for (tt, proto, k, v, want) in table {
+            let got = check_attribute(&group(tt, proto), k, v);
+            match (got, want) {
+                (Ok(()), "") => {}
+                (Err(e), w) if e.code() == w => {}
+                (g, w) => panic!("{tt} {proto} {k}={v}: got {g:?}, want {w:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn default_attributes_follow_aws() {
+        let a = default_attributes("instance", "TCP");
+        assert_eq!(a["deregistration_delay.timeout_seconds"], "300");
+        assert_eq!(a["preserve_client_ip.enabled"], "true");
+        assert_eq!(
+            default_attributes("ip", "TCP")["preserve_client_ip.enabled"],
+            "false"
+        );
+        assert_eq!(
+            default_attributes("ip", "UDP")["preserve_client_ip.enabled"],
+            "true"
+        );
+        let mut g = group("ip", "TCP");
+        assert_eq!(g.deregistration_delay_s(), 300);
+        assert!(!g.sticky_source_ip());
+        g.attributes
+            .insert("stickiness.enabled".into(), "true".into());
+        assert!(g.sticky_source_ip());
+        assert_eq!(ATTRIBUTES.len(), a.len());
+    }
+
+    #[test]
+    fn ip_target_ranges_fixture() {
+        let table = [
+            ("10.0.0.5", "10.0.0.0/16", true),
+            ("172.31.255.1", "10.0.0.0/16", true),
+            ("192.168.1.1", "10.0.0.0/16", true),
+            ("100.64.0.1", "10.0.0.0/16", true),
+            ("100.128.0.1", "10.0.0.0/16", false),
+            ("8.8.8.8", "10.0.0.0/16", false),
+            ("203.0.113.9", "203.0.113.0/24", true),
+        ];
+        for (ip, vpc, want) in table {
+            let a = net::parse_ip(ip).expect("fixture address");
+            assert_eq!(ip_target_allowed(vpc, a), want, "{ip} in {vpc}");
+        }
+    }
+
+    #[test]
+    fn health_check_parameters_fixture() {
+        // (parameters, expected error code or "")
+        let table: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[
+                    ("HealthCheckIntervalSeconds", "10"),
+                    ("HealthCheckTimeoutSeconds", "5"),
+                ],
+                "",
+            ),
+            (
+                &[
+                    ("HealthCheckIntervalSeconds", "10"),
+                    ("HealthCheckTimeoutSeconds", "10"),
+                ],
+                "InvalidConfigurationRequest",
+            ),
+            (&[("HealthCheckIntervalSeconds", "4")], "ValidationError"),
+            (&[("HealthyThresholdCount", "11")], "ValidationError"),
+            (&[("HealthCheckPort", "0")], "ValidationError"),
+            (&[("HealthCheckPort", "8080")], ""),
+            (&[("HealthCheckPath", "/x")], "InvalidConfigurationRequest"),
+            (
+                &[("HealthCheckProtocol", "HTTP"), ("HealthCheckPath", "/x")],
+                "",
+            ),
+            (
+                &[("HealthCheckProtocol", "HTTP"), ("HealthCheckPath", "x")],
+                "ValidationError",
+            ),
+            (&[("HealthCheckProtocol", "UDP")], "ValidationError"),
+            (&[("HealthCheckEnabled", "maybe")], "ValidationError"),
+        ];
+        for (params, want) in table {
+            let mut hc = group("instance", "TCP").health_check;
+            let got = health_check_from(&Params::from_pairs(params.iter().copied()), &mut hc);
+            match (got, *want) {
+                (Ok(()), "") => {}
+                (Err(e), w) if e.code() == w => {}
+                (g, w) => panic!("{params:?}: got {g:?}, want {w:?}"),
+            }
+        }
     }
 }
