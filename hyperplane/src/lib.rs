@@ -108,3 +108,6 @@ mod tests {
         assert!((2..).take_while(|d| d * d <= m).all(|d| m % d != 0));
     }
 }
+#[cfg(test)]
+#[path = "tests/mod.rs"]
+mod fixture_tests;

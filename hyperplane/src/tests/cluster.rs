@@ -1,0 +1,222 @@
+//! Node loss: flows continue on their secondaries with the same translation,
+//! are replicated again, survive a second loss, and a restarted node rejoins.
+
+use std::collections::HashMap;
+
+use super::*;
+use crate::wire::testutil::frame;
+use crate::wire::{parse, PROTO_TCP, TCP_ACK, TCP_SYN};
+
+const SERVER: [u8; 4] = [93, 184, 216, 34];
+
+fn client(i: u16) -> ([u8; 4], u16) {
+    ([10, 0, 1, (i % 200) as u8 + 1], 30000 + i)
+}
+
+/// Sends one outbound packet of flow `i`; returns the (NAT ip, port) it got.
+fn out_pkt(lab: &mut Lab, i: u16, flags: u8) -> Option<(u32, u16)> {
+    let (c, sp) = client(i);
+    let f = frame(PROTO_TCP, c, sp, SERVER, 443, flags, 100);
+    let out = lab.send(NAT_PORT, &f);
+    let o = out
+        .iter()
+        .find(|(_, o)| parse(o).is_ok_and(|p| p.dst == ip(SERVER)))?;
+    let p = parse(&o.1).ok()?;
+    Some((p.src, p.sport))
+}
+
+/// Sends the server's answer to flow `i` at its NAT port; true when it reached the client.
+fn in_pkt(lab: &mut Lab, i: u16, nat: (u32, u16)) -> bool {
+    let (c, sp) = client(i);
+    let f = frame(
+        PROTO_TCP,
+        SERVER,
+        443,
+        nat.0.to_be_bytes(),
+        nat.1,
+        TCP_ACK,
+        100,
+    );
+    let out = lab.send(NAT_PORT, &f);
+    out.iter()
+        .any(|(_, o)| parse(o).is_ok_and(|p| p.dst == ip(c) && p.dport == sp))
+}
+
+fn owner_counts(lab: &Lab, n: u16) -> HashMap<usize, usize> {
+    let mut m = HashMap::new();
+    for i in 0..n {
+        let (c, sp) = client(i);
+        let f = frame(PROTO_TCP, c, sp, SERVER, 443, TCP_ACK, 0);
+        *m.entry(lab.hp.steer(NAT_PORT, &f).unwrap()).or_default() += 1;
+    }
+    m
+}
+
+fn check_all(lab: &mut Lab, flows: &[(u32, u16)], when: &str) {
+    for (i, nat) in flows.iter().enumerate() {
+        assert_eq!(
+            out_pkt(lab, i as u16, TCP_ACK),
+            Some(*nat),
+            "{when}: flow {i} translation"
+        );
+        assert!(in_pkt(lab, i as u16, *nat), "{when}: flow {i} return");
+    }
+}
+
+#[test]
+fn flows_survive_node_loss_twice_and_rejoin() {
+    const N: u16 = 300;
+    let cfg = Config {
+        nat_gateways: vec![nat_config(&[NAT_IP, NAT_IP2])],
+        load_balancers: vec![],
+    };
+    let mut lab = Lab::new(
+        Options {
+            nodes: 3,
+            flows_per_node: 8192,
+            ..Options::default()
+        },
+        cfg,
+    );
+    let flows: Vec<(u32, u16)> = (0..N)
+        .map(|i| out_pkt(&mut lab, i, TCP_SYN).unwrap())
+        .collect();
+    for (i, nat) in flows.iter().enumerate() {
+        assert!(in_pkt(&mut lab, i as u16, *nat));
+    }
+    assert!(lab.settle(|l| l.hp.stats().nodes.iter().all(|n| n.replication_lag == 0)));
+    let st = lab.hp.stats();
+    // Each flow is held twice: once on its primary, once on its secondary.
+    assert_eq!(
+        st.nodes.iter().map(|n| n.flows).sum::<u64>(),
+        2 * u64::from(N)
+    );
+    assert_eq!(
+        st.nodes.iter().map(|n| n.replicated_in).sum::<u64>(),
+        u64::from(N)
+    );
+
+    // Stop the node that owns the most flows.
+    let owners = owner_counts(&lab, N);
+    let victim = *owners.iter().max_by_key(|(_, c)| **c).unwrap().0;
+    lab.stop(victim);
+    assert!(!lab.hp.live_nodes().contains(&victim));
+    assert!(lab.settle(|l| l
+        .hp
+        .stats()
+        .nodes
+        .iter()
+        .all(|n| !n.live || n.replication_lag == 0)));
+    check_all(&mut lab, &flows, "after first loss");
+    let st = lab.hp.stats();
+    assert!(
+        st.nodes.iter().map(|n| n.resynced_out).sum::<u64>() > 0,
+        "no re-replication"
+    );
+    // Both survivors hold every flow again (primary + new secondary).
+    assert!(lab.settle(|l| l
+        .hp
+        .stats()
+        .nodes
+        .iter()
+        .filter(|n| n.live)
+        .all(|n| n.flows == u64::from(N))));
+
+    // A second loss: the last node carries everything.
+    let second = lab.hp.live_nodes()[0];
+    lab.stop(second);
+    check_all(&mut lab, &flows, "after second loss");
+    assert_eq!(lab.hp.live_nodes().len(), 1);
+
+    // Restart the first victim: it joins, gets the flows, then takes its shards back.
+    lab.start(victim);
+    assert!(
+        lab.settle(|l| l.hp.live_nodes().contains(&victim)),
+        "never promoted"
+    );
+    check_all(&mut lab, &flows, "after rejoin");
+    let owners = owner_counts(&lab, N);
+    assert!(
+        owners.get(&victim).copied().unwrap_or(0) > 0,
+        "rejoined node owns nothing"
+    );
+}
+
+#[test]
+fn stopped_node_handle_goes_inert_and_cannot_be_taken_twice() {
+    let cfg = Config {
+        nat_gateways: vec![nat_config(&[NAT_IP])],
+        load_balancers: vec![],
+    };
+    let hp = Hyperplane::new(Options {
+        nodes: 2,
+        flows_per_node: 64,
+        ..Options::default()
+    })
+    .unwrap();
+    hp.publish(cfg).unwrap();
+    let mut n0 = hp.node(0).unwrap();
+    assert!(matches!(
+        hp.node(0),
+        Err(crate::HyperplaneError::NodeTaken(0))
+    ));
+    assert!(matches!(
+        hp.node(9),
+        Err(crate::HyperplaneError::NoSuchNode(9))
+    ));
+    hp.stop_node(0);
+    assert!(matches!(
+        hp.node(0),
+        Err(crate::HyperplaneError::NodeStopped(0))
+    ));
+    let now = std::time::Instant::now();
+    let mut out = Vec::new();
+    n0.tick(now, &mut out);
+    let f = frame(PROTO_TCP, [10, 0, 1, 1], 1000, SERVER, 80, TCP_SYN, 0);
+    n0.process(NAT_PORT, &f, now, &mut out);
+    assert!(out.is_empty());
+    assert_eq!(hp.steer(NAT_PORT, &f), Some(1));
+    hp.stop_node(1);
+    assert_eq!(hp.steer(NAT_PORT, &f), None);
+    assert_eq!(hp.stats().steer_drops, 1);
+}
+
+#[test]
+fn bad_options_and_configs_are_refused() {
+    for o in [
+        Options {
+            nodes: 0,
+            ..Options::default()
+        },
+        Options {
+            shards: 100,
+            ..Options::default()
+        },
+        Options {
+            maglev_table_size: 65536,
+            ..Options::default()
+        },
+        Options {
+            flows_per_node: 0,
+            ..Options::default()
+        },
+    ] {
+        assert!(Hyperplane::new(o).is_err());
+    }
+    let hp = Hyperplane::new(Options::default()).unwrap();
+    let mut dup = nat_config(&[NAT_IP]);
+    dup.id = "nat-2".into();
+    let bad = [
+        Config {
+            nat_gateways: vec![nat_config(&[])],
+            load_balancers: vec![],
+        },
+        Config {
+            nat_gateways: vec![nat_config(&[NAT_IP]), dup],
+            load_balancers: vec![],
+        },
+    ];
+    for c in bad {
+        assert!(hp.publish(c).is_err());
+    }
+}
