@@ -312,6 +312,37 @@ impl Node {
         }
     }
 
+    /// Handles a batch of `(port, frame)` pairs: the flow-table lines of the
+    /// whole batch are prefetched first, so the cache misses of a million-flow
+    /// table overlap instead of queueing. Same result as `process` on each.
+    pub fn process_batch(&mut self, frames: &[(u32, &[u8])], now: Instant, out: &mut dyn Sink) {
+        const AHEAD: usize = 16;
+        let mut hashes = [0u64; AHEAD];
+        for chunk in frames.chunks(AHEAD) {
+            for (i, (port, f)) in chunk.iter().enumerate() {
+                hashes[i] = match wire::parse(f) {
+                    Ok(p) => crate::flow::Key {
+                        src: p.src,
+                        dst: p.dst,
+                        sport: p.sport,
+                        dport: p.dport,
+                        svc: *port,
+                        proto: p.proto,
+                    }
+                    .hash(),
+                    Err(_) => 0,
+                };
+                self.ctx.table.prefetch(hashes[i]);
+            }
+            for h in &hashes[..chunk.len()] {
+                self.ctx.table.prefetch_flow(*h);
+            }
+            for (port, f) in chunk {
+                self.process(*port, f, now, out);
+            }
+        }
+    }
+
     /// Timers: replication inbox, re-replication, expiry, health probes,
     /// reaction to config and health changes. Call it often (every loop).
     pub fn tick(&mut self, now: Instant, out: &mut dyn Sink) {
