@@ -332,7 +332,13 @@ impl Hyperplane {
             proto: p.proto,
         };
         let h = k.hash();
-        (h as u16 & self.shard_mask(), h)
+        (self.nat_shard_of_hash(h), h)
+    }
+
+    /// The shard of an outbound NAT flow from its forward key's hash.
+    #[inline]
+    pub(crate) fn nat_shard_of_hash(&self, h: u64) -> u16 {
+        h as u16 & self.shard_mask()
     }
 
     /// Return NAT traffic: the NAT port was chosen so that `port % shards` is the flow's shard.

@@ -14,15 +14,23 @@ use crate::Sink;
 /// Candidate ports tried per NAT address before giving up (bounded work under floods).
 const MAX_PROBES: u32 = 128;
 
-pub(crate) fn process(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, out: &mut dyn Sink) {
+/// `h` is the hash of the frame's wire key (see `node::wire_key`).
+pub(crate) fn process(
+    ctx: &mut Ctx,
+    svc: &Service,
+    frame: &[u8],
+    p: &Parsed,
+    h: u64,
+    out: &mut dyn Sink,
+) {
     if svc.owns(p.dst) {
-        inbound(ctx, svc, frame, p, out)
+        inbound(ctx, svc, frame, p, h, out)
     } else {
-        outbound(ctx, svc, frame, p, out)
+        outbound(ctx, svc, frame, p, h, out)
     }
 }
 
-fn inbound(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, out: &mut dyn Sink) {
+fn inbound(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, h: u64, out: &mut dyn Sink) {
     if !ctx.is_primary(ctx.hp.nat_in_shard(p.dport)) {
         return ctx.drop(DropReason::NotOwner);
     }
@@ -34,7 +42,7 @@ fn inbound(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, out: &mut dyn
         svc: svc.port,
         proto: p.proto,
     };
-    let Some((idx, 1)) = ctx.table.lookup(&k, k.hash()) else {
+    let Some((idx, 1)) = ctx.table.lookup(&k, h) else {
         return ctx.drop(DropReason::NoFlow);
     };
     if ctx.expired(ctx.table.get(idx)) {
@@ -51,8 +59,8 @@ fn inbound(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, out: &mut dyn
     ctx.emit(out, svc.port);
 }
 
-fn outbound(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, out: &mut dyn Sink) {
-    let (shard, h) = ctx.hp.nat_out_shard(p, svc.port);
+fn outbound(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, h: u64, out: &mut dyn Sink) {
+    let shard = ctx.hp.nat_shard_of_hash(h);
     if !ctx.is_primary(shard) {
         return ctx.drop(DropReason::NotOwner);
     }

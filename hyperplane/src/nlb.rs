@@ -14,11 +14,19 @@ use crate::stats::{DropReason, HealthState};
 use crate::wire::{self, Parsed, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::Sink;
 
-pub(crate) fn process(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, out: &mut dyn Sink) {
+/// `h` is the hash of the frame's wire key (see `node::wire_key`).
+pub(crate) fn process(
+    ctx: &mut Ctx,
+    svc: &Service,
+    frame: &[u8],
+    p: &Parsed,
+    h: u64,
+    out: &mut dyn Sink,
+) {
     if svc.owns(p.dst) {
-        from_client(ctx, svc, frame, p, out)
+        from_client(ctx, svc, frame, p, h, out)
     } else {
-        from_target(ctx, svc, frame, p, out)
+        from_target(ctx, svc, frame, p, h, out)
     }
 }
 
@@ -31,7 +39,7 @@ fn seq_after(p: &Parsed, frame: &[u8]) -> u32 {
         .wrapping_add(u32::from(p.tcp_flags & (TCP_SYN | TCP_FIN) != 0))
 }
 
-fn from_client(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, out: &mut dyn Sink) {
+fn from_client(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, h: u64, out: &mut dyn Sink) {
     let shard = ctx.hp.nlb_shard(p.src, p.sport, p.proto, svc.port);
     if !ctx.is_primary(shard) {
         return ctx.drop(DropReason::NotOwner);
@@ -47,7 +55,6 @@ fn from_client(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, out: &mut
         svc: svc.port,
         proto: p.proto,
     };
-    let h = k.hash();
     let mut found = match ctx.table.lookup(&k, h) {
         Some((idx, 0)) => Some(idx),
         _ => None,
@@ -124,7 +131,7 @@ fn from_client(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, out: &mut
     ctx.emit(out, svc.port);
 }
 
-fn from_target(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, out: &mut dyn Sink) {
+fn from_target(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, h: u64, out: &mut dyn Sink) {
     let k = Key {
         src: p.src,
         dst: p.dst,
@@ -135,7 +142,7 @@ fn from_target(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, out: &mut
     };
     let shard = ctx.hp.nlb_shard(p.dst, p.dport, p.proto, svc.port);
     let hit = if ctx.is_primary(shard) {
-        ctx.table.lookup(&k, k.hash())
+        ctx.table.lookup(&k, h)
     } else {
         None
     };

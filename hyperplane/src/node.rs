@@ -193,6 +193,19 @@ impl Ctx {
     }
 }
 
+/// The flow-table key of a frame as it appears on the wire.
+#[inline]
+pub(crate) fn wire_key(port: u32, p: &Parsed) -> crate::flow::Key {
+    crate::flow::Key {
+        src: p.src,
+        dst: p.dst,
+        sport: p.sport,
+        dport: p.dport,
+        svc: port,
+        proto: p.proto,
+    }
+}
+
 /// Re-replication after a change of owners: push the flows of every shard
 /// this node now leads to that shard's (new) secondary.
 struct Resync {
@@ -286,14 +299,51 @@ impl Node {
 
     /// Handles one frame the cluster steered to this node.
     pub fn process(&mut self, port: u32, frame: &[u8], now: Instant, out: &mut dyn Sink) {
-        self.ctx.c.frames_in += 1;
-        if self.dead {
-            self.ctx.drop(DropReason::NoNode);
-            return;
-        }
         self.refresh();
         self.ctx.now_ms = self.now_ms(now);
-        let p = match wire::parse(frame) {
+        let p = wire::parse(frame);
+        let h = p.as_ref().map_or(0, |p| wire_key(port, p).hash());
+        self.process_parsed(port, frame, p, h, out);
+    }
+
+    /// Handles a batch of `(port, frame)` pairs: the flow-table lines of the
+    /// batch are prefetched first, so the cache misses of a million-flow
+    /// table overlap instead of queueing. Same result as `process` on each.
+    pub fn process_batch(&mut self, frames: &[(u32, &[u8])], now: Instant, out: &mut dyn Sink) {
+        const AHEAD: usize = 16;
+        self.refresh();
+        self.ctx.now_ms = self.now_ms(now);
+        let mut parsed = [Err(DropReason::Malformed); AHEAD];
+        let mut hashes = [0u64; AHEAD];
+        for chunk in frames.chunks(AHEAD) {
+            for (i, (port, f)) in chunk.iter().enumerate() {
+                parsed[i] = wire::parse(f);
+                hashes[i] = parsed[i].as_ref().map_or(0, |p| wire_key(*port, p).hash());
+                self.ctx.table.prefetch(hashes[i]);
+            }
+            for h in &hashes[..chunk.len()] {
+                self.ctx.table.prefetch_flow(*h);
+            }
+            for (i, (port, f)) in chunk.iter().enumerate() {
+                self.process_parsed(*port, f, parsed[i], hashes[i], out);
+            }
+        }
+    }
+
+    #[inline]
+    fn process_parsed(
+        &mut self,
+        port: u32,
+        frame: &[u8],
+        p: Result<Parsed, DropReason>,
+        h: u64,
+        out: &mut dyn Sink,
+    ) {
+        self.ctx.c.frames_in += 1;
+        if self.dead {
+            return self.ctx.drop(DropReason::NoNode);
+        }
+        let p = match p {
             Ok(p) => p,
             Err(r) => return self.ctx.drop(r),
         };
@@ -301,44 +351,13 @@ impl Node {
             return self.ctx.drop(DropReason::UnknownPort);
         };
         match &svc.kind {
-            Kind::Nat => crate::nat::process(&mut self.ctx, svc, frame, &p, out),
+            Kind::Nat => crate::nat::process(&mut self.ctx, svc, frame, &p, h, out),
             Kind::Nlb(_) => {
                 if svc.owns(p.dst) && p.proto == PROTO_TCP && p.dport >= crate::compile::HC_BASE {
                     self.prober.reply(&mut self.ctx, svc, &p, out);
                 } else {
-                    crate::nlb::process(&mut self.ctx, svc, frame, &p, out);
+                    crate::nlb::process(&mut self.ctx, svc, frame, &p, h, out);
                 }
-            }
-        }
-    }
-
-    /// Handles a batch of `(port, frame)` pairs: the flow-table lines of the
-    /// whole batch are prefetched first, so the cache misses of a million-flow
-    /// table overlap instead of queueing. Same result as `process` on each.
-    pub fn process_batch(&mut self, frames: &[(u32, &[u8])], now: Instant, out: &mut dyn Sink) {
-        const AHEAD: usize = 16;
-        let mut hashes = [0u64; AHEAD];
-        for chunk in frames.chunks(AHEAD) {
-            for (i, (port, f)) in chunk.iter().enumerate() {
-                hashes[i] = match wire::parse(f) {
-                    Ok(p) => crate::flow::Key {
-                        src: p.src,
-                        dst: p.dst,
-                        sport: p.sport,
-                        dport: p.dport,
-                        svc: *port,
-                        proto: p.proto,
-                    }
-                    .hash(),
-                    Err(_) => 0,
-                };
-                self.ctx.table.prefetch(hashes[i]);
-            }
-            for h in &hashes[..chunk.len()] {
-                self.ctx.table.prefetch_flow(*h);
-            }
-            for (port, f) in chunk {
-                self.process(*port, f, now, out);
             }
         }
     }

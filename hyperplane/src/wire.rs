@@ -39,23 +39,28 @@ pub struct Parsed {
     pub ack: u32,
 }
 
+#[inline]
 fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
 
+#[inline]
 fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
+#[inline]
 fn put16(b: &mut [u8], at: usize, v: u16) {
     b[at..at + 2].copy_from_slice(&v.to_be_bytes());
 }
 
+#[inline]
 fn put32(b: &mut [u8], at: usize, v: u32) {
     b[at..at + 4].copy_from_slice(&v.to_be_bytes());
 }
 
 /// Parses an Ethernet/IPv4 frame; every length is checked before use.
+#[inline]
 pub fn parse(f: &[u8]) -> Result<Parsed, DropReason> {
     if f.len() < ETH_LEN + 20 {
         return Err(if f.len() >= ETH_LEN && be16(f, 12) != ETHERTYPE_IPV4 {
@@ -172,6 +177,7 @@ fn l4_check_at(p: &Parsed) -> usize {
 /// Rewrites the source (`src == true`) or destination address and port of a
 /// parsed frame in place, fixing the IP and L4 checksums incrementally. For
 /// ICMP echo the "port" is the identifier. `f` must be the frame `p` came from.
+#[inline]
 pub fn rewrite(f: &mut [u8], p: &Parsed, src: bool, ip: u32, port: u16) {
     let (ip_at, old_ip) = if src {
         (ETH_LEN + 12, p.src)
