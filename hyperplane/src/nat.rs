@@ -6,6 +6,7 @@
 use crate::cluster::Repl;
 use crate::compile::{Service, NAT_PORT_MIN};
 use crate::flow::{Flow, Key};
+use crate::maglev::mix64;
 use crate::node::Ctx;
 use crate::stats::DropReason;
 use crate::wire::{self, Parsed, PROTO_TCP, TCP_ACK, TCP_RST, TCP_SYN};
@@ -174,8 +175,13 @@ fn allocate(ctx: &Ctx, svc: &Service, p: &Parsed, shard: u16, h: u64) -> Option<
     for a in 0..n {
         let xip = svc.addrs[(start_addr + a) % n];
         for i in 0..count.min(MAX_PROBES) {
-            // Stride by a prime so probes scatter instead of walking a run of used ports.
-            let k = (start + i.wrapping_mul(7919)) % count;
+            // Independent random probes: a fixed stride would make every flow walk
+            // the same cycle and build long runs of used ports (primary clustering).
+            let k = if i == 0 {
+                start
+            } else {
+                (mix64(h ^ u64::from(i)) % u64::from(count)) as u32
+            };
             let port = (first + k * u32::from(shards)) as u16;
             let rev = Key {
                 src: p.dst,

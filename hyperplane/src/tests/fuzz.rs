@@ -120,3 +120,73 @@ fn random_and_mutated_frames_never_panic() {
     assert!(lab.drops(crate::DropReason::Malformed) > 0);
     assert!(lab.drops(crate::DropReason::NotIpv4) > 0);
 }
+
+/// A flood of new flows fills the table to its limit, no further; every
+/// refused SYN is counted, and established flows keep working.
+#[test]
+fn syn_flood_hits_the_flow_limit_and_is_counted() {
+    for svc in ["nat", "nlb"] {
+        let tg = TargetGroupConfig {
+            id: "tg".into(),
+            protocol: L4::Tcp,
+            targets: vec![TargetConfig {
+                ip: [10, 0, 3, 1].into(),
+                port: 80,
+                draining_since: None,
+            }],
+            health_check: HealthCheckConfig {
+                enabled: false,
+                ..HealthCheckConfig::default()
+            },
+            source_ip_stickiness: false,
+            deregistration_delay: Duration::from_secs(1),
+        };
+        let cfg = Config {
+            nat_gateways: vec![nat_config(&[NAT_IP])],
+            load_balancers: vec![LoadBalancerConfig {
+                id: "lb".into(),
+                port: LB_PORT,
+                mac: LB_MAC,
+                gateway_mac: crate::wire::testutil::GW,
+                addresses: vec![VIP.into()],
+                listeners: vec![ListenerConfig {
+                    protocol: L4::Tcp,
+                    port: 80,
+                    target_group: tg,
+                }],
+            }],
+        };
+        let mut lab = Lab::new(
+            Options {
+                nodes: 1,
+                flows_per_node: 100,
+                ..Options::default()
+            },
+            cfg,
+        );
+        let (port, dst) = if svc == "nat" {
+            (NAT_PORT, [1, 1, 1, 1])
+        } else {
+            (LB_PORT, VIP)
+        };
+        let mut forwarded = 0;
+        for i in 0..500u16 {
+            let f = frame(
+                PROTO_TCP,
+                [172, 16, (i >> 8) as u8, i as u8],
+                1000 + i,
+                dst,
+                80,
+                TCP_SYN,
+                0,
+            );
+            forwarded += lab.send(port, &f).len();
+        }
+        assert_eq!(forwarded, 100, "{svc}");
+        assert_eq!(lab.drops(crate::DropReason::FlowTableFull), 400, "{svc}");
+        assert_eq!(lab.hp.stats().nodes[0].flows, 100, "{svc}");
+        // The first flow still passes.
+        let f = frame(PROTO_TCP, [172, 16, 0, 0], 1000, dst, 80, TCP_ACK, 0);
+        assert_eq!(lab.send(port, &f).len(), 1, "{svc}");
+    }
+}

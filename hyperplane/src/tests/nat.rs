@@ -195,11 +195,8 @@ fn nat_fixture_table() {
                     if st.dir == Out {
                         assert_eq!(p.src, ip(NAT_IP), "{ctx}");
                         assert_eq!(p.dst, ip(SERVER), "{ctx}");
-                        let port = if st.proto == PROTO_ICMP {
-                            p.sport
-                        } else {
-                            p.sport
-                        };
+                        // ICMP echo: the identifier plays the source port.
+                        let port = p.sport;
                         assert!(port >= 1024, "{ctx}");
                         if nat_port != 0 {
                             assert_eq!(port, nat_port, "{ctx}: translation changed");
@@ -307,4 +304,38 @@ fn port_pool_per_destination_and_secondary_addresses() {
         ok2 > 2 * 55_000 && ok2 <= 2 * 64_512,
         "two addresses: {ok2}"
     );
+}
+
+#[test]
+fn fifty_five_thousand_connections_to_one_destination_fit_with_default_shards() {
+    let cfg = Config {
+        nat_gateways: vec![nat_config(&[NAT_IP])],
+        load_balancers: vec![],
+    };
+    let hp = Hyperplane::new(Options {
+        nodes: 1,
+        flows_per_node: 60_000,
+        ..Options::default()
+    })
+    .unwrap();
+    hp.publish(cfg).unwrap();
+    let mut node = hp.node(0).unwrap();
+    let now = std::time::Instant::now();
+    let mut out = Vec::new();
+    for i in 0..55_000u32 {
+        let src = [10, 0, (i >> 12) as u8 + 1, (i >> 4) as u8];
+        let f = frame(
+            PROTO_TCP,
+            src,
+            2000 + (i & 0xf) as u16,
+            SERVER,
+            443,
+            TCP_SYN,
+            0,
+        );
+        node.process(NAT_PORT, &f, now, &mut out);
+    }
+    node.tick(now, &mut out);
+    assert_eq!(out.len(), 55_000);
+    assert_eq!(hp.stats().port_allocation_failures, 0);
 }

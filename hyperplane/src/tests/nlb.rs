@@ -13,6 +13,9 @@ use crate::{
     TargetGroupConfig, L4,
 };
 
+/// What a step emitted, when it was not a single forwarded frame.
+type Frames = Vec<(u32, Vec<u8>)>;
+
 const CLIENT: [u8; 4] = [198, 51, 100, 7];
 const TARGETS: [[u8; 4]; 3] = [[10, 0, 3, 1], [10, 0, 3, 2], [10, 0, 3, 3]];
 
@@ -93,7 +96,7 @@ fn to_vip(
     sport: u16,
     dport: u16,
     flags: u8,
-) -> Result<(u32, u16), Vec<(u32, Vec<u8>)>> {
+) -> Result<(u32, u16), Frames> {
     to_vip_from(lab, CLIENT, proto, sport, dport, flags)
 }
 
@@ -104,7 +107,7 @@ fn to_vip_from(
     sport: u16,
     dport: u16,
     flags: u8,
-) -> Result<(u32, u16), Vec<(u32, Vec<u8>)>> {
+) -> Result<(u32, u16), Frames> {
     let f = frame(proto, client, sport, VIP, dport, flags, 20);
     let out = lab.send(LB_PORT, &f);
     if out.len() != 1 {
