@@ -15,8 +15,13 @@ use crate::stats::DropReason;
 use crate::wire::{self, Parsed, PROTO_ICMP, PROTO_TCP, TCP_FIN, TCP_RST};
 use crate::Sink;
 
-/// Flow records examined per tick by the expiry sweep and the re-replication pass.
-const SWEEP_BUDGET: usize = 8192;
+/// The expiry sweep runs every SWEEP_EVERY_MS and examines a 1/SWEEP_PARTS
+/// share of the table (at least SWEEP_MIN records), so the whole table is
+/// swept about once a second however often the owner calls `tick`.
+const SWEEP_EVERY_MS: u32 = 10;
+const SWEEP_PARTS: usize = 100;
+const SWEEP_MIN: usize = 1024;
+/// Flow records examined per tick by the re-replication pass.
 const RESYNC_BUDGET: usize = 16384;
 /// A primary refreshes a flow's replica when it is older than this (in 1.024 s units).
 const REFRESH_UNITS: u16 = 30;
@@ -227,6 +232,7 @@ pub struct Node {
     reconcile: bool,
     prober: Prober,
     last_slow_tick: u32,
+    last_sweep: u32,
 }
 
 impl Node {
@@ -266,6 +272,7 @@ impl Node {
             reconcile: false,
             prober: Prober::default(),
             last_slow_tick: 0,
+            last_sweep: 0,
         }
     }
 
@@ -379,7 +386,10 @@ impl Node {
         self.refresh();
         self.drain_inbox();
         self.resync_step();
-        self.sweep_step();
+        if self.ctx.now_ms.wrapping_sub(self.last_sweep) >= SWEEP_EVERY_MS {
+            self.last_sweep = self.ctx.now_ms;
+            self.sweep_step();
+        }
         if self.reconcile {
             self.reconcile = false;
             crate::nlb::reconcile(&mut self.ctx, &self.cfg, out);
@@ -481,7 +491,8 @@ impl Node {
     fn sweep_step(&mut self) {
         let slots = self.ctx.table.slots();
         let me = self.ctx.id as u8;
-        for _ in 0..SWEEP_BUDGET.min(slots) {
+        let budget = (slots / SWEEP_PARTS).max(SWEEP_MIN).min(slots);
+        for _ in 0..budget {
             if self.sweep_cursor >= slots {
                 self.sweep_cursor = 0;
                 self.ctx.hp.slots[self.ctx.id]

@@ -220,3 +220,128 @@ fn bad_options_and_configs_are_refused() {
         assert!(hp.publish(c).is_err());
     }
 }
+
+/// Both directions of every flow steer to the same node, for NAT (reverse
+/// tuple at the chosen port) and NLB (by client endpoint), over 8 nodes.
+#[test]
+fn both_directions_steer_to_the_same_node() {
+    use crate::wire::{PROTO_ICMP, PROTO_UDP};
+    let cfg = Config {
+        nat_gateways: vec![nat_config(&[NAT_IP, NAT_IP2])],
+        load_balancers: vec![],
+    };
+    let mut lab = Lab::new(
+        Options {
+            nodes: 8,
+            flows_per_node: 4096,
+            ..Options::default()
+        },
+        cfg,
+    );
+    let mut nodes_seen = std::collections::HashSet::new();
+    for i in 0..400u16 {
+        let proto = [PROTO_TCP, PROTO_UDP, PROTO_ICMP][usize::from(i % 3)];
+        let (c, sp) = client(i);
+        let (sport, dport) = if proto == PROTO_ICMP {
+            (sp, 0)
+        } else {
+            (sp, 443)
+        };
+        let f = frame(proto, c, sport, SERVER, dport, TCP_SYN, 0);
+        let n_out = lab.hp.steer(NAT_PORT, &f).unwrap();
+        nodes_seen.insert(n_out);
+        let out = lab.send(NAT_PORT, &f);
+        assert_eq!(out.len(), 1, "flow {i}");
+        let p = parse(&out[0].1).unwrap();
+        let back = if proto == PROTO_ICMP {
+            frame(proto, SERVER, 0, p.src.to_be_bytes(), p.sport, 0, 0)
+        } else {
+            frame(
+                proto,
+                SERVER,
+                443,
+                p.src.to_be_bytes(),
+                p.sport,
+                TCP_SYN | TCP_ACK,
+                0,
+            )
+        };
+        assert_eq!(
+            lab.hp.steer(NAT_PORT, &back),
+            Some(n_out),
+            "flow {i} proto {proto}"
+        );
+        assert_eq!(lab.send(NAT_PORT, &back).len(), 1, "flow {i} return");
+    }
+    assert!(
+        nodes_seen.len() >= 6,
+        "flows should spread over the nodes: {nodes_seen:?}"
+    );
+    // NLB: client → VIP and target → client steer by the client endpoint.
+    let tg = crate::TargetGroupConfig {
+        id: "tg".into(),
+        protocol: crate::L4::Tcp,
+        targets: (1..=3u8)
+            .map(|t| crate::TargetConfig {
+                ip: [10, 0, 3, t].into(),
+                port: 8080,
+                draining_since: None,
+            })
+            .collect(),
+        health_check: crate::HealthCheckConfig {
+            enabled: false,
+            ..Default::default()
+        },
+        source_ip_stickiness: false,
+        deregistration_delay: std::time::Duration::from_secs(1),
+    };
+    let lb = crate::LoadBalancerConfig {
+        id: "lb".into(),
+        port: LB_PORT,
+        mac: LB_MAC,
+        gateway_mac: crate::wire::testutil::GW,
+        addresses: vec![VIP.into()],
+        listeners: vec![crate::ListenerConfig {
+            protocol: crate::L4::Tcp,
+            port: 80,
+            target_group: tg,
+        }],
+    };
+    let mut lab = Lab::new(
+        Options {
+            nodes: 8,
+            flows_per_node: 4096,
+            ..Options::default()
+        },
+        Config {
+            nat_gateways: vec![],
+            load_balancers: vec![lb],
+        },
+    );
+    let mut nodes_seen = std::collections::HashSet::new();
+    for i in 0..200u16 {
+        let (c, sp) = client(i);
+        let to_vip = frame(PROTO_TCP, c, sp, VIP, 80, TCP_SYN, 0);
+        let n = lab.hp.steer(LB_PORT, &to_vip).unwrap();
+        nodes_seen.insert(n);
+        let out = lab.send(LB_PORT, &to_vip);
+        let p = parse(&out[0].1).unwrap();
+        let reply = frame(
+            PROTO_TCP,
+            p.dst.to_be_bytes(),
+            p.dport,
+            c,
+            sp,
+            TCP_SYN | TCP_ACK,
+            0,
+        );
+        assert_eq!(lab.hp.steer(LB_PORT, &reply), Some(n), "nlb flow {i}");
+        let back = lab.send(LB_PORT, &reply);
+        assert_eq!(
+            parse(&back[0].1).unwrap().src,
+            ip(VIP),
+            "nlb flow {i} translated back"
+        );
+    }
+    assert!(nodes_seen.len() >= 6, "{nodes_seen:?}");
+}
