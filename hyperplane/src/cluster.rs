@@ -299,7 +299,12 @@ impl Hyperplane {
         let cfg = self.cfg.load();
         let svc = cfg.service(port)?;
         let shard = match &svc.kind {
-            Kind::Nat if svc.owns(p.dst) => self.nat_in_shard(p.dport),
+            Kind::Nat if svc.owns(p.dst) => match p.inner {
+                // An ICMP error quotes the translated datagram: its source port is the NAT port.
+                Some(i) => self.nat_in_shard(i.sport),
+                None => self.nat_in_shard(p.dport),
+            },
+            _ if p.inner.is_some() => return None,
             Kind::Nat => self.nat_out_shard(&p, port).0,
             Kind::Nlb(_) if svc.owns(p.dst) => {
                 if p.proto == wire::PROTO_TCP && p.dport >= HC_BASE {

@@ -24,11 +24,53 @@ pub(crate) fn process(
     h: u64,
     out: &mut dyn Sink,
 ) {
+    if let Some(i) = p.inner {
+        if svc.owns(p.dst) {
+            return icmp_error(ctx, svc, frame, p, &i, out);
+        }
+        return ctx.drop(DropReason::Unsupported);
+    }
     if svc.owns(p.dst) {
         inbound(ctx, svc, frame, p, h, out)
     } else {
         outbound(ctx, svc, frame, p, h, out)
     }
+}
+
+/// An ICMP error about a NAT flow (e.g. fragmentation needed, port
+/// unreachable): it quotes the translated datagram, whose reverse is the
+/// flow's return key. It does not refresh the flow.
+fn icmp_error(
+    ctx: &mut Ctx,
+    svc: &Service,
+    frame: &[u8],
+    p: &Parsed,
+    i: &wire::Inner,
+    out: &mut dyn Sink,
+) {
+    if !ctx.is_primary(ctx.hp.nat_in_shard(i.sport)) {
+        return ctx.drop(DropReason::NotOwner);
+    }
+    let k = Key {
+        src: i.dst,
+        dst: i.src,
+        sport: i.dport,
+        dport: i.sport,
+        svc: svc.port,
+        proto: i.proto,
+    };
+    let Some((idx, 1)) = ctx.table.lookup(&k, k.hash()) else {
+        return ctx.drop(DropReason::NoFlow);
+    };
+    let f = *ctx.table.get(idx);
+    if i.src != p.dst || ctx.expired(&f) {
+        return ctx.drop(DropReason::NoFlow);
+    }
+    ctx.buf.clear();
+    ctx.buf.extend_from_slice(frame);
+    wire::rewrite_icmp_error(&mut ctx.buf, p, f.src, f.sport);
+    wire::set_macs(&mut ctx.buf, svc.gw_mac, svc.mac);
+    ctx.emit(out, svc.port);
 }
 
 fn inbound(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, h: u64, out: &mut dyn Sink) {

@@ -23,6 +23,10 @@ pub(crate) fn process(
     h: u64,
     out: &mut dyn Sink,
 ) {
+    if p.inner.is_some() {
+        // ICMP errors are not translated for the load balancer.
+        return ctx.drop(DropReason::Unsupported);
+    }
     if svc.owns(p.dst) {
         from_client(ctx, svc, frame, p, h, out)
     } else {

@@ -339,3 +339,115 @@ fn fifty_five_thousand_connections_to_one_destination_fit_with_default_shards() 
     assert_eq!(out.len(), 55_000);
     assert_eq!(hp.stats().port_allocation_failures, 0);
 }
+
+/// An ICMP error from `from` to `to` quoting `quoted` (an IP datagram, maybe cut).
+fn icmp_error(from: [u8; 4], to: [u8; 4], typ: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut f = frame(PROTO_ICMP, from, 1, to, 0, 0, 0);
+    f.truncate(34);
+    f.extend_from_slice(&[typ, code, 0, 0, 0, 0, 0x05, 0xdc]);
+    f.extend_from_slice(quoted);
+    let total = (f.len() - 14) as u16;
+    f[16..18].copy_from_slice(&total.to_be_bytes());
+    f[24] = 0;
+    f[25] = 0;
+    let c = crate::wire::checksum(&f[14..34], 0);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    let c = crate::wire::checksum(&f[34..], 0);
+    f[36..38].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+#[test]
+fn icmp_errors_about_a_flow_are_translated_back() {
+    const ROUTER: [u8; 4] = [203, 0, 113, 1];
+    // (name, proto, type, code, quote the whole datagram?)
+    let cases = [
+        ("udp port unreachable, full quote", PROTO_UDP, 3, 3, true),
+        ("udp port unreachable, 8-byte quote", PROTO_UDP, 3, 3, false),
+        (
+            "tcp fragmentation needed, full quote",
+            PROTO_TCP,
+            3,
+            4,
+            true,
+        ),
+        (
+            "tcp fragmentation needed, 8-byte quote",
+            PROTO_TCP,
+            3,
+            4,
+            false,
+        ),
+        ("echo time exceeded", PROTO_ICMP, 11, 0, true),
+    ];
+    for (name, proto, typ, code, full) in cases {
+        let cfg = Config {
+            nat_gateways: vec![nat_config(&[NAT_IP])],
+            load_balancers: vec![],
+        };
+        let mut lab = Lab::new(
+            Options {
+                nodes: 3,
+                flows_per_node: 64,
+                ..Options::default()
+            },
+            cfg,
+        );
+        let (sp, dp) = if proto == PROTO_ICMP {
+            (4242, 0)
+        } else {
+            (40000, 80)
+        };
+        let f = frame(proto, CLIENT, sp, SERVER, dp, TCP_SYN, 30);
+        let owner = lab.hp.steer(NAT_PORT, &f);
+        let out = lab.send(NAT_PORT, &f);
+        assert_eq!(out.len(), 1, "{name}");
+        let translated = &out[0].1;
+        let ip_part = &translated[14..];
+        let quoted = if full { ip_part } else { &ip_part[..28] };
+        let err = icmp_error(ROUTER, NAT_IP, typ, code, quoted);
+        assert!(checksums_ok(&err), "{name}: fixture");
+        assert_eq!(lab.hp.steer(NAT_PORT, &err), owner, "{name}: steering");
+        let back = lab.send(NAT_PORT, &err);
+        assert_eq!(back.len(), 1, "{name}: {back:?}");
+        let o = &back[0].1;
+        assert!(checksums_ok(o), "{name}: outer checksums");
+        let p = parse(o).unwrap();
+        assert_eq!((p.src, p.dst), (ip(ROUTER), ip(CLIENT)), "{name}");
+        let i = p.inner.unwrap();
+        assert_eq!(
+            (i.src, i.sport, i.dst, i.dport),
+            (ip(CLIENT), sp, ip(SERVER), dp),
+            "{name}"
+        );
+        assert_eq!(
+            crate::wire::checksum(&o[i.ip..i.l4], 0),
+            0,
+            "{name}: quoted IP checksum"
+        );
+        if full {
+            // The whole quoted datagram is the original one again, checksums and all.
+            let mut inner = o[..14].to_vec();
+            inner.extend_from_slice(&o[i.ip..]);
+            assert!(checksums_ok(&inner), "{name}: quoted L4 checksum");
+            assert_eq!(&o[i.ip..], &f[14..], "{name}: quoted datagram restored");
+        }
+    }
+    // An error about no flow is dropped and counted.
+    let cfg = Config {
+        nat_gateways: vec![nat_config(&[NAT_IP])],
+        load_balancers: vec![],
+    };
+    let mut lab = Lab::new(
+        Options {
+            nodes: 1,
+            flows_per_node: 64,
+            ..Options::default()
+        },
+        cfg,
+    );
+    let stray = frame(PROTO_UDP, NAT_IP, 5000, SERVER, 53, 0, 0);
+    let err = icmp_error(ROUTER, NAT_IP, 3, 3, &stray[14..]);
+    assert!(lab.send(NAT_PORT, &err).is_empty());
+    assert_eq!(lab.drops(DropReason::NoFlow), 1);
+}
