@@ -37,6 +37,9 @@ pub enum HyperplaneError {
     NodeStopped(usize),
     #[error("node {0} was already handed out since it last started")]
     NodeTaken(usize),
+    /// The node's flow table could not be allocated.
+    #[error("no memory for node {0}'s flow table of {1} flows")]
+    OutOfMemory(usize, usize),
 }
 
 pub(crate) const STOPPED: u8 = 0;
@@ -381,11 +384,15 @@ impl Hyperplane {
         if slot.taken.swap(true, Ordering::AcqRel) {
             return Err(HyperplaneError::NodeTaken(i));
         }
-        Ok(Node::new(
+        Node::new(
             Arc::clone(self),
             i,
             slot.incarnation.load(Ordering::Acquire),
-        ))
+        )
+        .map_err(|_| {
+            slot.taken.store(false, Ordering::Release);
+            HyperplaneError::OutOfMemory(i, self.opts.flows_per_node)
+        })
     }
 
     /// Stops node `i`: its shards move to their secondaries, which hold the

@@ -133,21 +133,28 @@ fn advise_huge<T>(v: &[T], cap: usize) {
 }
 
 impl FlowTable {
-    pub fn new(cap: usize) -> FlowTable {
+    /// A table for `cap` flows, all memory reserved up front; `Full` when
+    /// the allocator cannot provide it.
+    pub fn new(cap: usize) -> Result<FlowTable, Full> {
         let cap = cap.clamp(1, 1 << 30);
         let slots = (cap * 4).next_power_of_two();
-        let flows: Vec<Flow> = Vec::with_capacity(cap);
+        let mut flows: Vec<Flow> = Vec::new();
+        flows.try_reserve_exact(cap).map_err(|_| Full)?;
         advise_huge(&flows, cap);
-        let index = vec![0u64; slots];
+        let mut index: Vec<u64> = Vec::new();
+        index.try_reserve_exact(slots).map_err(|_| Full)?;
         advise_huge(&index, slots);
-        FlowTable {
+        index.resize(slots, 0);
+        let mut free = Vec::new();
+        free.try_reserve_exact(cap).map_err(|_| Full)?;
+        Ok(FlowTable {
             flows,
-            free: Vec::with_capacity(cap),
+            free,
             index,
             mask: slots - 1,
             len: 0,
             cap,
-        }
+        })
     }
 
     /// Prefetches the index slot and, when the first candidate's tag matches,
@@ -359,7 +366,7 @@ mod tests {
 
     #[test]
     fn insert_lookup_remove_both_directions() {
-        let mut t = FlowTable::new(1000);
+        let mut t = FlowTable::new(1000).unwrap();
         for i in 0..1000 {
             t.insert(flow(i)).unwrap();
         }

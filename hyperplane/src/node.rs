@@ -236,7 +236,11 @@ pub struct Node {
 }
 
 impl Node {
-    pub(crate) fn new(hp: Arc<Hyperplane>, id: usize, incarnation: u64) -> Node {
+    pub(crate) fn new(
+        hp: Arc<Hyperplane>,
+        id: usize,
+        incarnation: u64,
+    ) -> Result<Node, crate::flow::Full> {
         let o = &hp.opts;
         let t = Timeouts {
             nat_tcp: ms(o.nat_tcp_idle),
@@ -246,12 +250,12 @@ impl Node {
             nlb_udp: ms(o.nlb_udp_idle),
             closing: ms(o.tcp_closing),
         };
-        let table = FlowTable::new(o.flows_per_node);
+        let table = FlowTable::new(o.flows_per_node)?;
         let map = hp.map.load_full();
         let cfg = hp.cfg.load_full();
         // A fresh node has nothing to push; it is synced to the map it starts with.
         hp.slots[id].synced_gen.store(map.gen, Ordering::Release);
-        Node {
+        Ok(Node {
             ctx: Ctx {
                 hp,
                 id,
@@ -273,7 +277,7 @@ impl Node {
             prober: Prober::default(),
             last_slow_tick: 0,
             last_sweep: 0,
-        }
+        })
     }
 
     pub fn id(&self) -> usize {
