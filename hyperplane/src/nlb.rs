@@ -196,9 +196,17 @@ fn verdict(cfg: &Compiled, f: &Flow, now: SystemTime) -> bool {
 
 /// After a new snapshot: flows whose target turned unhealthy, finished
 /// draining or disappeared are closed; TCP ones get a RST on both sides.
-pub(crate) fn reconcile(ctx: &mut Ctx, cfg: &Compiled, out: &mut dyn Sink) {
+/// Examines up to `budget` records from `from`; returns where to go on.
+pub(crate) fn reconcile(
+    ctx: &mut Ctx,
+    cfg: &Compiled,
+    from: usize,
+    budget: usize,
+    out: &mut dyn Sink,
+) -> usize {
     let now = SystemTime::now();
-    for i in 0..ctx.table.slots() {
+    let end = from.saturating_add(budget).min(ctx.table.slots());
+    for i in from..end {
         let Some(f) = ctx.table.at(i).copied() else {
             continue;
         };
@@ -232,6 +240,7 @@ pub(crate) fn reconcile(ctx: &mut Ctx, cfg: &Compiled, out: &mut dyn Sink) {
         }
         ctx.remove_primary(i as u32);
     }
+    end
 }
 
 /// True when a draining target's delay has run out in the current snapshot

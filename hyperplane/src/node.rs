@@ -21,6 +21,8 @@ use crate::Sink;
 const SWEEP_EVERY_MS: u32 = 10;
 const SWEEP_PARTS: usize = 100;
 const SWEEP_MIN: usize = 1024;
+/// Flow records examined per tick by the pass after a new snapshot.
+const RECONCILE_BUDGET: usize = 65536;
 /// Flow records examined per tick by the re-replication pass.
 const RESYNC_BUDGET: usize = 16384;
 /// A primary refreshes a flow's replica when it is older than this (in 1.024 s units).
@@ -229,7 +231,8 @@ pub struct Node {
     resync: Option<Resync>,
     sweep_cursor: usize,
     sweep_primary: u64,
-    reconcile: bool,
+    /// Next record the NLB reconcile pass examines, when one is running.
+    reconcile: Option<usize>,
     prober: Prober,
     last_slow_tick: u32,
     last_sweep: u32,
@@ -273,7 +276,7 @@ impl Node {
             resync: None,
             sweep_cursor: 0,
             sweep_primary: 0,
-            reconcile: false,
+            reconcile: None,
             prober: Prober::default(),
             last_slow_tick: 0,
             last_sweep: 0,
@@ -304,7 +307,8 @@ impl Node {
         }
         if self.ctx.hp.cfg_gen.load(Ordering::Acquire) != self.cfg.gen {
             self.cfg = self.ctx.hp.cfg.load_full();
-            self.reconcile = true;
+            // A new snapshot (re)starts the pass from the beginning.
+            self.reconcile = Some(0);
         }
     }
 
@@ -394,9 +398,9 @@ impl Node {
             self.last_sweep = self.ctx.now_ms;
             self.sweep_step();
         }
-        if self.reconcile {
-            self.reconcile = false;
-            crate::nlb::reconcile(&mut self.ctx, &self.cfg, out);
+        if let Some(from) = self.reconcile {
+            let next = crate::nlb::reconcile(&mut self.ctx, &self.cfg, from, RECONCILE_BUDGET, out);
+            self.reconcile = (next < self.ctx.table.slots()).then_some(next);
         }
         if self.ctx.now_ms.wrapping_sub(self.last_slow_tick) >= 20 {
             self.last_slow_tick = self.ctx.now_ms;
