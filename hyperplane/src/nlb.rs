@@ -48,9 +48,6 @@ fn from_client(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, h: u64, o
     if !ctx.is_primary(shard) {
         return ctx.drop(DropReason::NotOwner);
     }
-    let Some(l) = svc.listener(p.proto, p.dport) else {
-        return ctx.drop(DropReason::NoListener);
-    };
     let k = Key {
         src: p.src,
         dst: p.dst,
@@ -76,6 +73,10 @@ fn from_client(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, h: u64, o
             idx
         }
         None => {
+            // Only new flows need the listener: a removed one closes its flows in `reconcile`.
+            let Some(l) = svc.listener(p.proto, p.dport) else {
+                return ctx.drop(DropReason::NoListener);
+            };
             if p.proto == PROTO_TCP && p.tcp_flags & TCP_RST != 0 {
                 return ctx.drop(DropReason::NoFlow);
             }

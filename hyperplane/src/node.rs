@@ -325,7 +325,7 @@ impl Node {
     /// batch are prefetched first, so the cache misses of a million-flow
     /// table overlap instead of queueing. Same result as `process` on each.
     pub fn process_batch(&mut self, frames: &[(u32, &[u8])], now: Instant, out: &mut dyn Sink) {
-        const AHEAD: usize = 16;
+        const AHEAD: usize = 32;
         self.refresh();
         self.ctx.now_ms = self.now_ms(now);
         let mut parsed = [Err(DropReason::Malformed); AHEAD];
