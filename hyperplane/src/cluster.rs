@@ -73,6 +73,13 @@ pub(crate) enum Repl {
     Remove(Key),
 }
 
+/// A record in flight, stamped with the sender's clock (ms since the cluster epoch).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Record {
+    pub repl: Repl,
+    pub sent_ms: u32,
+}
+
 pub(crate) struct NodeSlot {
     pub state: AtomicU8,
     pub taken: AtomicBool,
@@ -80,7 +87,7 @@ pub(crate) struct NodeSlot {
     pub incarnation: AtomicU64,
     /// Shard-map generation whose re-replication this node has finished.
     pub synced_gen: AtomicU64,
-    pub inbox: ArrayQueue<Repl>,
+    pub inbox: ArrayQueue<Record>,
     pub counters: NodeCounters,
 }
 

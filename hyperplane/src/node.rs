@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::cluster::{Hyperplane, Repl, ShardMap, NONE};
+use crate::cluster::{Hyperplane, Record, Repl, ShardMap, NONE};
 use crate::compile::{Compiled, Kind};
 use crate::flow::{Flow, FlowTable, F_FIN_FWD, F_FIN_REV, F_NLB, F_RST};
 use crate::health::Prober;
@@ -38,6 +38,8 @@ pub(crate) struct Local {
     pub resynced_out: u64,
     pub rst_sent: u64,
     pub port_allocation_failures: u64,
+    /// Oldest replication record applied in the current one-second window (ms).
+    pub replication_age_ms: u64,
     pub drops: [u64; DropReason::COUNT],
 }
 
@@ -117,7 +119,14 @@ impl Ctx {
         slot.counters
             .replication_sent
             .fetch_add(1, Ordering::Relaxed);
-        if slot.inbox.push(r).is_err() {
+        if slot
+            .inbox
+            .push(Record {
+                repl: r,
+                sent_ms: self.now_ms,
+            })
+            .is_err()
+        {
             slot.counters
                 .replication_dropped
                 .fetch_add(1, Ordering::Relaxed);
@@ -172,8 +181,12 @@ impl Ctx {
     }
 
     /// Applies one replication record.
-    fn apply(&mut self, r: Repl) {
-        match r {
+    fn apply(&mut self, rec: Record) {
+        let age = self.now_ms.wrapping_sub(rec.sent_ms);
+        if age < u32::MAX / 2 {
+            self.c.replication_age_ms = self.c.replication_age_ms.max(u64::from(age));
+        }
+        match rec.repl {
             Repl::Upsert(f) => {
                 let k = f.fwd_key();
                 match self.table.lookup(&k, k.hash()) {
@@ -236,6 +249,7 @@ pub struct Node {
     prober: Prober,
     last_slow_tick: u32,
     last_sweep: u32,
+    age_window: u32,
 }
 
 impl Node {
@@ -280,6 +294,7 @@ impl Node {
             prober: Prober::default(),
             last_slow_tick: 0,
             last_sweep: 0,
+            age_window: 0,
         })
     }
 
@@ -411,6 +426,10 @@ impl Node {
             }
         }
         self.publish();
+        if self.ctx.now_ms.wrapping_sub(self.age_window) >= 1000 {
+            self.age_window = self.ctx.now_ms;
+            self.ctx.c.replication_age_ms = 0;
+        }
     }
 
     fn drain_inbox(&mut self) {
@@ -479,7 +498,11 @@ impl Node {
                     let f = *self.ctx.table.get(i as u32);
                     let sec = usize::from(self.ctx.map.secondary(f.shard));
                     let Some(slot) = hp.slots.get(sec) else { break };
-                    if slot.inbox.push(Repl::Upsert(f)).is_err() {
+                    let rec = Record {
+                        repl: Repl::Upsert(f),
+                        sent_ms: self.ctx.now_ms,
+                    };
+                    if slot.inbox.push(rec).is_err() {
                         // Inbox full: try again from here next tick rather than lose the record.
                         return;
                     }
@@ -556,6 +579,7 @@ impl Node {
         s(&c.rst_sent, l.rst_sent);
         s(&c.port_allocation_failures, l.port_allocation_failures);
         s(&c.table_memory_bytes, self.ctx.table.memory_bytes() as u64);
+        s(&c.replication_age_ms, l.replication_age_ms);
         for (a, v) in c.drops.iter().zip(l.drops.iter()) {
             s(a, *v);
         }

@@ -345,3 +345,51 @@ fn both_directions_steer_to_the_same_node() {
     }
     assert!(nodes_seen.len() >= 6, "{nodes_seen:?}");
 }
+
+/// Lag and age: records queue up while the secondary does not tick, and
+/// their age is measured when it finally applies them; a full inbox drops
+/// and counts.
+#[test]
+fn replication_lag_age_and_overflow_are_measured() {
+    let cfg = Config {
+        nat_gateways: vec![nat_config(&[NAT_IP])],
+        load_balancers: vec![],
+    };
+    let opts = Options {
+        nodes: 2,
+        flows_per_node: 4096,
+        replication_inbox: 50,
+        ..Options::default()
+    };
+    let hp = Hyperplane::new(opts).unwrap();
+    hp.publish(cfg).unwrap();
+    let mut nodes = [hp.node(0).unwrap(), hp.node(1).unwrap()];
+    let t0 = std::time::Instant::now();
+    let mut out = Vec::new();
+    let mut per_node = [0u64; 2];
+    for i in 0..200u16 {
+        let (c, sp) = client(i);
+        let f = frame(PROTO_TCP, c, sp, SERVER, 443, TCP_SYN, 0);
+        let n = hp.steer(NAT_PORT, &f).unwrap();
+        nodes[n].process(NAT_PORT, &f, t0, &mut out);
+        per_node[n] += 1;
+    }
+    // Node 1 holds node 0's replicas and the other way round.
+    let st = hp.stats();
+    for n in 0..2 {
+        let to_me = per_node[1 - n];
+        assert_eq!(st.nodes[n].replication_sent, to_me);
+        assert_eq!(st.nodes[n].replication_dropped, to_me.saturating_sub(50));
+        assert_eq!(st.nodes[n].replication_lag, to_me.min(50));
+    }
+    let later = t0 + std::time::Duration::from_millis(250);
+    nodes[1].tick(later, &mut out);
+    let st = hp.stats();
+    assert_eq!(st.nodes[1].replication_lag, 0);
+    assert!(
+        st.nodes[1].replication_age_ms >= 250,
+        "{}",
+        st.nodes[1].replication_age_ms
+    );
+    assert!(st.nodes[0].replication_lag > 0);
+}
