@@ -393,3 +393,111 @@ fn replication_lag_age_and_overflow_are_measured() {
     );
     assert!(st.nodes[0].replication_lag > 0);
 }
+
+/// The lead's shape: one OS thread per node, frames handed over by channel,
+/// replication between threads through the inboxes; a node is stopped while
+/// the others run, and its flows continue with the same translation.
+#[test]
+fn node_threads_keep_flows_across_a_stop() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    struct ChanSink(mpsc::Sender<Vec<u8>>);
+    impl crate::Sink for ChanSink {
+        fn emit(&mut self, _port: u32, frame: &[u8]) {
+            let _ = self.0.send(frame.to_vec());
+        }
+    }
+
+    const N: u16 = 120;
+    let cfg = Config {
+        nat_gateways: vec![nat_config(&[NAT_IP])],
+        load_balancers: vec![],
+    };
+    let hp = Hyperplane::new(Options {
+        nodes: 3,
+        flows_per_node: 4096,
+        ..Options::default()
+    })
+    .unwrap();
+    hp.publish(cfg).unwrap();
+    let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>();
+    let mut inputs = Vec::new();
+    let mut stops = Vec::new();
+    let mut threads = Vec::new();
+    for i in 0..3 {
+        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut node = hp.node(i).unwrap();
+        let mut sink = ChanSink(out_tx.clone());
+        let flag = Arc::clone(&stop);
+        threads.push(std::thread::spawn(move || {
+            while !flag.load(Ordering::Acquire) {
+                while let Ok(f) = rx.try_recv() {
+                    node.process(NAT_PORT, &f, Instant::now(), &mut sink);
+                }
+                node.tick(Instant::now(), &mut sink);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }));
+        inputs.push(tx);
+        stops.push(stop);
+    }
+    let exchange = |f: Vec<u8>| -> Option<Vec<u8>> {
+        let n = hp.steer(NAT_PORT, &f)?;
+        inputs[n].send(f).ok()?;
+        out_rx.recv_timeout(Duration::from_secs(5)).ok()
+    };
+    let mut nat = Vec::new();
+    for i in 0..N {
+        let (c, sp) = client(i);
+        let o = exchange(frame(PROTO_TCP, c, sp, SERVER, 443, TCP_SYN, 10)).expect("translated");
+        let p = parse(&o).unwrap();
+        nat.push((p.src, p.sport));
+    }
+    let settled = |hp: &Hyperplane| {
+        hp.stats()
+            .nodes
+            .iter()
+            .all(|n| !n.live || n.replication_lag == 0)
+    };
+    let mut ok = false;
+    for _ in 0..500 {
+        if settled(&hp) && hp.stats().nodes.iter().map(|n| n.flows).sum::<u64>() == 2 * u64::from(N)
+        {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(ok, "replication did not settle: {:?}", hp.stats().nodes);
+    // Stop the busiest node: its thread exits, the others carry on.
+    let mut count = [0usize; 3];
+    for i in 0..N {
+        let (c, sp) = client(i);
+        count[hp
+            .steer(NAT_PORT, &frame(PROTO_TCP, c, sp, SERVER, 443, TCP_ACK, 0))
+            .unwrap()] += 1;
+    }
+    let victim = (0..3).max_by_key(|&i| count[i]).unwrap();
+    stops[victim].store(true, Ordering::Release);
+    hp.stop_node(victim);
+    for i in 0..N {
+        let (c, sp) = client(i);
+        let o =
+            exchange(frame(PROTO_TCP, c, sp, SERVER, 443, TCP_ACK, 10)).expect("still translated");
+        let p = parse(&o).unwrap();
+        assert_eq!(
+            (p.src, p.sport),
+            nat[usize::from(i)],
+            "flow {i} changed translation"
+        );
+    }
+    for s in &stops {
+        s.store(true, Ordering::Release);
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+}
