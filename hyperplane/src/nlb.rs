@@ -171,6 +171,10 @@ fn verdict(cfg: &Compiled, f: &Flow, now: SystemTime) -> bool {
     let Some(svc) = cfg.service(f.svc) else {
         return false;
     };
+    if f.flags & F_NLB == 0 {
+        // A NAT flow lives as long as its gateway and address do.
+        return matches!(svc.kind, Kind::Nat) && svc.owns(f.xip);
+    }
     if !matches!(svc.kind, Kind::Nlb(_)) || !svc.owns(f.dst) {
         return false;
     }
@@ -195,8 +199,9 @@ fn verdict(cfg: &Compiled, f: &Flow, now: SystemTime) -> bool {
     }
 }
 
-/// After a new snapshot: flows whose target turned unhealthy, finished
-/// draining or disappeared are closed; TCP ones get a RST on both sides.
+/// After a new snapshot: load-balancer flows whose target turned unhealthy,
+/// finished draining or disappeared are closed, TCP ones with a RST on both
+/// sides; NAT flows of a deleted gateway or address are dropped.
 /// Examines up to `budget` records from `from`; returns where to go on.
 pub(crate) fn reconcile(
     ctx: &mut Ctx,
@@ -211,10 +216,10 @@ pub(crate) fn reconcile(
         let Some(f) = ctx.table.at(i).copied() else {
             continue;
         };
-        if f.flags & F_NLB == 0 || !ctx.is_primary(f.shard) || verdict(cfg, &f, now) {
+        if !ctx.is_primary(f.shard) || verdict(cfg, &f, now) {
             continue;
         }
-        if f.proto == PROTO_TCP {
+        if f.flags & F_NLB != 0 && f.proto == PROTO_TCP {
             if let Some(svc) = cfg.service(f.svc) {
                 let to_client = wire::TcpSpec {
                     src_mac: svc.mac,

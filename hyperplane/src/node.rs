@@ -525,12 +525,7 @@ impl Node {
         let budget = (slots / SWEEP_PARTS).max(SWEEP_MIN).min(slots);
         for _ in 0..budget {
             if self.sweep_cursor >= slots {
-                self.sweep_cursor = 0;
-                self.ctx.hp.slots[self.ctx.id]
-                    .counters
-                    .primary_flows
-                    .store(self.sweep_primary, Ordering::Relaxed);
-                self.sweep_primary = 0;
+                break;
             }
             let i = self.sweep_cursor;
             self.sweep_cursor += 1;
@@ -562,6 +557,15 @@ impl Node {
                 // Neither owner any more (owners changed): the flow lives elsewhere.
                 self.ctx.table.remove(i as u32);
             }
+        }
+        if self.sweep_cursor >= slots {
+            // A full pass: publish how many flows this node leads.
+            self.sweep_cursor = 0;
+            self.ctx.hp.slots[self.ctx.id]
+                .counters
+                .primary_flows
+                .store(self.sweep_primary, Ordering::Relaxed);
+            self.sweep_primary = 0;
         }
     }
 

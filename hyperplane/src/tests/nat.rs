@@ -451,3 +451,44 @@ fn icmp_errors_about_a_flow_are_translated_back() {
     assert!(lab.send(NAT_PORT, &err).is_empty());
     assert_eq!(lab.drops(DropReason::NoFlow), 1);
 }
+
+#[test]
+fn deleting_the_gateway_or_an_address_drops_its_flows() {
+    let both = Config {
+        nat_gateways: vec![nat_config(&[NAT_IP, NAT_IP2])],
+        load_balancers: vec![],
+    };
+    let mut lab = Lab::new(
+        Options {
+            nodes: 2,
+            flows_per_node: 1024,
+            ..Options::default()
+        },
+        both,
+    );
+    let mut on_second = 0;
+    for i in 0..100u16 {
+        let f = frame(PROTO_UDP, CLIENT, 10000 + i, SERVER, 53, 0, 0);
+        let out = lab.send(NAT_PORT, &f);
+        on_second += usize::from(parse(&out[0].1).unwrap().src == ip(NAT_IP2));
+    }
+    assert!(on_second > 0 && on_second < 100);
+    let primaries = |lab: &mut Lab| {
+        lab.settle(|_| true);
+        lab.hp.stats().flows
+    };
+    assert_eq!(primaries(&mut lab), 100);
+    lab.hp
+        .publish(Config {
+            nat_gateways: vec![nat_config(&[NAT_IP])],
+            load_balancers: vec![],
+        })
+        .unwrap();
+    assert!(lab
+        .settle(|l| l.hp.stats().nodes.iter().map(|n| n.flows).sum::<u64>()
+            == 2 * (100 - on_second as u64)));
+    lab.hp.publish(Config::default()).unwrap();
+    assert!(lab.settle(|l| l.hp.stats().nodes.iter().map(|n| n.flows).sum::<u64>() == 0));
+    let f = frame(PROTO_UDP, CLIENT, 10000, SERVER, 53, 0, 0);
+    assert!(lab.hp.steer(NAT_PORT, &f).is_none());
+}
