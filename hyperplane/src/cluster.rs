@@ -181,12 +181,14 @@ impl Hyperplane {
     pub fn publish(&self, cfg: Config) -> Result<(), HyperplaneError> {
         let mut w = self.lock();
         let gen = self.cfg_gen.load(Ordering::Relaxed) + 1;
+        let prev = self.cfg.load_full();
         let compiled = compile(
             &cfg,
             &w.health,
             SystemTime::now(),
             self.opts.maglev_table_size,
             gen,
+            Some(&prev),
         )?;
         // Forget health of targets no longer configured.
         w.health.retain(|id, _| {
@@ -258,12 +260,14 @@ impl Hyperplane {
     fn recompile(&self, w: &Writer) {
         let gen = self.cfg_gen.load(Ordering::Relaxed) + 1;
         // The stored config compiled before, so only a Maglev failure could refuse it; keep the old one then.
+        let prev = self.cfg.load_full();
         if let Ok(c) = compile(
             &w.config,
             &w.health,
             SystemTime::now(),
             self.opts.maglev_table_size,
             gen,
+            Some(&prev),
         ) {
             self.cfg.store(Arc::new(c));
             self.cfg_gen.store(gen, Ordering::Release);

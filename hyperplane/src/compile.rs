@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::config::{Config, HealthCheckConfig, L4};
@@ -92,7 +93,10 @@ pub struct TargetGroup {
     pub hc: HealthCheckConfig,
     pub sticky: bool,
     pub dereg_delay: Duration,
-    pub maglev: Maglev,
+    /// Shared with the previous snapshot when the eligible targets did not change.
+    pub maglev: Arc<Maglev>,
+    /// Maglev keys of `backends`, to recognise an unchanged table.
+    pub keys: Vec<u64>,
     /// Maglev backend index → index in `targets`.
     pub backends: Vec<u16>,
 }
@@ -165,13 +169,36 @@ pub fn target_key(ip: u32, port: u16) -> u64 {
     mix64((u64::from(ip) << 16) | u64::from(port))
 }
 
+/// The previous snapshot's table for this target group, if built from the same keys.
+fn reuse(
+    prev: Option<&Compiled>,
+    lb_port: u32,
+    tg: &str,
+    keys: &[u64],
+    size: usize,
+) -> Option<Arc<Maglev>> {
+    let Kind::Nlb(ls) = &prev?.service(lb_port)?.kind else {
+        return None;
+    };
+    ls.iter()
+        .map(|l| &l.tg)
+        .find(|t| {
+            t.id == tg
+                && t.keys == keys
+                && t.maglev.size() == if keys.is_empty() { 0 } else { size }
+        })
+        .map(|t| Arc::clone(&t.maglev))
+}
+
 /// Validates and compiles `cfg`, taking health verdicts from `health`.
+/// Maglev tables whose eligible targets did not change are taken from `prev`.
 pub fn compile(
     cfg: &Config,
     health: &HashMap<TargetId, HealthRec>,
     now: SystemTime,
     maglev_size: usize,
     gen: u64,
+    prev: Option<&Compiled>,
 ) -> Result<Compiled, CompileError> {
     let mut ports = HashSet::new();
     let mut addrs = HashSet::new();
@@ -287,8 +314,13 @@ pub fn compile(
                 .iter()
                 .map(|&i| target_key(targets[usize::from(i)].ip, targets[usize::from(i)].port))
                 .collect();
-            let maglev = Maglev::build(&keys, maglev_size)
-                .map_err(|e| CompileError::Maglev(tg.id.clone(), e))?;
+            let maglev = match reuse(prev, lb.port, &tg.id, &keys, maglev_size) {
+                Some(m) => m,
+                None => Arc::new(
+                    Maglev::build(&keys, maglev_size)
+                        .map_err(|e| CompileError::Maglev(tg.id.clone(), e))?,
+                ),
+            };
             listeners.push(Listener {
                 proto: proto(l.protocol),
                 port: l.port,
@@ -299,6 +331,7 @@ pub fn compile(
                     sticky: tg.source_ip_stickiness,
                     dereg_delay: tg.deregistration_delay,
                     maglev,
+                    keys,
                     backends,
                 },
             });

@@ -520,3 +520,25 @@ fn probe_timeout_counts_as_failure() {
         assert_eq!(state_of(&lab, t), HealthState::Unhealthy, "{t:?}");
     }
 }
+
+#[test]
+fn unchanged_target_groups_keep_their_maglev_table() {
+    let table = |lab: &Lab, port: u16| {
+        let cfg = lab.hp.cfg.load_full();
+        let svc = cfg.service(LB_PORT).unwrap();
+        std::sync::Arc::clone(&svc.listener(PROTO_TCP, port).unwrap().tg.maglev)
+    };
+    let lab = lab(1, basic(false));
+    let (web, sticky) = (table(&lab, 80), table(&lab, 443));
+    lab.hp.publish(basic(false)).unwrap();
+    assert!(std::sync::Arc::ptr_eq(&web, &table(&lab, 80)));
+    // Change only the web group's targets: its table is rebuilt, the other one shared.
+    let mut cfg = basic(false);
+    cfg.load_balancers[0].listeners[0]
+        .target_group
+        .targets
+        .pop();
+    lab.hp.publish(cfg).unwrap();
+    assert!(!std::sync::Arc::ptr_eq(&web, &table(&lab, 80)));
+    assert!(std::sync::Arc::ptr_eq(&sticky, &table(&lab, 443)));
+}
