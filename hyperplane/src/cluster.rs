@@ -33,8 +33,6 @@ pub enum HyperplaneError {
     Maglev(#[from] MaglevError),
     #[error("there is no node {0}")]
     NoSuchNode(usize),
-    #[error("node {0} is stopped; start it first")]
-    NodeStopped(usize),
     #[error("node {0} was already handed out since it last started")]
     NodeTaken(usize),
     /// The node's flow table could not be allocated.
@@ -386,12 +384,11 @@ impl Hyperplane {
         usize::from((port - HC_BASE) / self.hc_ports_per_node())
     }
 
-    /// Hands out the worker state for node `i`, once per start.
+    /// Hands out the worker state for node `i`, once per start. For a
+    /// stopped node it may be taken before or after `start_node(i)`; it
+    /// takes traffic only once started (and promoted).
     pub fn node(self: &Arc<Self>, i: usize) -> Result<Node, HyperplaneError> {
         let slot = self.slots.get(i).ok_or(HyperplaneError::NoSuchNode(i))?;
-        if slot.state.load(Ordering::Acquire) == STOPPED {
-            return Err(HyperplaneError::NodeStopped(i));
-        }
         if slot.taken.swap(true, Ordering::AcqRel) {
             return Err(HyperplaneError::NodeTaken(i));
         }

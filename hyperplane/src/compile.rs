@@ -37,7 +37,7 @@ pub enum CompileError {
     ReservedPort(String, u16),
     #[error("load balancer {0}: listener {1:?} uses a {2:?} target group")]
     ProtocolMismatch(String, L4, L4),
-    #[error("target group {0}: health check thresholds must be 2-10 and the interval and timeout non-zero")]
+    #[error("target group {0}: health check thresholds must be 1-10 and the interval and timeout non-zero")]
     HealthCheck(String),
     #[error("target group {0}: {1}")]
     Maglev(String, MaglevError),
@@ -253,8 +253,8 @@ pub fn compile(
                 ));
             }
             let hc = &tg.health_check;
-            if !(2..=10).contains(&hc.healthy_threshold)
-                || !(2..=10).contains(&hc.unhealthy_threshold)
+            if !(1..=10).contains(&hc.healthy_threshold)
+                || !(1..=10).contains(&hc.unhealthy_threshold)
                 || hc.interval.is_zero()
                 || hc.timeout.is_zero()
             {

@@ -82,9 +82,10 @@ impl Lab {
         self.nodes[i] = None;
     }
 
+    /// Restarts node `i` in the lead's order: take the state, then start.
     pub fn start(&mut self, i: usize) {
-        self.hp.start_node(i);
         self.nodes[i] = Some(self.hp.node(i).unwrap());
+        self.hp.start_node(i);
     }
 
     /// Ticks until `f` holds (bounded).

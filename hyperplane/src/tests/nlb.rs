@@ -542,3 +542,27 @@ fn unchanged_target_groups_keep_their_maglev_table() {
     assert!(!std::sync::Arc::ptr_eq(&web, &table(&lab, 80)));
     assert!(std::sync::Arc::ptr_eq(&sticky, &table(&lab, 443)));
 }
+
+#[test]
+fn health_check_settings_are_validated() {
+    let lab = lab(1, basic(true));
+    for (name, edit) in [
+        (
+            "threshold 0",
+            (|h: &mut HealthCheckConfig| h.healthy_threshold = 0) as fn(&mut HealthCheckConfig),
+        ),
+        ("threshold 11", |h| h.unhealthy_threshold = 11),
+        ("zero interval", |h| h.interval = Duration::ZERO),
+        ("zero timeout", |h| h.timeout = Duration::ZERO),
+    ] {
+        let mut cfg = basic(true);
+        edit(&mut cfg.load_balancers[0].listeners[1].target_group.health_check);
+        assert!(lab.hp.publish(cfg).is_err(), "{name}");
+    }
+    let mut one = basic(true);
+    one.load_balancers[0].listeners[0]
+        .target_group
+        .health_check
+        .healthy_threshold = 1;
+    assert!(lab.hp.publish(one).is_ok());
+}
