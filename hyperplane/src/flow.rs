@@ -100,9 +100,16 @@ impl Flow {
     }
 }
 
-/// The table is at its limit.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Full;
+/// Why a flow table operation failed.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FlowError {
+    /// The table holds `flows_per_node` flows already.
+    #[error("the flow table is full")]
+    Full,
+    /// The allocator could not provide the table.
+    #[error("no memory for the flow table")]
+    NoMemory,
+}
 
 pub struct FlowTable {
     flows: Vec<Flow>,
@@ -133,20 +140,25 @@ fn advise_huge<T>(v: &[T], cap: usize) {
 }
 
 impl FlowTable {
-    /// A table for `cap` flows, all memory reserved up front; `Full` when
+    /// A table for `cap` flows, all memory reserved up front; `NoMemory` when
     /// the allocator cannot provide it.
-    pub fn new(cap: usize) -> Result<FlowTable, Full> {
+    pub fn new(cap: usize) -> Result<FlowTable, FlowError> {
         let cap = cap.clamp(1, 1 << 30);
         let slots = (cap * 4).next_power_of_two();
         let mut flows: Vec<Flow> = Vec::new();
-        flows.try_reserve_exact(cap).map_err(|_| Full)?;
+        flows
+            .try_reserve_exact(cap)
+            .map_err(|_| FlowError::NoMemory)?;
         advise_huge(&flows, cap);
         let mut index: Vec<u64> = Vec::new();
-        index.try_reserve_exact(slots).map_err(|_| Full)?;
+        index
+            .try_reserve_exact(slots)
+            .map_err(|_| FlowError::NoMemory)?;
         advise_huge(&index, slots);
         index.resize(slots, 0);
         let mut free = Vec::new();
-        free.try_reserve_exact(cap).map_err(|_| Full)?;
+        free.try_reserve_exact(cap)
+            .map_err(|_| FlowError::NoMemory)?;
         Ok(FlowTable {
             flows,
             free,
@@ -260,9 +272,9 @@ impl FlowTable {
     }
 
     /// Inserts a flow whose keys are not present yet.
-    pub fn insert(&mut self, mut f: Flow) -> Result<u32, Full> {
+    pub fn insert(&mut self, mut f: Flow) -> Result<u32, FlowError> {
         if self.len >= self.cap {
-            return Err(Full);
+            return Err(FlowError::Full);
         }
         f.flags |= F_USED;
         let idx = match self.free.pop() {
@@ -370,7 +382,7 @@ mod tests {
         for i in 0..1000 {
             t.insert(flow(i)).unwrap();
         }
-        assert_eq!(t.insert(flow(5000)), Err(Full));
+        assert_eq!(t.insert(flow(5000)), Err(FlowError::Full));
         for i in (0..1000).step_by(2) {
             let k = flow(i).fwd_key();
             let (idx, dir) = t.lookup(&k, k.hash()).unwrap();

@@ -257,7 +257,7 @@ impl Node {
         hp: Arc<Hyperplane>,
         id: usize,
         incarnation: u64,
-    ) -> Result<Node, crate::flow::Full> {
+    ) -> Result<Node, crate::flow::FlowError> {
         let o = &hp.opts;
         let t = Timeouts {
             nat_tcp: ms(o.nat_tcp_idle),
