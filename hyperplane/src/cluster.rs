@@ -319,7 +319,7 @@ impl Hyperplane {
             _ if p.inner.is_some() => return None,
             Kind::Nat => self.nat_out_shard(&p, port).0,
             Kind::Nlb(_) if svc.owns(p.dst) => {
-                if p.proto == wire::PROTO_TCP && p.dport >= HC_BASE {
+                if svc.is_probe_reply(&p) {
                     let n = self.hc_node(p.dport);
                     return (self.slots.get(n)?.state.load(Ordering::Acquire) != STOPPED)
                         .then_some(n);

@@ -12,7 +12,8 @@ use crate::maglev::{mix64, Maglev, MaglevError};
 use crate::stats::HealthState;
 use crate::wire::{PROTO_TCP, PROTO_UDP};
 
-/// First source port of the health-check range; listeners may not use it.
+/// First source port of the health-check range. A listener may use a port
+/// in it: probes then skip that port, and traffic to it is a listener's.
 pub const HC_BASE: u16 = 64512;
 pub const HC_PORTS: u16 = 1024;
 /// NAT ports (and ICMP ids) are taken from here to 65535.
@@ -25,16 +26,12 @@ pub const MAX_NAT_ADDRESSES: usize = 8;
 pub enum CompileError {
     #[error("service {0}: switch port {1} is used by another service")]
     DuplicatePort(String, u32),
-    #[error("NAT gateway {0} needs 1 to 8 addresses")]
+    #[error("NAT gateway {0} has more than 8 addresses")]
     NatAddresses(String),
     #[error("load balancer {0} has no address")]
     NoVip(String),
     #[error("load balancer {0}: two listeners on {1:?} port {2}")]
     DuplicateListener(String, L4, u16),
-    #[error(
-        "load balancer {0}: listener port {1} is in the reserved health-check range 64512-65535"
-    )]
-    ReservedPort(String, u16),
     #[error("load balancer {0}: listener {1:?} uses a {2:?} target group")]
     ProtocolMismatch(String, L4, L4),
     #[error("target group {0}: health check thresholds must be 1-10 and the interval and timeout non-zero")]
@@ -131,6 +128,15 @@ impl Service {
         self.addrs.contains(&ip)
     }
 
+    /// True when a frame to this load balancer answers a health probe.
+    #[inline]
+    pub fn is_probe_reply(&self, p: &crate::wire::Parsed) -> bool {
+        p.proto == PROTO_TCP
+            && p.dport >= HC_BASE
+            && self.owns(p.dst)
+            && self.listener(PROTO_TCP, p.dport).is_none()
+    }
+
     #[inline]
     pub fn listener(&self, proto: u8, port: u16) -> Option<&Listener> {
         match &self.kind {
@@ -207,7 +213,8 @@ pub fn compile(
         if !ports.insert(n.port) {
             return Err(CompileError::DuplicatePort(n.id.clone(), n.port));
         }
-        if n.addresses.is_empty() || n.addresses.len() > MAX_NAT_ADDRESSES {
+        // No address yet (e.g. still pending) is allowed: its flows fail port allocation.
+        if n.addresses.len() > MAX_NAT_ADDRESSES {
             return Err(CompileError::NatAddresses(n.id.clone()));
         }
         for a in &n.addresses {
@@ -240,9 +247,6 @@ pub fn compile(
                     l.protocol,
                     l.port,
                 ));
-            }
-            if l.port >= HC_BASE {
-                return Err(CompileError::ReservedPort(lb.id.clone(), l.port));
             }
             let tg = &l.target_group;
             if tg.protocol != l.protocol {

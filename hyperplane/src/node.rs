@@ -383,7 +383,7 @@ impl Node {
         match &svc.kind {
             Kind::Nat => crate::nat::process(&mut self.ctx, svc, frame, &p, h, out),
             Kind::Nlb(_) => {
-                if svc.owns(p.dst) && p.proto == PROTO_TCP && p.dport >= crate::compile::HC_BASE {
+                if svc.is_probe_reply(&p) {
                     self.prober.reply(&mut self.ctx, svc, &p, out);
                 } else {
                     crate::nlb::process(&mut self.ctx, svc, frame, &p, h, out);

@@ -215,7 +215,7 @@ fn bad_options_and_configs_are_refused() {
     dup.id = "nat-2".into();
     let bad = [
         Config {
-            nat_gateways: vec![nat_config(&[])],
+            nat_gateways: vec![nat_config(&[NAT_IP, NAT_IP])],
             load_balancers: vec![],
         },
         Config {

@@ -492,3 +492,31 @@ fn deleting_the_gateway_or_an_address_drops_its_flows() {
     let f = frame(PROTO_UDP, CLIENT, 10000, SERVER, 53, 0, 0);
     assert!(lab.hp.steer(NAT_PORT, &f).is_none());
 }
+
+#[test]
+fn a_gateway_without_addresses_is_accepted_and_drops_as_port_allocation() {
+    let cfg = Config {
+        nat_gateways: vec![nat_config(&[])],
+        load_balancers: vec![],
+    };
+    let mut lab = Lab::new(
+        Options {
+            nodes: 1,
+            flows_per_node: 64,
+            ..Options::default()
+        },
+        cfg,
+    );
+    let f = frame(PROTO_TCP, CLIENT, 40000, SERVER, 80, TCP_SYN, 0);
+    assert!(lab.send(NAT_PORT, &f).is_empty());
+    assert_eq!(lab.drops(DropReason::PortAllocation), 1);
+    assert_eq!(lab.hp.stats().port_allocation_failures, 1);
+    let nine: Vec<[u8; 4]> = (1..=9).map(|i| [10, 0, 0, i]).collect();
+    assert!(lab
+        .hp
+        .publish(Config {
+            nat_gateways: vec![nat_config(&nine)],
+            load_balancers: vec![]
+        })
+        .is_err());
+}

@@ -566,3 +566,31 @@ fn health_check_settings_are_validated() {
         .healthy_threshold = 1;
     assert!(lab.hp.publish(one).is_ok());
 }
+
+/// A listener may sit in the probe port range: its traffic is the
+/// listener's, probes avoid its port, and health checks still work.
+#[test]
+fn listener_in_the_probe_port_range() {
+    let cfg = lb(vec![
+        ListenerConfig {
+            protocol: L4::Tcp,
+            port: 80,
+            target_group: tg("tg-web", L4::Tcp, &TARGETS, true, false),
+        },
+        ListenerConfig {
+            protocol: L4::Tcp,
+            port: 64512,
+            target_group: tg("tg-high", L4::Tcp, &TARGETS, false, false),
+        },
+    ]);
+    let mut lab = lab(1, cfg);
+    let (t, port) = to_vip(&mut lab, PROTO_TCP, 7000, 64512, TCP_SYN).unwrap();
+    assert!(TARGETS.iter().any(|x| ip(*x) == t) && port == 8080);
+    let all = rounds(&mut lab, 3, &TARGETS);
+    assert!(all.iter().all(|(_, f)| parse(f).unwrap().sport != 64512
+        || parse(f).unwrap().src != ip(VIP)
+        || parse(f).unwrap().tcp_flags != TCP_SYN));
+    for t in TARGETS {
+        assert_eq!(state_of(&lab, t), HealthState::Healthy);
+    }
+}
