@@ -508,10 +508,15 @@ impl Hyperplane {
         let cfg = self.cfg.load();
         let now = SystemTime::now();
         let mut out = Vec::new();
+        // A target group behind several listeners (e.g. TCP_UDP) is reported once.
+        let mut seen = std::collections::HashSet::new();
         for s in &cfg.services {
             let Kind::Nlb(ls) = &s.kind else { continue };
             for l in ls {
                 for t in &l.tg.targets {
+                    if !seen.insert((s.port, l.tg.id.as_str(), t.ip, t.port)) {
+                        continue;
+                    }
                     let mut state = t.state;
                     let mut reason = t.reason;
                     // The snapshot may predate the end of the deregistration delay.

@@ -594,3 +594,24 @@ fn listener_in_the_probe_port_range() {
         assert_eq!(state_of(&lab, t), HealthState::Healthy);
     }
 }
+
+#[test]
+fn a_target_group_behind_two_listeners_is_reported_once() {
+    let group = tg("tg-both", L4::Tcp, &TARGETS, true, false);
+    let mut udp = group.clone();
+    udp.protocol = L4::Udp;
+    let cfg = lb(vec![
+        ListenerConfig {
+            protocol: L4::Tcp,
+            port: 53,
+            target_group: group,
+        },
+        ListenerConfig {
+            protocol: L4::Udp,
+            port: 53,
+            target_group: udp,
+        },
+    ]);
+    let lab = lab(1, cfg);
+    assert_eq!(lab.hp.target_health().len(), 3);
+}
