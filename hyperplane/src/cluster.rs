@@ -33,10 +33,11 @@ pub enum HyperplaneError {
     Maglev(#[from] MaglevError),
     #[error("there is no node {0}")]
     NoSuchNode(usize),
-    #[error("node {0} is stopped; start it first")]
-    NodeStopped(usize),
     #[error("node {0} was already handed out since it last started")]
     NodeTaken(usize),
+    /// The node's flow table could not be allocated.
+    #[error("no memory for node {0}'s flow table of {1} flows")]
+    OutOfMemory(usize, usize),
 }
 
 pub(crate) const STOPPED: u8 = 0;
@@ -70,6 +71,13 @@ pub(crate) enum Repl {
     Remove(Key),
 }
 
+/// A record in flight, stamped with the sender's clock (ms since the cluster epoch).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Record {
+    pub repl: Repl,
+    pub sent_ms: u32,
+}
+
 pub(crate) struct NodeSlot {
     pub state: AtomicU8,
     pub taken: AtomicBool,
@@ -77,7 +85,7 @@ pub(crate) struct NodeSlot {
     pub incarnation: AtomicU64,
     /// Shard-map generation whose re-replication this node has finished.
     pub synced_gen: AtomicU64,
-    pub inbox: ArrayQueue<Repl>,
+    pub inbox: ArrayQueue<Record>,
     pub counters: NodeCounters,
 }
 
@@ -171,12 +179,14 @@ impl Hyperplane {
     pub fn publish(&self, cfg: Config) -> Result<(), HyperplaneError> {
         let mut w = self.lock();
         let gen = self.cfg_gen.load(Ordering::Relaxed) + 1;
+        let prev = self.cfg.load_full();
         let compiled = compile(
             &cfg,
             &w.health,
             SystemTime::now(),
             self.opts.maglev_table_size,
             gen,
+            Some(&prev),
         )?;
         // Forget health of targets no longer configured.
         w.health.retain(|id, _| {
@@ -248,12 +258,14 @@ impl Hyperplane {
     fn recompile(&self, w: &Writer) {
         let gen = self.cfg_gen.load(Ordering::Relaxed) + 1;
         // The stored config compiled before, so only a Maglev failure could refuse it; keep the old one then.
+        let prev = self.cfg.load_full();
         if let Ok(c) = compile(
             &w.config,
             &w.health,
             SystemTime::now(),
             self.opts.maglev_table_size,
             gen,
+            Some(&prev),
         ) {
             self.cfg.store(Arc::new(c));
             self.cfg_gen.store(gen, Ordering::Release);
@@ -299,10 +311,15 @@ impl Hyperplane {
         let cfg = self.cfg.load();
         let svc = cfg.service(port)?;
         let shard = match &svc.kind {
-            Kind::Nat if svc.owns(p.dst) => self.nat_in_shard(p.dport),
+            Kind::Nat if svc.owns(p.dst) => match p.inner {
+                // An ICMP error quotes the translated datagram: its source port is the NAT port.
+                Some(i) => self.nat_in_shard(i.sport),
+                None => self.nat_in_shard(p.dport),
+            },
+            _ if p.inner.is_some() => return None,
             Kind::Nat => self.nat_out_shard(&p, port).0,
             Kind::Nlb(_) if svc.owns(p.dst) => {
-                if p.proto == wire::PROTO_TCP && p.dport >= HC_BASE {
+                if svc.is_probe_reply(&p) {
                     let n = self.hc_node(p.dport);
                     return (self.slots.get(n)?.state.load(Ordering::Acquire) != STOPPED)
                         .then_some(n);
@@ -332,7 +349,13 @@ impl Hyperplane {
             proto: p.proto,
         };
         let h = k.hash();
-        (h as u16 & self.shard_mask(), h)
+        (self.nat_shard_of_hash(h), h)
+    }
+
+    /// The shard of an outbound NAT flow from its forward key's hash.
+    #[inline]
+    pub(crate) fn nat_shard_of_hash(&self, h: u64) -> u16 {
+        h as u16 & self.shard_mask()
     }
 
     /// Return NAT traffic: the NAT port was chosen so that `port % shards` is the flow's shard.
@@ -361,20 +384,23 @@ impl Hyperplane {
         usize::from((port - HC_BASE) / self.hc_ports_per_node())
     }
 
-    /// Hands out the worker state for node `i`, once per start.
+    /// Hands out the worker state for node `i`, once per start. For a
+    /// stopped node it may be taken before or after `start_node(i)`; it
+    /// takes traffic only once started (and promoted).
     pub fn node(self: &Arc<Self>, i: usize) -> Result<Node, HyperplaneError> {
         let slot = self.slots.get(i).ok_or(HyperplaneError::NoSuchNode(i))?;
-        if slot.state.load(Ordering::Acquire) == STOPPED {
-            return Err(HyperplaneError::NodeStopped(i));
-        }
         if slot.taken.swap(true, Ordering::AcqRel) {
             return Err(HyperplaneError::NodeTaken(i));
         }
-        Ok(Node::new(
+        Node::new(
             Arc::clone(self),
             i,
             slot.incarnation.load(Ordering::Acquire),
-        ))
+        )
+        .map_err(|_| {
+            slot.taken.store(false, Ordering::Release);
+            HyperplaneError::OutOfMemory(i, self.opts.flows_per_node)
+        })
     }
 
     /// Stops node `i`: its shards move to their secondaries, which hold the
@@ -482,10 +508,15 @@ impl Hyperplane {
         let cfg = self.cfg.load();
         let now = SystemTime::now();
         let mut out = Vec::new();
+        // A target group behind several listeners (e.g. TCP_UDP) is reported once.
+        let mut seen = std::collections::HashSet::new();
         for s in &cfg.services {
             let Kind::Nlb(ls) = &s.kind else { continue };
             for l in ls {
                 for t in &l.tg.targets {
+                    if !seen.insert((s.port, l.tg.id.as_str(), t.ip, t.port)) {
+                        continue;
+                    }
                     let mut state = t.state;
                     let mut reason = t.reason;
                     // The snapshot may predate the end of the deregistration delay.

@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::config::{Config, HealthCheckConfig, L4};
@@ -11,7 +12,8 @@ use crate::maglev::{mix64, Maglev, MaglevError};
 use crate::stats::HealthState;
 use crate::wire::{PROTO_TCP, PROTO_UDP};
 
-/// First source port of the health-check range; listeners may not use it.
+/// First source port of the health-check range. A listener may use a port
+/// in it: probes then skip that port, and traffic to it is a listener's.
 pub const HC_BASE: u16 = 64512;
 pub const HC_PORTS: u16 = 1024;
 /// NAT ports (and ICMP ids) are taken from here to 65535.
@@ -24,19 +26,15 @@ pub const MAX_NAT_ADDRESSES: usize = 8;
 pub enum CompileError {
     #[error("service {0}: switch port {1} is used by another service")]
     DuplicatePort(String, u32),
-    #[error("NAT gateway {0} needs 1 to 8 addresses")]
+    #[error("NAT gateway {0} has more than 8 addresses")]
     NatAddresses(String),
     #[error("load balancer {0} has no address")]
     NoVip(String),
     #[error("load balancer {0}: two listeners on {1:?} port {2}")]
     DuplicateListener(String, L4, u16),
-    #[error(
-        "load balancer {0}: listener port {1} is in the reserved health-check range 64512-65535"
-    )]
-    ReservedPort(String, u16),
     #[error("load balancer {0}: listener {1:?} uses a {2:?} target group")]
     ProtocolMismatch(String, L4, L4),
-    #[error("target group {0}: health check thresholds must be 2-10 and the interval and timeout non-zero")]
+    #[error("target group {0}: health check thresholds must be 1-10 and the interval and timeout non-zero")]
     HealthCheck(String),
     #[error("target group {0}: {1}")]
     Maglev(String, MaglevError),
@@ -92,7 +90,10 @@ pub struct TargetGroup {
     pub hc: HealthCheckConfig,
     pub sticky: bool,
     pub dereg_delay: Duration,
-    pub maglev: Maglev,
+    /// Shared with the previous snapshot when the eligible targets did not change.
+    pub maglev: Arc<Maglev>,
+    /// Maglev keys of `backends`, to recognise an unchanged table.
+    pub keys: Vec<u64>,
     /// Maglev backend index → index in `targets`.
     pub backends: Vec<u16>,
 }
@@ -125,6 +126,15 @@ impl Service {
     #[inline]
     pub fn owns(&self, ip: u32) -> bool {
         self.addrs.contains(&ip)
+    }
+
+    /// True when a frame to this load balancer answers a health probe.
+    #[inline]
+    pub fn is_probe_reply(&self, p: &crate::wire::Parsed) -> bool {
+        p.proto == PROTO_TCP
+            && p.dport >= HC_BASE
+            && self.owns(p.dst)
+            && self.listener(PROTO_TCP, p.dport).is_none()
     }
 
     #[inline]
@@ -165,13 +175,36 @@ pub fn target_key(ip: u32, port: u16) -> u64 {
     mix64((u64::from(ip) << 16) | u64::from(port))
 }
 
+/// The previous snapshot's table for this target group, if built from the same keys.
+fn reuse(
+    prev: Option<&Compiled>,
+    lb_port: u32,
+    tg: &str,
+    keys: &[u64],
+    size: usize,
+) -> Option<Arc<Maglev>> {
+    let Kind::Nlb(ls) = &prev?.service(lb_port)?.kind else {
+        return None;
+    };
+    ls.iter()
+        .map(|l| &l.tg)
+        .find(|t| {
+            t.id == tg
+                && t.keys == keys
+                && t.maglev.size() == if keys.is_empty() { 0 } else { size }
+        })
+        .map(|t| Arc::clone(&t.maglev))
+}
+
 /// Validates and compiles `cfg`, taking health verdicts from `health`.
+/// Maglev tables whose eligible targets did not change are taken from `prev`.
 pub fn compile(
     cfg: &Config,
     health: &HashMap<TargetId, HealthRec>,
     now: SystemTime,
     maglev_size: usize,
     gen: u64,
+    prev: Option<&Compiled>,
 ) -> Result<Compiled, CompileError> {
     let mut ports = HashSet::new();
     let mut addrs = HashSet::new();
@@ -180,7 +213,8 @@ pub fn compile(
         if !ports.insert(n.port) {
             return Err(CompileError::DuplicatePort(n.id.clone(), n.port));
         }
-        if n.addresses.is_empty() || n.addresses.len() > MAX_NAT_ADDRESSES {
+        // No address yet (e.g. still pending) is allowed: its flows fail port allocation.
+        if n.addresses.len() > MAX_NAT_ADDRESSES {
             return Err(CompileError::NatAddresses(n.id.clone()));
         }
         for a in &n.addresses {
@@ -214,9 +248,6 @@ pub fn compile(
                     l.port,
                 ));
             }
-            if l.port >= HC_BASE {
-                return Err(CompileError::ReservedPort(lb.id.clone(), l.port));
-            }
             let tg = &l.target_group;
             if tg.protocol != l.protocol {
                 return Err(CompileError::ProtocolMismatch(
@@ -226,8 +257,8 @@ pub fn compile(
                 ));
             }
             let hc = &tg.health_check;
-            if !(2..=10).contains(&hc.healthy_threshold)
-                || !(2..=10).contains(&hc.unhealthy_threshold)
+            if !(1..=10).contains(&hc.healthy_threshold)
+                || !(1..=10).contains(&hc.unhealthy_threshold)
                 || hc.interval.is_zero()
                 || hc.timeout.is_zero()
             {
@@ -287,8 +318,13 @@ pub fn compile(
                 .iter()
                 .map(|&i| target_key(targets[usize::from(i)].ip, targets[usize::from(i)].port))
                 .collect();
-            let maglev = Maglev::build(&keys, maglev_size)
-                .map_err(|e| CompileError::Maglev(tg.id.clone(), e))?;
+            let maglev = match reuse(prev, lb.port, &tg.id, &keys, maglev_size) {
+                Some(m) => m,
+                None => Arc::new(
+                    Maglev::build(&keys, maglev_size)
+                        .map_err(|e| CompileError::Maglev(tg.id.clone(), e))?,
+                ),
+            };
             listeners.push(Listener {
                 proto: proto(l.protocol),
                 port: l.port,
@@ -299,6 +335,7 @@ pub fn compile(
                     sticky: tg.source_ip_stickiness,
                     dereg_delay: tg.deregistration_delay,
                     maglev,
+                    keys,
                     backends,
                 },
             });

@@ -117,7 +117,10 @@ impl Prober {
         let base = HC_BASE + ctx.id as u16 * per;
         let Some(sport) = (0..per)
             .map(|i| base + (self.next_port.wrapping_add(i)) % per)
-            .find(|p| !self.outstanding.contains_key(p))
+            .find(|p| {
+                !self.outstanding.contains_key(p)
+                    && svc.listener(crate::wire::PROTO_TCP, *p).is_none()
+            })
         else {
             return;
         };

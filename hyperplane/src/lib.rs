@@ -108,3 +108,19 @@ mod tests {
         assert!((2..).take_while(|d| d * d <= m).all(|d| m % d != 0));
     }
 }
+#[cfg(test)]
+#[path = "tests/mod.rs"]
+mod fixture_tests;
+
+#[cfg(test)]
+mod thread_safety {
+    fn send<T: Send>() {}
+    fn send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn handles_cross_threads() {
+        send::<crate::Node>();
+        send_sync::<crate::Hyperplane>();
+        send_sync::<std::sync::Arc<crate::Hyperplane>>();
+    }
+}

@@ -6,6 +6,7 @@
 use crate::cluster::Repl;
 use crate::compile::{Service, NAT_PORT_MIN};
 use crate::flow::{Flow, Key};
+use crate::maglev::mix64;
 use crate::node::Ctx;
 use crate::stats::DropReason;
 use crate::wire::{self, Parsed, PROTO_TCP, TCP_ACK, TCP_RST, TCP_SYN};
@@ -14,15 +15,65 @@ use crate::Sink;
 /// Candidate ports tried per NAT address before giving up (bounded work under floods).
 const MAX_PROBES: u32 = 128;
 
-pub(crate) fn process(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, out: &mut dyn Sink) {
+/// `h` is the hash of the frame's wire key (see `node::wire_key`).
+pub(crate) fn process(
+    ctx: &mut Ctx,
+    svc: &Service,
+    frame: &[u8],
+    p: &Parsed,
+    h: u64,
+    out: &mut dyn Sink,
+) {
+    if let Some(i) = p.inner {
+        if svc.owns(p.dst) {
+            return icmp_error(ctx, svc, frame, p, &i, out);
+        }
+        return ctx.drop(DropReason::Unsupported);
+    }
     if svc.owns(p.dst) {
-        inbound(ctx, svc, frame, p, out)
+        inbound(ctx, svc, frame, p, h, out)
     } else {
-        outbound(ctx, svc, frame, p, out)
+        outbound(ctx, svc, frame, p, h, out)
     }
 }
 
-fn inbound(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, out: &mut dyn Sink) {
+/// An ICMP error about a NAT flow (e.g. fragmentation needed, port
+/// unreachable): it quotes the translated datagram, whose reverse is the
+/// flow's return key. It does not refresh the flow.
+fn icmp_error(
+    ctx: &mut Ctx,
+    svc: &Service,
+    frame: &[u8],
+    p: &Parsed,
+    i: &wire::Inner,
+    out: &mut dyn Sink,
+) {
+    if !ctx.is_primary(ctx.hp.nat_in_shard(i.sport)) {
+        return ctx.drop(DropReason::NotOwner);
+    }
+    let k = Key {
+        src: i.dst,
+        dst: i.src,
+        sport: i.dport,
+        dport: i.sport,
+        svc: svc.port,
+        proto: i.proto,
+    };
+    let Some((idx, 1)) = ctx.table.lookup(&k, k.hash()) else {
+        return ctx.drop(DropReason::NoFlow);
+    };
+    let f = *ctx.table.get(idx);
+    if i.src != p.dst || ctx.expired(&f) {
+        return ctx.drop(DropReason::NoFlow);
+    }
+    ctx.buf.clear();
+    ctx.buf.extend_from_slice(frame);
+    wire::rewrite_icmp_error(&mut ctx.buf, p, f.src, f.sport);
+    wire::set_macs(&mut ctx.buf, svc.gw_mac, svc.mac);
+    ctx.emit(out, svc.port);
+}
+
+fn inbound(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, h: u64, out: &mut dyn Sink) {
     if !ctx.is_primary(ctx.hp.nat_in_shard(p.dport)) {
         return ctx.drop(DropReason::NotOwner);
     }
@@ -34,7 +85,7 @@ fn inbound(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, out: &mut dyn
         svc: svc.port,
         proto: p.proto,
     };
-    let Some((idx, 1)) = ctx.table.lookup(&k, k.hash()) else {
+    let Some((idx, 1)) = ctx.table.lookup(&k, h) else {
         return ctx.drop(DropReason::NoFlow);
     };
     if ctx.expired(ctx.table.get(idx)) {
@@ -51,8 +102,8 @@ fn inbound(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, out: &mut dyn
     ctx.emit(out, svc.port);
 }
 
-fn outbound(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, out: &mut dyn Sink) {
-    let (shard, h) = ctx.hp.nat_out_shard(p, svc.port);
+fn outbound(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, h: u64, out: &mut dyn Sink) {
+    let shard = ctx.hp.nat_shard_of_hash(h);
     if !ctx.is_primary(shard) {
         return ctx.drop(DropReason::NotOwner);
     }
@@ -166,8 +217,13 @@ fn allocate(ctx: &Ctx, svc: &Service, p: &Parsed, shard: u16, h: u64) -> Option<
     for a in 0..n {
         let xip = svc.addrs[(start_addr + a) % n];
         for i in 0..count.min(MAX_PROBES) {
-            // Stride by a prime so probes scatter instead of walking a run of used ports.
-            let k = (start + i.wrapping_mul(7919)) % count;
+            // Independent random probes: a fixed stride would make every flow walk
+            // the same cycle and build long runs of used ports (primary clustering).
+            let k = if i == 0 {
+                start
+            } else {
+                (mix64(h ^ u64::from(i)) % u64::from(count)) as u32
+            };
             let port = (first + k * u32::from(shards)) as u16;
             let rev = Key {
                 src: p.dst,

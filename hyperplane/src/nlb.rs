@@ -14,11 +14,23 @@ use crate::stats::{DropReason, HealthState};
 use crate::wire::{self, Parsed, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::Sink;
 
-pub(crate) fn process(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, out: &mut dyn Sink) {
+/// `h` is the hash of the frame's wire key (see `node::wire_key`).
+pub(crate) fn process(
+    ctx: &mut Ctx,
+    svc: &Service,
+    frame: &[u8],
+    p: &Parsed,
+    h: u64,
+    out: &mut dyn Sink,
+) {
+    if p.inner.is_some() {
+        // ICMP errors are not translated for the load balancer.
+        return ctx.drop(DropReason::Unsupported);
+    }
     if svc.owns(p.dst) {
-        from_client(ctx, svc, frame, p, out)
+        from_client(ctx, svc, frame, p, h, out)
     } else {
-        from_target(ctx, svc, frame, p, out)
+        from_target(ctx, svc, frame, p, h, out)
     }
 }
 
@@ -31,14 +43,11 @@ fn seq_after(p: &Parsed, frame: &[u8]) -> u32 {
         .wrapping_add(u32::from(p.tcp_flags & (TCP_SYN | TCP_FIN) != 0))
 }
 
-fn from_client(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, out: &mut dyn Sink) {
+fn from_client(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, h: u64, out: &mut dyn Sink) {
     let shard = ctx.hp.nlb_shard(p.src, p.sport, p.proto, svc.port);
     if !ctx.is_primary(shard) {
         return ctx.drop(DropReason::NotOwner);
     }
-    let Some(l) = svc.listener(p.proto, p.dport) else {
-        return ctx.drop(DropReason::NoListener);
-    };
     let k = Key {
         src: p.src,
         dst: p.dst,
@@ -47,7 +56,6 @@ fn from_client(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, out: &mut
         svc: svc.port,
         proto: p.proto,
     };
-    let h = k.hash();
     let mut found = match ctx.table.lookup(&k, h) {
         Some((idx, 0)) => Some(idx),
         _ => None,
@@ -65,6 +73,10 @@ fn from_client(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, out: &mut
             idx
         }
         None => {
+            // Only new flows need the listener: a removed one closes its flows in `reconcile`.
+            let Some(l) = svc.listener(p.proto, p.dport) else {
+                return ctx.drop(DropReason::NoListener);
+            };
             if p.proto == PROTO_TCP && p.tcp_flags & TCP_RST != 0 {
                 return ctx.drop(DropReason::NoFlow);
             }
@@ -124,7 +136,7 @@ fn from_client(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, out: &mut
     ctx.emit(out, svc.port);
 }
 
-fn from_target(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, out: &mut dyn Sink) {
+fn from_target(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, h: u64, out: &mut dyn Sink) {
     let k = Key {
         src: p.src,
         dst: p.dst,
@@ -135,7 +147,7 @@ fn from_target(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, out: &mut
     };
     let shard = ctx.hp.nlb_shard(p.dst, p.dport, p.proto, svc.port);
     let hit = if ctx.is_primary(shard) {
-        ctx.table.lookup(&k, k.hash())
+        ctx.table.lookup(&k, h)
     } else {
         None
     };
@@ -159,6 +171,10 @@ fn verdict(cfg: &Compiled, f: &Flow, now: SystemTime) -> bool {
     let Some(svc) = cfg.service(f.svc) else {
         return false;
     };
+    if f.flags & F_NLB == 0 {
+        // A NAT flow lives as long as its gateway and address do.
+        return matches!(svc.kind, Kind::Nat) && svc.owns(f.xip);
+    }
     if !matches!(svc.kind, Kind::Nlb(_)) || !svc.owns(f.dst) {
         return false;
     }
@@ -183,18 +199,27 @@ fn verdict(cfg: &Compiled, f: &Flow, now: SystemTime) -> bool {
     }
 }
 
-/// After a new snapshot: flows whose target turned unhealthy, finished
-/// draining or disappeared are closed; TCP ones get a RST on both sides.
-pub(crate) fn reconcile(ctx: &mut Ctx, cfg: &Compiled, out: &mut dyn Sink) {
+/// After a new snapshot: load-balancer flows whose target turned unhealthy,
+/// finished draining or disappeared are closed, TCP ones with a RST on both
+/// sides; NAT flows of a deleted gateway or address are dropped.
+/// Examines up to `budget` records from `from`; returns where to go on.
+pub(crate) fn reconcile(
+    ctx: &mut Ctx,
+    cfg: &Compiled,
+    from: usize,
+    budget: usize,
+    out: &mut dyn Sink,
+) -> usize {
     let now = SystemTime::now();
-    for i in 0..ctx.table.slots() {
+    let end = from.saturating_add(budget).min(ctx.table.slots());
+    for i in from..end {
         let Some(f) = ctx.table.at(i).copied() else {
             continue;
         };
-        if f.flags & F_NLB == 0 || !ctx.is_primary(f.shard) || verdict(cfg, &f, now) {
+        if !ctx.is_primary(f.shard) || verdict(cfg, &f, now) {
             continue;
         }
-        if f.proto == PROTO_TCP {
+        if f.flags & F_NLB != 0 && f.proto == PROTO_TCP {
             if let Some(svc) = cfg.service(f.svc) {
                 let to_client = wire::TcpSpec {
                     src_mac: svc.mac,
@@ -221,6 +246,7 @@ pub(crate) fn reconcile(ctx: &mut Ctx, cfg: &Compiled, out: &mut dyn Sink) {
         }
         ctx.remove_primary(i as u32);
     }
+    end
 }
 
 /// True when a draining target's delay has run out in the current snapshot

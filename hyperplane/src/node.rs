@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::cluster::{Hyperplane, Repl, ShardMap, NONE};
+use crate::cluster::{Hyperplane, Record, Repl, ShardMap, NONE};
 use crate::compile::{Compiled, Kind};
 use crate::flow::{Flow, FlowTable, F_FIN_FWD, F_FIN_REV, F_NLB, F_RST};
 use crate::health::Prober;
@@ -15,8 +15,15 @@ use crate::stats::DropReason;
 use crate::wire::{self, Parsed, PROTO_ICMP, PROTO_TCP, TCP_FIN, TCP_RST};
 use crate::Sink;
 
-/// Flow records examined per tick by the expiry sweep and the re-replication pass.
-const SWEEP_BUDGET: usize = 8192;
+/// The expiry sweep runs every SWEEP_EVERY_MS and examines a 1/SWEEP_PARTS
+/// share of the table (at least SWEEP_MIN records), so the whole table is
+/// swept about once a second however often the owner calls `tick`.
+const SWEEP_EVERY_MS: u32 = 10;
+const SWEEP_PARTS: usize = 100;
+const SWEEP_MIN: usize = 1024;
+/// Flow records examined per tick by the pass after a new snapshot.
+const RECONCILE_BUDGET: usize = 65536;
+/// Flow records examined per tick by the re-replication pass.
 const RESYNC_BUDGET: usize = 16384;
 /// A primary refreshes a flow's replica when it is older than this (in 1.024 s units).
 const REFRESH_UNITS: u16 = 30;
@@ -31,6 +38,8 @@ pub(crate) struct Local {
     pub resynced_out: u64,
     pub rst_sent: u64,
     pub port_allocation_failures: u64,
+    /// Oldest replication record applied in the current one-second window (ms).
+    pub replication_age_ms: u64,
     pub drops: [u64; DropReason::COUNT],
 }
 
@@ -110,7 +119,14 @@ impl Ctx {
         slot.counters
             .replication_sent
             .fetch_add(1, Ordering::Relaxed);
-        if slot.inbox.push(r).is_err() {
+        if slot
+            .inbox
+            .push(Record {
+                repl: r,
+                sent_ms: self.now_ms,
+            })
+            .is_err()
+        {
             slot.counters
                 .replication_dropped
                 .fetch_add(1, Ordering::Relaxed);
@@ -165,8 +181,12 @@ impl Ctx {
     }
 
     /// Applies one replication record.
-    fn apply(&mut self, r: Repl) {
-        match r {
+    fn apply(&mut self, rec: Record) {
+        let age = self.now_ms.wrapping_sub(rec.sent_ms);
+        if age < u32::MAX / 2 {
+            self.c.replication_age_ms = self.c.replication_age_ms.max(u64::from(age));
+        }
+        match rec.repl {
             Repl::Upsert(f) => {
                 let k = f.fwd_key();
                 match self.table.lookup(&k, k.hash()) {
@@ -193,6 +213,19 @@ impl Ctx {
     }
 }
 
+/// The flow-table key of a frame as it appears on the wire.
+#[inline]
+pub(crate) fn wire_key(port: u32, p: &Parsed) -> crate::flow::Key {
+    crate::flow::Key {
+        src: p.src,
+        dst: p.dst,
+        sport: p.sport,
+        dport: p.dport,
+        svc: port,
+        proto: p.proto,
+    }
+}
+
 /// Re-replication after a change of owners: push the flows of every shard
 /// this node now leads to that shard's (new) secondary.
 struct Resync {
@@ -211,13 +244,20 @@ pub struct Node {
     resync: Option<Resync>,
     sweep_cursor: usize,
     sweep_primary: u64,
-    reconcile: bool,
+    /// Next record the NLB reconcile pass examines, when one is running.
+    reconcile: Option<usize>,
     prober: Prober,
     last_slow_tick: u32,
+    last_sweep: u32,
+    age_window: u32,
 }
 
 impl Node {
-    pub(crate) fn new(hp: Arc<Hyperplane>, id: usize, incarnation: u64) -> Node {
+    pub(crate) fn new(
+        hp: Arc<Hyperplane>,
+        id: usize,
+        incarnation: u64,
+    ) -> Result<Node, crate::flow::FlowError> {
         let o = &hp.opts;
         let t = Timeouts {
             nat_tcp: ms(o.nat_tcp_idle),
@@ -227,12 +267,12 @@ impl Node {
             nlb_udp: ms(o.nlb_udp_idle),
             closing: ms(o.tcp_closing),
         };
-        let table = FlowTable::new(o.flows_per_node);
+        let table = FlowTable::new(o.flows_per_node)?;
         let map = hp.map.load_full();
         let cfg = hp.cfg.load_full();
         // A fresh node has nothing to push; it is synced to the map it starts with.
         hp.slots[id].synced_gen.store(map.gen, Ordering::Release);
-        Node {
+        Ok(Node {
             ctx: Ctx {
                 hp,
                 id,
@@ -250,10 +290,12 @@ impl Node {
             resync: None,
             sweep_cursor: 0,
             sweep_primary: 0,
-            reconcile: false,
+            reconcile: None,
             prober: Prober::default(),
             last_slow_tick: 0,
-        }
+            last_sweep: 0,
+            age_window: 0,
+        })
     }
 
     pub fn id(&self) -> usize {
@@ -280,20 +322,58 @@ impl Node {
         }
         if self.ctx.hp.cfg_gen.load(Ordering::Acquire) != self.cfg.gen {
             self.cfg = self.ctx.hp.cfg.load_full();
-            self.reconcile = true;
+            // A new snapshot (re)starts the pass from the beginning.
+            self.reconcile = Some(0);
         }
     }
 
     /// Handles one frame the cluster steered to this node.
     pub fn process(&mut self, port: u32, frame: &[u8], now: Instant, out: &mut dyn Sink) {
-        self.ctx.c.frames_in += 1;
-        if self.dead {
-            self.ctx.drop(DropReason::NoNode);
-            return;
-        }
         self.refresh();
         self.ctx.now_ms = self.now_ms(now);
-        let p = match wire::parse(frame) {
+        let p = wire::parse(frame);
+        let h = p.as_ref().map_or(0, |p| wire_key(port, p).hash());
+        self.process_parsed(port, frame, p, h, out);
+    }
+
+    /// Handles a batch of `(port, frame)` pairs: the flow-table lines of the
+    /// batch are prefetched first, so the cache misses of a million-flow
+    /// table overlap instead of queueing. Same result as `process` on each.
+    pub fn process_batch(&mut self, frames: &[(u32, &[u8])], now: Instant, out: &mut dyn Sink) {
+        const AHEAD: usize = 32;
+        self.refresh();
+        self.ctx.now_ms = self.now_ms(now);
+        let mut parsed = [Err(DropReason::Malformed); AHEAD];
+        let mut hashes = [0u64; AHEAD];
+        for chunk in frames.chunks(AHEAD) {
+            for (i, (port, f)) in chunk.iter().enumerate() {
+                parsed[i] = wire::parse(f);
+                hashes[i] = parsed[i].as_ref().map_or(0, |p| wire_key(*port, p).hash());
+                self.ctx.table.prefetch(hashes[i]);
+            }
+            for h in &hashes[..chunk.len()] {
+                self.ctx.table.prefetch_flow(*h);
+            }
+            for (i, (port, f)) in chunk.iter().enumerate() {
+                self.process_parsed(*port, f, parsed[i], hashes[i], out);
+            }
+        }
+    }
+
+    #[inline]
+    fn process_parsed(
+        &mut self,
+        port: u32,
+        frame: &[u8],
+        p: Result<Parsed, DropReason>,
+        h: u64,
+        out: &mut dyn Sink,
+    ) {
+        self.ctx.c.frames_in += 1;
+        if self.dead {
+            return self.ctx.drop(DropReason::NoNode);
+        }
+        let p = match p {
             Ok(p) => p,
             Err(r) => return self.ctx.drop(r),
         };
@@ -301,12 +381,12 @@ impl Node {
             return self.ctx.drop(DropReason::UnknownPort);
         };
         match &svc.kind {
-            Kind::Nat => crate::nat::process(&mut self.ctx, svc, frame, &p, out),
+            Kind::Nat => crate::nat::process(&mut self.ctx, svc, frame, &p, h, out),
             Kind::Nlb(_) => {
-                if svc.owns(p.dst) && p.proto == PROTO_TCP && p.dport >= crate::compile::HC_BASE {
+                if svc.is_probe_reply(&p) {
                     self.prober.reply(&mut self.ctx, svc, &p, out);
                 } else {
-                    crate::nlb::process(&mut self.ctx, svc, frame, &p, out);
+                    crate::nlb::process(&mut self.ctx, svc, frame, &p, h, out);
                 }
             }
         }
@@ -329,10 +409,13 @@ impl Node {
         self.refresh();
         self.drain_inbox();
         self.resync_step();
-        self.sweep_step();
-        if self.reconcile {
-            self.reconcile = false;
-            crate::nlb::reconcile(&mut self.ctx, &self.cfg, out);
+        if self.ctx.now_ms.wrapping_sub(self.last_sweep) >= SWEEP_EVERY_MS {
+            self.last_sweep = self.ctx.now_ms;
+            self.sweep_step();
+        }
+        if let Some(from) = self.reconcile {
+            let next = crate::nlb::reconcile(&mut self.ctx, &self.cfg, from, RECONCILE_BUDGET, out);
+            self.reconcile = (next < self.ctx.table.slots()).then_some(next);
         }
         if self.ctx.now_ms.wrapping_sub(self.last_slow_tick) >= 20 {
             self.last_slow_tick = self.ctx.now_ms;
@@ -343,6 +426,10 @@ impl Node {
             }
         }
         self.publish();
+        if self.ctx.now_ms.wrapping_sub(self.age_window) >= 1000 {
+            self.age_window = self.ctx.now_ms;
+            self.ctx.c.replication_age_ms = 0;
+        }
     }
 
     fn drain_inbox(&mut self) {
@@ -411,7 +498,11 @@ impl Node {
                     let f = *self.ctx.table.get(i as u32);
                     let sec = usize::from(self.ctx.map.secondary(f.shard));
                     let Some(slot) = hp.slots.get(sec) else { break };
-                    if slot.inbox.push(Repl::Upsert(f)).is_err() {
+                    let rec = Record {
+                        repl: Repl::Upsert(f),
+                        sent_ms: self.ctx.now_ms,
+                    };
+                    if slot.inbox.push(rec).is_err() {
                         // Inbox full: try again from here next tick rather than lose the record.
                         return;
                     }
@@ -431,14 +522,10 @@ impl Node {
     fn sweep_step(&mut self) {
         let slots = self.ctx.table.slots();
         let me = self.ctx.id as u8;
-        for _ in 0..SWEEP_BUDGET.min(slots) {
+        let budget = (slots / SWEEP_PARTS).max(SWEEP_MIN).min(slots);
+        for _ in 0..budget {
             if self.sweep_cursor >= slots {
-                self.sweep_cursor = 0;
-                self.ctx.hp.slots[self.ctx.id]
-                    .counters
-                    .primary_flows
-                    .store(self.sweep_primary, Ordering::Relaxed);
-                self.sweep_primary = 0;
+                break;
             }
             let i = self.sweep_cursor;
             self.sweep_cursor += 1;
@@ -471,6 +558,15 @@ impl Node {
                 self.ctx.table.remove(i as u32);
             }
         }
+        if self.sweep_cursor >= slots {
+            // A full pass: publish how many flows this node leads.
+            self.sweep_cursor = 0;
+            self.ctx.hp.slots[self.ctx.id]
+                .counters
+                .primary_flows
+                .store(self.sweep_primary, Ordering::Relaxed);
+            self.sweep_primary = 0;
+        }
     }
 
     /// Copies local counters to the shared ones.
@@ -487,6 +583,7 @@ impl Node {
         s(&c.rst_sent, l.rst_sent);
         s(&c.port_allocation_failures, l.port_allocation_failures);
         s(&c.table_memory_bytes, self.ctx.table.memory_bytes() as u64);
+        s(&c.replication_age_ms, l.replication_age_ms);
         for (a, v) in c.drops.iter().zip(l.drops.iter()) {
             s(a, *v);
         }

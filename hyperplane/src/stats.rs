@@ -84,6 +84,8 @@ pub struct NodeStats {
     pub replication_lag: u64,
     /// Records that could not be queued (inbox full) and were dropped.
     pub replication_dropped: u64,
+    /// Age of the oldest record this node applied in the last second or so (ms).
+    pub replication_age_ms: u64,
     /// Records pushed again after a change of owners.
     pub resynced_out: u64,
     pub rst_sent: u64,
@@ -138,6 +140,7 @@ pub(crate) struct NodeCounters {
     pub replicated_in: AtomicU64,
     pub replication_sent: AtomicU64,
     pub replication_dropped: AtomicU64,
+    pub replication_age_ms: AtomicU64,
     pub resynced_out: AtomicU64,
     pub rst_sent: AtomicU64,
     pub port_allocation_failures: AtomicU64,
@@ -164,6 +167,7 @@ impl NodeCounters {
             replication_sent: sent,
             replication_lag: sent.saturating_sub(applied).saturating_sub(dropped),
             replication_dropped: dropped,
+            replication_age_ms: g(&self.replication_age_ms),
             resynced_out: g(&self.resynced_out),
             rst_sent: g(&self.rst_sent),
             port_allocation_failures: g(&self.port_allocation_failures),

@@ -19,6 +19,9 @@ pub const TCP_ACK: u8 = 0x10;
 
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_UNREACHABLE: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
 
 /// What the hyperplane needs from a frame. For ICMP echo the identifier
 /// plays the port: a request has `sport = id, dport = 0`, a reply
@@ -37,25 +40,47 @@ pub struct Parsed {
     pub tcp_flags: u8,
     pub seq: u32,
     pub ack: u32,
+    /// For an ICMP error (unreachable, time exceeded, parameter problem):
+    /// the quoted datagram's header, whose bytes lie inside the frame.
+    pub inner: Option<Inner>,
 }
 
+/// The datagram quoted by an ICMP error, with the same port conventions as
+/// [`Parsed`] (an echo request quotes `sport = id`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Inner {
+    pub proto: u8,
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    /// Offsets of the quoted IP and L4 headers.
+    pub ip: usize,
+    pub l4: usize,
+}
+
+#[inline]
 fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
 
+#[inline]
 fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
+#[inline]
 fn put16(b: &mut [u8], at: usize, v: u16) {
     b[at..at + 2].copy_from_slice(&v.to_be_bytes());
 }
 
+#[inline]
 fn put32(b: &mut [u8], at: usize, v: u32) {
     b[at..at + 4].copy_from_slice(&v.to_be_bytes());
 }
 
 /// Parses an Ethernet/IPv4 frame; every length is checked before use.
+#[inline]
 pub fn parse(f: &[u8]) -> Result<Parsed, DropReason> {
     if f.len() < ETH_LEN + 20 {
         return Err(if f.len() >= ETH_LEN && be16(f, 12) != ETHERTYPE_IPV4 {
@@ -121,12 +146,96 @@ pub fn parse(f: &[u8]) -> Result<Parsed, DropReason> {
             match f[l4] {
                 ICMP_ECHO_REQUEST => p.sport = id,
                 ICMP_ECHO_REPLY => p.dport = id,
+                ICMP_UNREACHABLE | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM => {
+                    p.inner = Some(parse_inner(f, l4 + 8, end)?)
+                }
                 _ => return Err(DropReason::Unsupported),
             }
         }
         _ => return Err(DropReason::Unsupported),
     }
     Ok(p)
+}
+
+/// The datagram quoted in an ICMP error from `at` to `end`: its IP header
+/// and the first 8 bytes of its L4 header must be present (RFC 792).
+fn parse_inner(f: &[u8], at: usize, end: usize) -> Result<Inner, DropReason> {
+    if at + 20 > end || f[at] >> 4 != 4 {
+        return Err(DropReason::Malformed);
+    }
+    let ihl = usize::from(f[at] & 0x0f) * 4;
+    let l4 = at + ihl;
+    if ihl < 20 || l4 + 8 > end {
+        return Err(DropReason::Malformed);
+    }
+    let mut i = Inner {
+        proto: f[at + 9],
+        src: be32(f, at + 12),
+        dst: be32(f, at + 16),
+        ip: at,
+        l4,
+        ..Inner::default()
+    };
+    match i.proto {
+        PROTO_TCP | PROTO_UDP => {
+            i.sport = be16(f, l4);
+            i.dport = be16(f, l4 + 2);
+        }
+        PROTO_ICMP if f[l4] == ICMP_ECHO_REQUEST => i.sport = be16(f, l4 + 4),
+        _ => return Err(DropReason::Unsupported),
+    }
+    Ok(i)
+}
+
+/// Writes a 16-bit word inside an ICMP message and keeps the ICMP checksum at `ck` right.
+fn change16(f: &mut [u8], at: usize, new: u16, ck: usize) -> u16 {
+    let old = be16(f, at);
+    put16(f, at, new);
+    let c = be16(f, ck);
+    put16(f, ck, csum_update16(c, old, new));
+    old
+}
+
+/// Translates an inbound ICMP error about a NAT flow: the outer destination
+/// becomes `ip`, the quoted datagram's source becomes `ip:port`; the outer IP,
+/// ICMP, quoted IP and quoted L4 checksums (when quoted) are fixed incrementally.
+pub fn rewrite_icmp_error(f: &mut [u8], p: &Parsed, ip: u32, port: u16) {
+    let Some(i) = p.inner else { return };
+    put32(f, ETH_LEN + 16, ip);
+    let c = be16(f, ETH_LEN + 10);
+    put16(f, ETH_LEN + 10, csum_update32(c, p.dst, ip));
+    let ck = p.l4 + 2;
+    change16(f, i.ip + 12, (ip >> 16) as u16, ck);
+    change16(f, i.ip + 14, ip as u16, ck);
+    let ipc = be16(f, i.ip + 10);
+    change16(f, i.ip + 10, csum_update32(ipc, i.src, ip), ck);
+    match i.proto {
+        PROTO_ICMP => {
+            let old = change16(f, i.l4 + 4, port, ck);
+            let c = be16(f, i.l4 + 2);
+            change16(f, i.l4 + 2, csum_update16(c, old, port), ck);
+        }
+        proto => {
+            let old = change16(f, i.l4, port, ck);
+            let at = if proto == PROTO_TCP {
+                i.l4 + 16
+            } else {
+                i.l4 + 6
+            };
+            // The quoted L4 checksum is only there if the quote is long enough.
+            if at + 2 <= p.end {
+                let c = be16(f, at);
+                if proto == PROTO_UDP && c == 0 {
+                    return;
+                }
+                let mut n = csum_update16(csum_update32(c, i.src, ip), old, port);
+                if proto == PROTO_UDP && n == 0 {
+                    n = 0xffff;
+                }
+                change16(f, at, n, ck);
+            }
+        }
+    }
 }
 
 /// RFC 1624 eqn. 3: the checksum after one 16-bit word changed.
@@ -172,6 +281,7 @@ fn l4_check_at(p: &Parsed) -> usize {
 /// Rewrites the source (`src == true`) or destination address and port of a
 /// parsed frame in place, fixing the IP and L4 checksums incrementally. For
 /// ICMP echo the "port" is the identifier. `f` must be the frame `p` came from.
+#[inline]
 pub fn rewrite(f: &mut [u8], p: &Parsed, src: bool, ip: u32, port: u16) {
     let (ip_at, old_ip) = if src {
         (ETH_LEN + 12, p.src)
