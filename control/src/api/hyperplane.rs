@@ -150,8 +150,10 @@ impl Tier {
                 while !flag.load(Ordering::Acquire) {
                     worker.wait(TICK);
                     let now = Instant::now();
-                    while worker.poll(BURST, &mut |port, frame, em| {
-                        node.process(port, frame, now, &mut EmitSink(em))
+                    // In batches: the node prefetches its flow table
+                    // across a batch's frames.
+                    while worker.poll_batch(BURST, &mut |frames, em| {
+                        node.process_batch(frames, now, &mut EmitSink(em))
                     }) == BURST
                     {}
                     worker.emit(&mut |em| node.tick(Instant::now(), &mut EmitSink(em)));
