@@ -430,6 +430,9 @@ impl Drop for ApiDaemon {
         }
         enilab_control::netns::Netns::sweep_stale(enilab_control::lab::INTERNET_NETNS_PREFIX);
         enilab_control::netns::Netns::sweep_stale(enilab_control::imds::NETNS_PREFIX);
-        let _ = std::fs::remove_dir_all(&self.root);
+        // ENILAB_KEEP_ROOT=1 keeps logs and consoles for a post-mortem.
+        if std::env::var_os("ENILAB_KEEP_ROOT").is_none() {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
     }
 }
