@@ -34,6 +34,30 @@ pub struct InstanceType {
     pub vcpus: u32,
     #[serde(default = "default_memory")]
     pub memory_mib: u32,
+    /// Network bandwidth allowance of each interface, each way, in Mbit/s
+    /// (EC2's "up to" figure for the type); 0: unlimited.
+    #[serde(default)]
+    pub bandwidth_mbps: u64,
+    /// Packets per second allowance of each interface (EC2 does not
+    /// publish one; set it to study pps_allowance_exceeded); 0: unlimited.
+    #[serde(default)]
+    pub pps: u64,
+}
+
+/// EC2's fixed allowance for link-local services (instance metadata, DNS,
+/// time) per interface.
+pub const LINKLOCAL_PPS: u64 = 1024;
+
+impl InstanceType {
+    /// The allowances of one interface of this type.
+    pub fn limits(&self) -> enilab_switch::PortLimits {
+        enilab_switch::PortLimits {
+            pps: self.pps,
+            bw_out_bps: self.bandwidth_mbps * 1_000_000,
+            bw_in_bps: self.bandwidth_mbps * 1_000_000,
+            linklocal_pps: LINKLOCAL_PPS,
+        }
+    }
 }
 
 fn default_vcpus() -> u32 {
@@ -76,25 +100,27 @@ pub struct Config {
     pub max_body: usize,
 }
 
-fn t(enis: u32, cards: u32, ipv4: u32, vcpus: u32, memory_mib: u32) -> InstanceType {
+fn t(enis: u32, cards: u32, ipv4: u32, vcpus: u32, memory_mib: u32, gbps: u64) -> InstanceType {
     InstanceType {
         enis,
         cards,
         ipv4_per_eni: ipv4,
         vcpus,
         memory_mib,
+        bandwidth_mbps: gbps * 1000,
+        pps: 0,
     }
 }
 
 impl Default for Config {
     fn default() -> Self {
         let mut types = BTreeMap::new();
-        types.insert("t3.micro".to_string(), t(2, 1, 2, 2, 1024));
-        types.insert("m5.large".to_string(), t(3, 1, 10, 2, 8192));
-        types.insert("m5.24xlarge".to_string(), t(15, 1, 50, 96, 393_216));
-        types.insert("c6in.32xlarge".to_string(), t(16, 2, 50, 128, 262_144));
-        types.insert("p4d.24xlarge".to_string(), t(60, 4, 50, 96, 1_179_648));
-        types.insert("trn1.32xlarge".to_string(), t(40, 8, 50, 128, 524_288));
+        types.insert("t3.micro".to_string(), t(2, 1, 2, 2, 1024, 5));
+        types.insert("m5.large".to_string(), t(3, 1, 10, 2, 8192, 10));
+        types.insert("m5.24xlarge".to_string(), t(15, 1, 50, 96, 393_216, 25));
+        types.insert("c6in.32xlarge".to_string(), t(16, 2, 50, 128, 262_144, 200));
+        types.insert("p4d.24xlarge".to_string(), t(60, 4, 50, 96, 1_179_648, 400));
+        types.insert("trn1.32xlarge".to_string(), t(40, 8, 50, 128, 524_288, 800));
         Config {
             account_id: "123456789012".to_string(),
             zones: vec![

@@ -558,6 +558,17 @@ impl QemuDriver {
         );
         topo.uplink = self.internet.as_ref().map(|i| i.uplink_config());
         topo.metadata = self.metadata;
+        // Each instance interface gets its type's allowances.
+        for p in &mut topo.ports {
+            let itype = state
+                .get::<Eni>(&p.eni_id)
+                .and_then(|e| e.attachment.as_ref())
+                .and_then(|a| state.get::<Instance>(&a.instance_id))
+                .and_then(|i| self.config.types.get(&i.instance_type));
+            if let Some(t) = itype {
+                p.limits = t.limits();
+            }
+        }
         if let Some(t) = &self.tier {
             let tr = hyperplane::translate(state, &services);
             for p in &mut topo.ports {
