@@ -466,7 +466,7 @@ mod tests {
 
     fn udp(src: [u8; 4], dst: [u8; 4], dst_mac: [u8; 6], payload: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();
-        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0x99], dst_mac)
+        PacketBuilder::ethernet2(SVC_MAC, dst_mac)
             .ipv4(src, dst, 64)
             .udp(4000, 53)
             .write(&mut v, payload)

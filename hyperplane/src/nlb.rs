@@ -1,7 +1,7 @@
 //! Network load balancer: DNAT of client → VIP:listener to a target chosen
 //! by Maglev over the eligible targets, with connection tracking so flows
 //! keep their target; the client IP is preserved. Replies from targets are
-//! translated back; replies with no flow pass through unchanged.
+//! translated back; replies with no flow pass through (addresses unchanged).
 
 use std::time::SystemTime;
 
@@ -152,9 +152,13 @@ fn from_target(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, h: u64, o
         None
     };
     let Some((idx, 1)) = hit else {
-        // Not ours: direct traffic from the target to a client; pass it through unchanged.
+        // Not ours: direct traffic from the target to a client; pass it
+        // through with the addresses unchanged. It leaves from the
+        // balancer's interface, so with its MAC (the switch drops frames
+        // whose source MAC is not the sending interface's).
         ctx.buf.clear();
         ctx.buf.extend_from_slice(frame);
+        wire::set_macs(&mut ctx.buf, svc.gw_mac, svc.mac);
         return ctx.emit(out, svc.port);
     };
     ctx.touch(idx, p, 1);

@@ -40,11 +40,14 @@ pub enum DropReason {
     PortDown,
     /// A well-formed frame of a kind the switch does not handle.
     Unsupported,
+    /// The frame's source MAC is not the sending interface's (checked
+    /// always, like EC2's hypervisor, whatever the source/dest check).
+    SpoofedMac,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 11;
+    pub const COUNT: usize = 12;
 
     /// Every reason, in counter order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
@@ -59,6 +62,7 @@ impl DropReason {
         DropReason::ConntrackFull,
         DropReason::PortDown,
         DropReason::Unsupported,
+        DropReason::SpoofedMac,
     ];
 
     /// Stable snake_case name, used in metrics and logs.
@@ -75,6 +79,7 @@ impl DropReason {
             DropReason::ConntrackFull => "conntrack_full",
             DropReason::PortDown => "port_down",
             DropReason::Unsupported => "unsupported",
+            DropReason::SpoofedMac => "spoofed_mac",
         }
     }
 
@@ -349,7 +354,11 @@ mod tests {
             assert_eq!(s.drops(*r), i as u64 + 1, "{r:?}");
             assert_eq!(c.drops(*r), i as u64 + 1, "{r:?}");
         }
-        assert_eq!(s.total_drops(), 66);
+        // 1 + 2 + ... + COUNT
+        assert_eq!(
+            s.total_drops(),
+            (DropReason::COUNT * (DropReason::COUNT + 1) / 2) as u64
+        );
         c.reset();
         assert_eq!(c.stats(), PortStats::default());
     }

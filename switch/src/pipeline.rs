@@ -442,6 +442,9 @@ impl<'a> Ctx<'a> {
         let Ok(eth) = ethernet::Frame::new_checked(&*frame) else {
             return Verdict::Dropped(DropReason::Malformed);
         };
+        if eth.src() != self.port.mac {
+            return Verdict::Dropped(DropReason::SpoofedMac);
+        }
         match eth.ethertype() {
             ethertype::ARP => arp::handle(self, &eth, work.scratch, tx),
             ethertype::IPV4 => ipv4::handle(self, frame, meta, work, tx),

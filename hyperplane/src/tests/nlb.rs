@@ -208,10 +208,14 @@ fn replies_are_translated_back_and_strangers_pass_through() {
         (p.src, p.sport, p.dst, p.dport),
         (ip(VIP), 80, ip(CLIENT), 5555)
     );
-    // Direct traffic from a target to some client (no flow): unchanged.
+    // Direct traffic from a target to some client (no flow): addresses
+    // and payload unchanged, sent from the balancer's MAC to the gateway.
     let direct = frame(PROTO_TCP, tip.to_be_bytes(), 22, CLIENT, 6000, TCP_ACK, 5);
     let out = lab.send(LB_PORT, &direct);
-    assert_eq!(out, vec![(LB_PORT, direct)]);
+    let mut want = direct.clone();
+    want[0..6].copy_from_slice(&GW);
+    want[6..12].copy_from_slice(&LB_MAC);
+    assert_eq!(out, vec![(LB_PORT, want)]);
 }
 
 #[test]

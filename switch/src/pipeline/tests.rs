@@ -960,6 +960,18 @@ fn drop_rows() -> Vec<Row> {
     unicast6[15] = 9;
     vec![
         drop_row(
+            "a frame with another interface's source MAC",
+            1,
+            udp(M2, M3, P1, P3, 64, (5000, 53), b"spoofed"),
+            SpoofedMac,
+        ),
+        drop_row(
+            "an ARP request with a made-up source MAC",
+            1,
+            who_has([0x02, 0xde, 0xad, 0, 0, 1], P1, A1_GW),
+            SpoofedMac,
+        ),
+        drop_row(
             "ingress port not in the snapshot",
             ABSENT,
             who_has(M1, P1, A1_GW),
@@ -1780,6 +1792,9 @@ fn truncated_frames_never_panic() {
             if len < full {
                 let want = match r.verdict {
                     Verdict::Dropped(DropReason::PortDown) => DropReason::PortDown,
+                    // The source MAC is judged as soon as the Ethernet
+                    // header is whole.
+                    Verdict::Dropped(DropReason::SpoofedMac) if len >= 14 => DropReason::SpoofedMac,
                     _ => DropReason::Malformed,
                 };
                 assert_eq!(v, Verdict::Dropped(want), "{}: cut at {len}", r.desc);
