@@ -368,7 +368,8 @@ fn scenario_failover(mode: Mode) {
         });
         assert!(
             settled,
-            "leak after {runs} failovers: before {before:?} after {after:?}"
+            "leak after {runs} failovers: before {before:?} after {after:?}; threads by name {}",
+            d.status()["driver"]["process"]["thread_names"]
         );
     }
 }

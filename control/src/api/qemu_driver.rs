@@ -837,6 +837,7 @@ impl InstanceDriver for QemuDriver {
         let process = json!({
             "fds": count("/proc/self/fd"),
             "threads": count("/proc/self/task"),
+            "thread_names": thread_names(),
             "worker_threads": self.datapath.worker_threads(),
             "pending_unplugs": unplugs,
             "announcements": self.announcements.load(Ordering::Relaxed),
@@ -1061,4 +1062,16 @@ impl InstanceDriver for QemuDriver {
         );
         true
     }
+}
+
+/// How many of this process's threads bear each name (for leak hunts).
+fn thread_names() -> BTreeMap<String, usize> {
+    let mut names = BTreeMap::new();
+    if let Ok(rd) = std::fs::read_dir("/proc/self/task") {
+        for t in rd.flatten() {
+            let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            *names.entry(name.trim().to_string()).or_insert(0) += 1;
+        }
+    }
+    names
 }
