@@ -9,7 +9,9 @@
 //! * [`imds`], [`eni`]: the metadata client and the ENI configuration
 //!   (addresses, route tables, policy rules) it drives.
 
+pub mod attack;
 pub mod b64;
+pub mod blast;
 pub mod eni;
 pub mod guest;
 pub mod imds;

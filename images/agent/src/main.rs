@@ -4,6 +4,8 @@
 //!        `enilab-agent kv --listen ADDR [--replica ADDR]` (see `kv`)
 //!        `enilab-agent kv-client ADDR SECONDS`
 //!        `enilab-agent echo ADDR`, `enilab-agent probe ADDR INTERVAL_MS SECONDS`
+//!        `enilab-agent attack KIND IF SECONDS SRC_IP DST_IP` (see `attack`)
+//!        `enilab-agent blast|sink tcp|udp ADDR SECONDS` (see `blast`)
 //!   --port NAME    virtio-serial port name (default org.enilab.agent)
 //!   --device PATH  serve on this character device instead of looking up
 //!                  the port in sysfs
@@ -17,7 +19,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use enilab_agent::{eni, guest, kv, net, probe, proto, server, sys};
+use enilab_agent::{attack, blast, eni, guest, kv, net, probe, proto, server, sys};
 
 fn log(msg: &str) {
     eprintln!("enilab-agent: {msg}");
@@ -82,6 +84,33 @@ fn main() {
             Err(e) => {
                 eprintln!("enilab-agent {mode}: {e}");
                 std::process::exit(2);
+            }
+        }
+    }
+    if let Some(mode @ ("blast" | "sink")) = argv.first().map(String::as_str) {
+        std::process::exit(blast::main(mode, &argv[1..]));
+    }
+    if argv.first().map(String::as_str) == Some("attack") {
+        let a = &argv[1..];
+        let parsed = (
+            a.first(),
+            a.get(1),
+            a.get(2).and_then(|s| s.parse::<u64>().ok()),
+            a.get(3).and_then(|s| s.parse().ok()),
+            a.get(4).and_then(|s| s.parse().ok()),
+        );
+        let (Some(kind), Some(ifname), Some(secs), Some(src), Some(dst)) = parsed else {
+            eprintln!("usage: enilab-agent attack KIND IF SECONDS SRC_IP DST_IP");
+            std::process::exit(2);
+        };
+        match attack::run(kind, ifname, secs, src, dst) {
+            Ok(n) => {
+                println!("sent {n}");
+                return;
+            }
+            Err(e) => {
+                eprintln!("enilab-agent attack: {e}");
+                std::process::exit(1);
             }
         }
     }
