@@ -233,6 +233,9 @@ impl Emitter<'_> {
     }
 }
 
+/// What [`ServiceWorker::poll_batch`] hands a batch to.
+pub type BatchHandler<'h> = dyn FnMut(&[(PortId, &[u8])], &mut Emitter<'_>) + 'h;
+
 /// One lane's worker state.
 pub struct ServiceWorker {
     lanes: Arc<ServiceLanes>,
@@ -309,7 +312,7 @@ impl ServiceWorker {
     pub fn poll_batch(
         &mut self,
         max: usize,
-        handle: &mut dyn FnMut(&[(PortId, &[u8])], &mut Emitter<'_>),
+        handle: &mut BatchHandler<'_>,
     ) -> usize {
         let ServiceWorker {
             lanes,
