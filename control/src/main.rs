@@ -105,6 +105,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write a pcap of what an ENI sends and receives (Wireshark, tshark),
+    /// until Ctrl-C, --count or --seconds.
+    Capture {
+        /// The network interface (eni-…).
+        eni: String,
+        /// Output file, `-` for stdout (e.g. `| tshark -r -`).
+        #[arg(short = 'w', long = "write")]
+        write: PathBuf,
+        /// Stop after this many frames.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// The daemon's address.
+        #[arg(long, default_value = "127.0.0.1:8990")]
+        endpoint: std::net::SocketAddr,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -269,6 +287,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
+        Cmd::Capture {
+            eni,
+            write,
+            count,
+            seconds,
+            endpoint,
+        } => {
+            let req = api::capture::CaptureRequest {
+                eni,
+                count,
+                seconds,
+            };
+            api::capture::stop_on_sigint();
+            let frames = if write.as_os_str() == "-" {
+                api::capture::fetch(endpoint, &req, &mut std::io::stdout().lock())?
+            } else {
+                let mut f = std::fs::File::create(&write)
+                    .with_context(|| format!("cannot create {}", write.display()))?;
+                api::capture::fetch(endpoint, &req, &mut f)?
+            };
+            eprintln!("enilab: {frames} frames captured from {}", req.eni);
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Status { endpoint, json } => {
             match api::status::fetch(endpoint) {
                 Ok(v) if json => {

@@ -697,6 +697,20 @@ impl InstanceDriver for QemuDriver {
         self.halt(inst)
     }
 
+    fn capture(&self, eni: &str, capacity: usize) -> Result<enilab_switch::Capture, DriverError> {
+        let port = self
+            .inner()
+            .devices
+            .get(eni)
+            .map(|d| d.port)
+            .ok_or_else(|| {
+                failed(format!(
+                    "{eni} has no device: it is not attached to a running instance"
+                ))
+            })?;
+        self.switch.capture(port, capacity).map_err(failed)
+    }
+
     fn terminate(&self, inst: &Instance) -> Result<(), DriverError> {
         self.halt(inst)
     }
