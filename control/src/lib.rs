@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod api;
 pub mod demo;
+pub mod graph;
 pub mod image;
 pub mod imds;
 pub mod lab;

@@ -123,6 +123,21 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:8990")]
         endpoint: std::net::SocketAddr,
     },
+    /// Draw the lab (VPCs, subnets, instances, ENIs with device and card
+    /// index, gateways, load balancers) with traffic rates, as SVG or PNG
+    /// through Graphviz (`.dot` output, or when `dot` is missing: the
+    /// source).
+    Graph {
+        /// Output file (`.svg`, `.png`, `.dot`); `-` for SVG on stdout.
+        #[arg(short = 'o', long = "output", default_value = "-")]
+        output: PathBuf,
+        /// Seconds between the two samples the rates come from.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// The daemon's address.
+        #[arg(long, default_value = "127.0.0.1:8990")]
+        endpoint: std::net::SocketAddr,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -308,6 +323,53 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 api::capture::fetch(endpoint, &req, &mut f)?
             };
             eprintln!("enilab: {frames} frames captured from {}", req.eni);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Graph {
+            output,
+            interval,
+            endpoint,
+        } => {
+            use enilab_control::graph;
+            let before = api::status::fetch(endpoint)?;
+            let t0 = std::time::Instant::now();
+            std::thread::sleep(Duration::from_secs_f64(interval.clamp(0.0, 60.0)));
+            let after = api::status::fetch(endpoint)?;
+            let rates = graph::rates(&before, &after, t0.elapsed().as_secs_f64());
+            let dot = graph::to_dot(&after, &rates);
+            let stdout = output.as_os_str() == "-";
+            let format = if stdout {
+                "svg"
+            } else {
+                graph::format_of(&output)
+            };
+            let (bytes, path) = if format == "dot" {
+                (dot.into_bytes(), output)
+            } else {
+                match graph::render(&dot, format) {
+                    Ok(b) => (b, output),
+                    Err(graph::GraphError::NoDot(e)) => {
+                        let path = if stdout {
+                            output
+                        } else {
+                            output.with_extension("dot")
+                        };
+                        eprintln!(
+                            "enilab: graphviz `dot` is missing ({e}); writing the dot source instead (apt-get install graphviz)"
+                        );
+                        (dot.into_bytes(), path)
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            if path.as_os_str() == "-" {
+                use std::io::Write;
+                std::io::stdout().write_all(&bytes)?;
+            } else {
+                std::fs::write(&path, &bytes)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                eprintln!("enilab: wrote {}", path.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { endpoint, json } => {
