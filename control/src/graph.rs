@@ -237,9 +237,7 @@ pub fn to_dot(status: &Value, rates: &BTreeMap<String, (f64, f64)>) -> String {
     }
     let igws = arr(&gw["internet_gateways"]);
     if igws.iter().any(|g| !g["vpc"].is_null()) {
-        out.push_str(
-            "  \"internet\" [shape=cloud, shape=ellipse, style=dashed, label=\"internet\"];\n",
-        );
+        out.push_str("  \"internet\" [shape=ellipse, style=dashed, label=\"internet\"];\n");
         for g in igws.iter().filter(|g| !g["vpc"].is_null()) {
             let _ = writeln!(out, "  {} -> \"internet\" [dir=both];", q(&s(&g["id"])));
         }

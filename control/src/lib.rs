@@ -11,3 +11,4 @@ pub mod lab;
 pub mod netns;
 pub mod qemu;
 pub mod store;
+pub mod topology;

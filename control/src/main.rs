@@ -138,6 +138,27 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:8990")]
         endpoint: std::net::SocketAddr,
     },
+    /// Create what a topology file (TOML) describes through the daemon's
+    /// API; resources already there (tag enilab:name) are left alone.
+    Up {
+        file: PathBuf,
+        /// The daemon's address.
+        #[arg(long, default_value = "127.0.0.1:8990")]
+        endpoint: std::net::SocketAddr,
+        /// Print the changes as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete what `enilab up FILE` created.
+    Down {
+        file: PathBuf,
+        /// The daemon's address.
+        #[arg(long, default_value = "127.0.0.1:8990")]
+        endpoint: std::net::SocketAddr,
+        /// Print the changes as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -369,6 +390,57 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 std::fs::write(&path, &bytes)
                     .with_context(|| format!("cannot write {}", path.display()))?;
                 eprintln!("enilab: wrote {}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Up {
+            file,
+            endpoint,
+            json,
+        } => {
+            use enilab_control::topology::{apply, Topology};
+            let t = Topology::load(&file)?;
+            let bars = indicatif::MultiProgress::new();
+            let style = indicatif::ProgressStyle::with_template(
+                "{spinner} {prefix:.bold} {msg} ({elapsed})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+            let shown = std::cell::RefCell::new(std::collections::BTreeMap::new());
+            let progress = |name: &str, id: &str, state: &str, done: bool| {
+                let mut shown = shown.borrow_mut();
+                let bar = shown.entry(id.to_string()).or_insert_with(|| {
+                    let b = bars.add(indicatif::ProgressBar::new_spinner());
+                    b.set_style(style.clone());
+                    b.set_prefix(format!("{name} {id}"));
+                    b.enable_steady_tick(Duration::from_millis(120));
+                    b
+                });
+                if done {
+                    bar.finish_with_message(state.to_string());
+                } else {
+                    bar.set_message(format!("{state}, booting"));
+                }
+            };
+            let report = apply::up(endpoint, &t, &progress)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", apply::render(&report));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Down {
+            file,
+            endpoint,
+            json,
+        } => {
+            use enilab_control::topology::{apply, Topology};
+            let t = Topology::load(&file)?;
+            let report = apply::down(endpoint, &t)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", apply::render(&report));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -93,13 +93,14 @@ fn gateways(api: &Api) -> Value {
     })
 }
 
-/// The `Name` tag of every resource that has one (id -> name).
+/// The `Name` tag (else the `enilab:name` tag of `enilab up`) of every
+/// resource that has one (id -> name).
 fn names(api: &Api) -> Value {
     use crate::store::model::{Kind, Tags};
     fn add<K: Kind>(st: &crate::store::State, out: &mut serde_json::Map<String, Value>) {
         for r in st.iter::<K>() {
             let t: &Tags = r.tags();
-            if let Some(n) = t.get("Name") {
+            if let Some(n) = t.get("Name").or_else(|| t.get("enilab:name")) {
                 out.insert(r.id().to_string(), json!(n));
             }
         }
