@@ -434,7 +434,8 @@ mod tests {
 
     #[test]
     fn request_query_round_trip_and_errors() {
-        let cases: [(&str, Result<(&str, Option<u64>, Option<u64>), &str>); 5] = [
+        type Want = Result<(&'static str, Option<u64>, Option<u64>), &'static str>;
+        let cases: [(&str, Want); 5] = [
             ("eni=eni-1", Ok(("eni-1", None, None))),
             (
                 "eni=eni-1&count=5&seconds=3",
