@@ -209,7 +209,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let mut opts = demo::DemoOptions::default();
             opts.lab.run_root = run_root;
             opts.iperf_seconds = seconds.clamp(1, 60);
-            let report = demo::run(opts, &|m| eprintln!("demo: {m}"))?;
+            // A spinner on a terminal (each step stays printed above it);
+            // plain lines otherwise.
+            let bar = indicatif::ProgressBar::new_spinner();
+            if let Ok(style) =
+                indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+            {
+                bar.set_style(style);
+            }
+            bar.enable_steady_tick(Duration::from_millis(120));
+            let report = demo::run(opts, &|m| {
+                if bar.is_hidden() {
+                    eprintln!("demo: {m}");
+                } else {
+                    bar.println(format!("demo: {m}"));
+                    bar.set_message(m.to_string());
+                }
+            });
+            bar.finish_and_clear();
+            let report = report?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
