@@ -308,7 +308,7 @@ pub fn fetch(
     let mut head = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut split = RecordSplitter::default();
-    let mut body_start = None;
+    let mut in_body = false;
     let mut whole = Vec::new();
     let mut deadline_hit = 0u32;
     loop {
@@ -326,7 +326,7 @@ pub fn fetch(
             {
                 // Headers must come within a few seconds.
                 deadline_hit += 1;
-                if body_start.is_none() && deadline_hit > 50 {
+                if !in_body && deadline_hit > 50 {
                     return Err(CaptureError::Read(e));
                 }
                 continue;
@@ -335,29 +335,28 @@ pub fn fetch(
             Err(e) => return Err(CaptureError::Read(e)),
         };
         let data = &buf[..n];
-        match body_start {
-            Some(()) => split.feed(data, &mut whole)?,
-            None => {
-                head.extend_from_slice(data);
-                let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
-                    if head.len() > 64 * 1024 {
-                        return Err(CaptureError::NotPcap);
-                    }
-                    continue;
-                };
-                let status = String::from_utf8_lossy(&head[..end]).to_string();
-                let rest = head[end + 4..].to_vec();
-                if !status.starts_with("HTTP/1.1 200") && !status.starts_with("HTTP/1.0 200") {
-                    let mut msg = rest;
-                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                    let _ = s.take(64 * 1024).read_to_end(&mut msg);
-                    return Err(CaptureError::Refused(
-                        String::from_utf8_lossy(&msg).trim().to_string(),
-                    ));
+        if in_body {
+            split.feed(data, &mut whole)?;
+        } else {
+            head.extend_from_slice(data);
+            let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
+                if head.len() > 64 * 1024 {
+                    return Err(CaptureError::NotPcap);
                 }
-                body_start = Some(());
-                split.feed(&rest, &mut whole)?;
+                continue;
+            };
+            let status = String::from_utf8_lossy(&head[..end]).to_string();
+            let rest = head[end + 4..].to_vec();
+            if !status.starts_with("HTTP/1.1 200") && !status.starts_with("HTTP/1.0 200") {
+                let mut msg = rest;
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = s.take(64 * 1024).read_to_end(&mut msg);
+                return Err(CaptureError::Refused(
+                    String::from_utf8_lossy(&msg).trim().to_string(),
+                ));
             }
+            in_body = true;
+            split.feed(&rest, &mut whole)?;
         }
         if !whole.is_empty() {
             out.write_all(&whole).map_err(CaptureError::Write)?;
@@ -365,7 +364,7 @@ pub fn fetch(
             whole.clear();
         }
     }
-    if body_start.is_none() {
+    if !in_body {
         return Err(CaptureError::NotPcap);
     }
     Ok(split.records)
