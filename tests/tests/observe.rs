@@ -278,6 +278,131 @@ fn scenario_capture_ping() {
     }
 }
 
+/// A capture of a NAT gateway's interface (a hyperplane port, not an
+/// instance's device) shows a private guest's pings on their way to the
+/// internet and the replies coming back.
+fn scenario_capture_nat_gateway() {
+    let Some(env) = require_guests() else { return };
+    let Some(bin) = require(REQUIRE_GUESTS, enilab_bin()) else {
+        return;
+    };
+    if require(REQUIRE_GUESTS, tshark()).is_none() {
+        return;
+    }
+    eprintln!("[capture-nat] accelerator {}", env.accel.accel);
+    let d = ApiDaemon::start(bin.clone(), "capture-nat", BUDGET, &[]);
+    let status = d.status();
+    let Some(internet) = status["driver"]["internet"]["addr"].as_str() else {
+        eprintln!("skipped: the daemon has no internet namespace: {status}");
+        return;
+    };
+    let internet = internet.split('/').next().unwrap_or(internet).to_string();
+    let vpc = d.get("CreateVpc", &[("CidrBlock", "10.0.0.0/16")], "vpcId");
+    let subnet = |cidr: &str| {
+        d.get(
+            "CreateSubnet",
+            &[("VpcId", &vpc), ("CidrBlock", cidr)],
+            "subnetId",
+        )
+    };
+    let (public, private) = (subnet("10.0.1.0/24"), subnet("10.0.2.0/24"));
+    let route = |sub: &str, kind: &str, target: &str| {
+        let rtb = d.get("CreateRouteTable", &[("VpcId", &vpc)], "routeTableId");
+        d.ok(
+            "CreateRoute",
+            &[
+                ("RouteTableId", &rtb),
+                ("DestinationCidrBlock", "0.0.0.0/0"),
+                (kind, target),
+            ],
+        );
+        d.ok(
+            "AssociateRouteTable",
+            &[("RouteTableId", &rtb), ("SubnetId", sub)],
+        );
+    };
+    let igw = d.get("CreateInternetGateway", &[], "internetGatewayId");
+    d.ok(
+        "AttachInternetGateway",
+        &[("InternetGatewayId", &igw), ("VpcId", &vpc)],
+    );
+    route(&public, "GatewayId", &igw);
+    let alloc = d.get("AllocateAddress", &[("Domain", "vpc")], "allocationId");
+    let nat = d.get(
+        "CreateNatGateway",
+        &[("SubnetId", &public), ("AllocationId", &alloc)],
+        "natGatewayId",
+    );
+    d.wait(&format!("{nat} available"), SHORT, || {
+        d.ok("DescribeNatGateways", &[("NatGatewayId.1", &nat)])
+            .contains("<state>available</state>")
+    });
+    let nat_eni = d.get(
+        "DescribeNatGateways",
+        &[("NatGatewayId.1", &nat)],
+        "networkInterfaceId",
+    );
+    route(&private, "NatGatewayId", &nat);
+    let xml = d.ok(
+        "RunInstances",
+        &[
+            ("ImageId", "ami-0e1ab000000000001"),
+            ("InstanceType", "t3.micro"),
+            ("MinCount", "1"),
+            ("MaxCount", "1"),
+            ("SubnetId", &private),
+        ],
+    );
+    let inst = extract_all(&xml, "instanceId")[0].to_string();
+    let ip = extract_all(&xml, "privateIpAddress")[0].to_string();
+    d.wait_guest(&inst, BOOT);
+    d.wait(&format!("{ip} on {inst}"), BOOT, || {
+        d.sh(&inst, "ip -4 -o addr show", SHORT)
+            .stdout_str()
+            .contains(&format!("inet {ip}/"))
+    });
+
+    let file = d.run_root().join("nat.pcap");
+    let child = Command::new(&bin)
+        .args(["capture", &nat_eni, "--seconds", "12", "-w"])
+        .arg(&file)
+        .arg("--endpoint")
+        .arg(d.addr().to_string())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn enilab capture");
+    let mut cap = ChildGuard::new(child, "enilab capture");
+    std::thread::sleep(Duration::from_secs(2));
+    let out = d.sh(&inst, &format!("ping -c 3 -i 0.5 -W 2 {internet}"), SHORT);
+    assert!(
+        out.success(),
+        "ping through the NAT gateway: {}",
+        out.stdout_str()
+    );
+    let st = cap
+        .wait_timeout(SHORT)
+        .expect("capture ends after --seconds");
+    assert!(st.success(), "capture exit {st:?}");
+    let rows = tshark_fields(&file, &["ip.src", "ip.dst", "icmp.type"]).expect("tshark");
+    let has = |src: &str, dst: &str, t: &str| {
+        rows.iter()
+            .any(|r| r.len() == 3 && r[0] == src && r[1] == dst && r[2] == t)
+    };
+    assert!(
+        has(&ip, &internet, "8"),
+        "requests into the gateway: {rows:?}"
+    );
+    assert!(
+        has(&internet, &ip, "0"),
+        "replies out of the gateway: {rows:?}"
+    );
+}
+
+#[test]
+fn capture_of_a_nat_gateway_interface() {
+    scenario_capture_nat_gateway();
+}
+
 #[test]
 fn metrics_fixture_parses_with_prometheus_client() {
     scenario_fixture_parses();
