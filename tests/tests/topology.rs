@@ -198,6 +198,52 @@ fn scenario_refusals() {
     assert!(err.contains("vpc \"nowhere\""), "{err}");
 }
 
+/// The NAT-plus-NLB example on real guests: `up` boots both web
+/// instances (their agents answer), a second `up` writes nothing, the web
+/// instances reach each other, and `down` leaves no QEMU behind.
+fn scenario_guests_up_down() {
+    let Some(env) = require_guests() else { return };
+    let Some(bin) = require(REQUIRE_GUESTS, enilab_bin()) else {
+        return;
+    };
+    eprintln!("[up-guests] accelerator {}", env.accel.accel);
+    let d = ApiDaemon::start(bin, "up-guests", Duration::from_secs(420), &[]);
+    let before = census(&d);
+    let first = apply(&d, "up", &example("nat-nlb.toml"));
+    let web = created(&first, "instance");
+    assert_eq!(web.len(), 2, "{first}");
+    for (_, id) in &web {
+        d.wait_guest(id, Duration::from_secs(120));
+    }
+    let again = apply(&d, "up", &example("nat-nlb.toml"));
+    assert_eq!(again["writes"], 0, "{again}");
+    let ip = |id: &str| {
+        d.get(
+            "DescribeInstances",
+            &[("InstanceId.1", id)],
+            "privateIpAddress",
+        )
+    };
+    let (a, b) = (&web[0].1, ip(&web[1].1));
+    d.wait(&format!("{a} reaches {b}"), Duration::from_secs(60), || {
+        d.pings(a, &b)
+    });
+    let qemus = d.qemu_pids();
+    assert_eq!(qemus.len(), 2, "{qemus:?}");
+    apply(&d, "down", &example("nat-nlb.toml"));
+    assert_eq!(census(&d), before);
+    d.wait("QEMU gone", Duration::from_secs(30), || {
+        qemus
+            .iter()
+            .all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+    });
+}
+
+#[test]
+fn nat_nlb_up_down_with_guests() {
+    scenario_guests_up_down();
+}
+
 #[test]
 fn three_tier_up_twice_then_down() {
     scenario_up_twice_down(
