@@ -265,6 +265,28 @@ fn scenario_capture_ping() {
     let rows = tshark_fields(&piped, &["icmp.type"]).expect("tshark stdout capture");
     assert_eq!(rows.len(), 2, "{rows:?}");
 
+    // The picture of a live lab carries device/card indexes and rates.
+    let dot = d.run_root().join("lab.dot");
+    let st = Command::new(&bin)
+        .args(["graph", "--interval", "0.5", "-o"])
+        .arg(&dot)
+        .arg("--endpoint")
+        .arg(d.addr().to_string())
+        .status()
+        .expect("enilab graph");
+    assert!(st.success());
+    let text = std::fs::read_to_string(&dot).expect("dot file");
+    assert!(
+        text.contains(&format!("\"{a_eni}\" [shape=ellipse")),
+        "{text}"
+    );
+    assert!(text.contains("device 0 · card 0"), "{text}");
+    assert_eq!(
+        text.matches("\\nrx ").count(),
+        2,
+        "a rate per device: {text}"
+    );
+
     if let Some(python) = require(REQUIRE_API, python_with("prometheus_client")) {
         let fams = metrics(&d, &python);
         for name in ["enilab_eni_tx_packets_total", "enilab_eni_rx_packets_total"] {
