@@ -64,6 +64,12 @@ if ! python3 -c 'import boto3, botocore' >/dev/null 2>&1 && ! .venv-api/bin/pyth
     python3 -m venv .venv-api
     .venv-api/bin/pip install -q boto3 awscli
 fi
+# The reference Prometheus parser for the /metrics tests (tests/tests/observe.rs).
+if ! python3 -c 'import prometheus_client' >/dev/null 2>&1 && ! .venv-api/bin/python3 -c 'import prometheus_client' >/dev/null 2>&1; then
+    step "installing prometheus_client from PyPI into .venv-api"
+    [ -x .venv-api/bin/python3 ] || python3 -m venv .venv-api
+    .venv-api/bin/pip install -q prometheus_client
+fi
 
 # --- the release binary ---
 step "building target/release/enilab"

@@ -309,11 +309,7 @@ impl ServiceWorker {
 
     /// Like [`ServiceWorker::poll`], but hands the frames over as one batch
     /// (up to `max`), so the handler can prefetch its tables across them.
-    pub fn poll_batch(
-        &mut self,
-        max: usize,
-        handle: &mut BatchHandler<'_>,
-    ) -> usize {
+    pub fn poll_batch(&mut self, max: usize, handle: &mut BatchHandler<'_>) -> usize {
         let ServiceWorker {
             lanes,
             lane,

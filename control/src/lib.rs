@@ -4,9 +4,11 @@
 pub mod agent;
 pub mod api;
 pub mod demo;
+pub mod graph;
 pub mod image;
 pub mod imds;
 pub mod lab;
 pub mod netns;
 pub mod qemu;
 pub mod store;
+pub mod topology;

@@ -124,6 +124,60 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write a pcap of what an ENI sends and receives (Wireshark, tshark),
+    /// until Ctrl-C, --count or --seconds.
+    Capture {
+        /// The network interface (eni-…).
+        eni: String,
+        /// Output file, `-` for stdout (e.g. `| tshark -r -`).
+        #[arg(short = 'w', long = "write")]
+        write: PathBuf,
+        /// Stop after this many frames.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// The daemon's address.
+        #[arg(long, default_value = "127.0.0.1:8990")]
+        endpoint: std::net::SocketAddr,
+    },
+    /// Draw the lab (VPCs, subnets, instances, ENIs with device and card
+    /// index, gateways, load balancers) with traffic rates, as SVG or PNG
+    /// through Graphviz (`.dot` output, or when `dot` is missing: the
+    /// source).
+    Graph {
+        /// Output file (`.svg`, `.png`, `.dot`); `-` for SVG on stdout.
+        #[arg(short = 'o', long = "output", default_value = "-")]
+        output: PathBuf,
+        /// Seconds between the two samples the rates come from.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// The daemon's address.
+        #[arg(long, default_value = "127.0.0.1:8990")]
+        endpoint: std::net::SocketAddr,
+    },
+    /// Create what a topology file (TOML) describes through the daemon's
+    /// API; resources already there (tag enilab:name) are left alone.
+    Up {
+        file: PathBuf,
+        /// The daemon's address.
+        #[arg(long, default_value = "127.0.0.1:8990")]
+        endpoint: std::net::SocketAddr,
+        /// Print the changes as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete what `enilab up FILE` created.
+    Down {
+        file: PathBuf,
+        /// The daemon's address.
+        #[arg(long, default_value = "127.0.0.1:8990")]
+        endpoint: std::net::SocketAddr,
+        /// Print the changes as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -199,7 +253,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let mut opts = demo::DemoOptions::default();
             opts.lab.run_root = run_root;
             opts.iperf_seconds = seconds.clamp(1, 60);
-            let report = demo::run(opts, &|m| eprintln!("demo: {m}"))?;
+            // A spinner on a terminal (each step stays printed above it);
+            // plain lines otherwise.
+            let bar = indicatif::ProgressBar::new_spinner();
+            if let Ok(style) =
+                indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+            {
+                bar.set_style(style);
+            }
+            bar.enable_steady_tick(Duration::from_millis(120));
+            let report = demo::run(opts, &|m| {
+                if bar.is_hidden() {
+                    eprintln!("demo: {m}");
+                } else {
+                    bar.println(format!("demo: {m}"));
+                    bar.set_message(m.to_string());
+                }
+            });
+            bar.finish_and_clear();
+            let report = report?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -362,6 +434,127 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Cmd::Capture {
+            eni,
+            write,
+            count,
+            seconds,
+            endpoint,
+        } => {
+            let req = api::capture::CaptureRequest {
+                eni,
+                count,
+                seconds,
+            };
+            api::capture::stop_on_sigint();
+            let frames = if write.as_os_str() == "-" {
+                api::capture::fetch(endpoint, &req, &mut std::io::stdout().lock())?
+            } else {
+                let mut f = std::fs::File::create(&write)
+                    .with_context(|| format!("cannot create {}", write.display()))?;
+                api::capture::fetch(endpoint, &req, &mut f)?
+            };
+            eprintln!("enilab: {frames} frames captured from {}", req.eni);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Graph {
+            output,
+            interval,
+            endpoint,
+        } => {
+            use enilab_control::graph;
+            let before = api::status::fetch(endpoint)?;
+            let t0 = std::time::Instant::now();
+            std::thread::sleep(Duration::from_secs_f64(interval.clamp(0.0, 60.0)));
+            let after = api::status::fetch(endpoint)?;
+            let rates = graph::rates(&before, &after, t0.elapsed().as_secs_f64());
+            let dot = graph::to_dot(&after, &rates);
+            let stdout = output.as_os_str() == "-";
+            let format = if stdout {
+                "svg"
+            } else {
+                graph::format_of(&output)
+            };
+            let (bytes, path) = if format == "dot" {
+                (dot.into_bytes(), output)
+            } else {
+                match graph::render(&dot, format) {
+                    Ok(b) => (b, output),
+                    Err(graph::GraphError::NoDot(e)) => {
+                        let path = if stdout {
+                            output
+                        } else {
+                            output.with_extension("dot")
+                        };
+                        eprintln!(
+                            "enilab: graphviz `dot` is missing ({e}); writing the dot source instead (apt-get install graphviz)"
+                        );
+                        (dot.into_bytes(), path)
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            if path.as_os_str() == "-" {
+                use std::io::Write;
+                std::io::stdout().write_all(&bytes)?;
+            } else {
+                std::fs::write(&path, &bytes)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                eprintln!("enilab: wrote {}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Up {
+            file,
+            endpoint,
+            json,
+        } => {
+            use enilab_control::topology::{apply, Topology};
+            let t = Topology::load(&file)?;
+            let bars = indicatif::MultiProgress::new();
+            let style = indicatif::ProgressStyle::with_template(
+                "{spinner} {prefix:.bold} {msg} ({elapsed})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+            let shown = std::cell::RefCell::new(std::collections::BTreeMap::new());
+            let progress = |name: &str, id: &str, state: &str, done: bool| {
+                let mut shown = shown.borrow_mut();
+                let bar = shown.entry(id.to_string()).or_insert_with(|| {
+                    let b = bars.add(indicatif::ProgressBar::new_spinner());
+                    b.set_style(style.clone());
+                    b.set_prefix(format!("{name} {id}"));
+                    b.enable_steady_tick(Duration::from_millis(120));
+                    b
+                });
+                if done {
+                    bar.finish_with_message(state.to_string());
+                } else {
+                    bar.set_message(format!("{state}, booting"));
+                }
+            };
+            let report = apply::up(endpoint, &t, &progress)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", apply::render(&report));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Down {
+            file,
+            endpoint,
+            json,
+        } => {
+            use enilab_control::topology::{apply, Topology};
+            let t = Topology::load(&file)?;
+            let report = apply::down(endpoint, &t)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", apply::render(&report));
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { endpoint, json } => {
             match api::status::fetch(endpoint) {

@@ -10,6 +10,7 @@
 //! plane with [`Switch::publish`]; workers read it through an `arc_swap`
 //! cache, so the packet path takes no lock.
 
+pub mod capture;
 mod config;
 mod conntrack;
 mod counters;
@@ -20,6 +21,7 @@ mod pipeline;
 pub mod policy;
 pub mod wire;
 
+pub use capture::{Capture, CaptureError, CapturedFrame, Direction};
 pub use config::{
     MetadataConfig, PortConfig, ServiceReturn, Snapshot, SnapshotError, SubnetConfig, Topology,
     UplinkConfig, VpcConfig, GATEWAY_MAC, MAX_GROUPS_PER_ENI,

@@ -36,6 +36,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, Cache};
 
+use crate::capture::{Capture, CaptureError, CaptureTable, Direction};
 use crate::config::{PortConfig, PortInfo, Snapshot, SubnetConfig};
 use crate::conntrack::{Conntrack, ConntrackStats, Timeouts};
 use crate::counters::{DropReason, PortCounters, PortStats};
@@ -101,6 +102,7 @@ pub struct Switch {
     conntrack: Conntrack,
     clock: Clock,
     flowlog: FlowLogWriter,
+    capture: Arc<CaptureTable>,
 }
 
 impl fmt::Debug for Switch {
@@ -135,6 +137,7 @@ impl Switch {
             conntrack: Conntrack::new(opts.conntrack_slots, opts.timeouts),
             flowlog: FlowLogWriter::start(Arc::new(move || c2.unix(c2.now()))),
             clock,
+            capture: Arc::new(CaptureTable::default()),
         })
     }
 
@@ -195,6 +198,12 @@ impl Switch {
     /// over workers' records first ([`SwitchWorker::flush_flow_logs`]).
     pub fn flush_flow_logs(&self) {
         self.flowlog.flush();
+    }
+
+    /// Copy what `port` sends and receives into a ring of `capacity`
+    /// frames until the returned [`Capture`] is dropped.
+    pub fn capture(&self, port: PortId, capacity: usize) -> Result<Capture, CaptureError> {
+        self.capture.start(port, capacity)
     }
 
     /// Seconds on the switch's clock.
@@ -341,6 +350,11 @@ impl SwitchWorker {
                 }
             }
         }
+        let capture: &CaptureTable = &switch.capture;
+        let watching = capture.watching(ingress);
+        if watching != 0 {
+            capture.record(watching, ingress, Direction::FromGuest, frame);
+        }
         let mut work = Work {
             scratch,
             log,
@@ -356,6 +370,7 @@ impl SwitchWorker {
                 out,
                 counters,
                 snap,
+                capture,
             };
             uplink::handle(snap, &blame, frame, meta, &mut work, &mut tx)
         } else if snap.metadata.is_some_and(|m| m.port == ingress) {
@@ -363,6 +378,7 @@ impl SwitchWorker {
                 out,
                 counters,
                 snap,
+                capture,
             };
             metadata::handle(snap, frame, meta, &mut work, &mut tx)
         } else {
@@ -372,6 +388,7 @@ impl SwitchWorker {
                         out,
                         counters,
                         snap,
+                        capture,
                     };
                     ctx.dispatch(frame, meta, &mut work, &mut tx)
                 }
@@ -461,6 +478,7 @@ pub(crate) struct Tx<'a, E: Egress + ?Sized> {
     out: &'a mut E,
     counters: &'a [PortCounters],
     snap: &'a Snapshot,
+    capture: &'a CaptureTable,
 }
 
 impl<E: Egress + ?Sized> Tx<'_, E> {
@@ -479,6 +497,11 @@ impl<E: Egress + ?Sized> Tx<'_, E> {
         if let Some(c) = self.counters.get(port as usize) {
             if ok {
                 c.add_rx(frame.len());
+                let watching = self.capture.watching(port);
+                if watching != 0 {
+                    self.capture
+                        .record(watching, port, Direction::ToGuest, frame);
+                }
             } else {
                 c.count_drop(DropReason::QueueFull);
             }

@@ -38,9 +38,13 @@ pub use enilab_control::demo::{parse_ping, PingResult};
 
 pub mod daemon;
 pub use daemon::{enilab_bin, extract_all, ApiDaemon, ApiFault};
+pub mod tools;
 use enilab_control::image::Image;
 use enilab_control::lab::{Lab, LabOptions};
 use enilab_control::qemu::{self, Accel, AccelChoice, QemuBinary};
+pub use tools::{
+    http_get, prometheus_parse, python_with, sample_value, tshark, tshark_fields, REQUIRE_API,
+};
 
 /// Set to `1` to turn a missing guest prerequisite into a failure.
 pub const REQUIRE_GUESTS: &str = "ENILAB_REQUIRE_GUESTS";

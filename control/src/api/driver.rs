@@ -148,6 +148,15 @@ pub trait InstanceDriver: Send + Sync + 'static {
         None
     }
 
+    /// Start copying what `eni` sends and receives into a ring of
+    /// `capacity` frames (`enilab capture`); the copy stops when the
+    /// returned capture is dropped.
+    fn capture(&self, _eni: &str, _capacity: usize) -> Result<enilab_switch::Capture, DriverError> {
+        Err(DriverError::Failed(
+            "this daemon runs no datapath (--driver record): nothing to capture".to_string(),
+        ))
+    }
+
     /// What the driver runs, for `enilab status` (JSON; `null`: nothing).
     fn status(&self) -> serde_json::Value {
         serde_json::Value::Null

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
@@ -28,8 +29,11 @@ fn error_reply(e: &ApiError) -> Reply {
     }
 }
 
-fn to_response(r: Reply) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(r.body)));
+/// Every response's body: whole documents, or a stream (a capture).
+pub type ResponseBody = BoxBody<Bytes, Infallible>;
+
+fn to_response(r: Reply) -> Response<ResponseBody> {
+    let mut resp = Response::new(Full::new(Bytes::from(r.body)).boxed());
     *resp.status_mut() =
         hyper::StatusCode::from_u16(r.status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
     resp.headers_mut().insert(
@@ -39,21 +43,72 @@ fn to_response(r: Reply) -> Response<Full<Bytes>> {
     resp
 }
 
+/// A plain-text or binary response outside the EC2 API.
+fn plain(
+    status: u16,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<ResponseBody> {
+    let mut resp = Response::new(Full::new(body.into()).boxed());
+    *resp.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// `GET /metrics` and `GET /enilab/capture`: the observability routes.
+async fn observe(api: Arc<Api>, req: &Request<Incoming>) -> Option<Response<ResponseBody>> {
+    if req.method() != Method::GET {
+        return None;
+    }
+    match req.uri().path() {
+        super::metrics::PATH => {
+            let text = tokio::task::spawn_blocking(move || {
+                super::metrics::render(&super::status::collect(&api))
+            })
+            .await
+            .unwrap_or_default();
+            Some(plain(200, super::metrics::CONTENT_TYPE, text))
+        }
+        super::capture::PATH => {
+            let q = req.uri().query().unwrap_or("");
+            let text = "text/plain; charset=utf-8";
+            let r = match super::capture::CaptureRequest::parse(q) {
+                Ok(r) => r,
+                Err(e) => return Some(plain(400, text, format!("{e}\n"))),
+            };
+            match super::capture::start(&api, &r) {
+                Ok(body) => {
+                    let mut resp = Response::new(body.boxed());
+                    resp.headers_mut().insert(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("application/vnd.tcpdump.pcap"),
+                    );
+                    Some(resp)
+                }
+                Err(e) => Some(plain(404, text, format!("{e}\n"))),
+            }
+        }
+        _ => None,
+    }
+}
+
 /// Turn one HTTP request into a reply. Never fails: every problem is an
 /// EC2 error document.
 pub async fn handle(
     api: Arc<Api>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<ResponseBody>, Infallible> {
+    if let Some(resp) = observe(api.clone(), &req).await {
+        return Ok(resp);
+    }
     if req.method() == Method::GET && req.uri().path() == super::status::PATH {
         let body = match tokio::task::spawn_blocking(move || super::status::collect(&api)).await {
             Ok(v) => v.to_string(),
             Err(_) => "{}".to_string(),
         };
-        let mut resp = Response::new(Full::new(Bytes::from(body)));
-        resp.headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        return Ok(resp);
+        return Ok(plain(200, "application/json", body));
     }
     if req.method() == Method::POST && req.uri().path().starts_with("/enilab/") {
         let path = req.uri().path().to_string();
@@ -63,18 +118,16 @@ pub async fn handle(
             .await
             .unwrap_or(None);
         if let Some((status, v)) = r {
-            let mut resp = Response::new(Full::new(Bytes::from(v.to_string())));
-            *resp.status_mut() = hyper::StatusCode::from_u16(status)
-                .unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
-            resp.headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            return Ok(resp);
+            return Ok(plain(status, "application/json", v.to_string()));
         }
     }
-    Ok(to_response(handle_inner(api, req).await))
+    let mut action = None;
+    let reply = handle_inner(api, req, &mut action).await;
+    super::metrics::count_request(action.as_deref(), reply.status);
+    Ok(to_response(reply))
 }
 
-async fn handle_inner(api: Arc<Api>, req: Request<Incoming>) -> Reply {
+async fn handle_inner(api: Arc<Api>, req: Request<Incoming>, action: &mut Option<String>) -> Reply {
     let max = api.config.max_body;
     if req.method() != Method::POST && req.method() != Method::GET {
         return error_reply(&ApiError::new(
@@ -115,6 +168,7 @@ async fn handle_inner(api: Arc<Api>, req: Request<Incoming>) -> Reply {
         Ok(p) => p,
         Err(e) => return error_reply(&ApiError::Query(e)),
     };
+    *action = params.get("Action").map(str::to_string);
     match tokio::task::spawn_blocking(move || api.call(&params)).await {
         Ok(r) => r,
         Err(_) => error_reply(&ApiError::internal(

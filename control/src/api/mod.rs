@@ -16,6 +16,7 @@
 pub mod acl;
 pub mod address;
 pub mod bench;
+pub mod capture;
 pub mod common;
 pub mod config;
 pub mod datapath;
@@ -28,6 +29,7 @@ pub mod http;
 pub mod hyperplane;
 pub mod instance;
 pub mod jobs;
+pub mod metrics;
 pub mod natgw;
 pub mod pubip;
 pub mod qemu_driver;

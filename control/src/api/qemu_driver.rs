@@ -876,6 +876,24 @@ impl InstanceDriver for QemuDriver {
         self.halt(inst)
     }
 
+    fn capture(&self, eni: &str, capacity: usize) -> Result<enilab_switch::Capture, DriverError> {
+        // An instance's device, else a NAT gateway's or load balancer's
+        // interface (a hyperplane port).
+        let device = self.inner().devices.get(eni).map(|d| d.port);
+        let port = device
+            .or_else(|| {
+                let t = self.tier.as_ref()?;
+                let p = t.status()["interfaces"][eni].as_u64()?;
+                PortId::try_from(p).ok()
+            })
+            .ok_or_else(|| {
+                failed(format!(
+                    "{eni} has no device: it is not attached to a running instance"
+                ))
+            })?;
+        self.switch.capture(port, capacity).map_err(failed)
+    }
+
     fn terminate(&self, inst: &Instance) -> Result<(), DriverError> {
         self.halt(inst)
     }

@@ -56,7 +56,62 @@ pub fn collect(api: &Api) -> Value {
         "subnets": subnets,
         "instances": instances,
         "enis": enis,
+        "gateways": gateways(api),
+        "names": names(api),
         "driver": api.driver.status(),
+    })
+}
+
+/// Internet gateways, NAT gateways, load balancers and target groups, for
+/// `enilab graph`.
+fn gateways(api: &Api) -> Value {
+    use crate::store::model::{InternetGateway, LoadBalancer, NatGateway, TargetGroup};
+    api.store.read(|st| {
+        json!({
+            "internet_gateways": st.iter::<InternetGateway>()
+                .map(|g| json!({"id": g.id, "vpc": g.vpc_id}))
+                .collect::<Vec<_>>(),
+            "nat_gateways": st.iter::<NatGateway>()
+                .map(|n| json!({"id": n.id, "vpc": n.vpc_id, "subnet": n.subnet_id,
+                                "eni": n.eni_id, "state": n.state.as_str(),
+                                "public_ips": n.addresses.iter()
+                                    .filter_map(|a| a.public_ip.clone()).collect::<Vec<_>>()}))
+                .collect::<Vec<_>>(),
+            "load_balancers": st.iter::<LoadBalancer>()
+                .map(|l| json!({"id": l.id, "name": l.name, "vpc": l.vpc_id,
+                                "scheme": l.scheme, "state": l.state.as_str(),
+                                "nodes": l.nodes.iter()
+                                    .map(|n| json!({"subnet": n.subnet_id, "eni": n.eni_id}))
+                                    .collect::<Vec<_>>()}))
+                .collect::<Vec<_>>(),
+            "target_groups": st.iter::<TargetGroup>()
+                .map(|t| json!({"id": t.id, "name": t.name, "vpc": t.vpc_id,
+                                "port": t.port,
+                                "targets": t.targets.iter().map(|x| x.id.clone()).collect::<Vec<_>>()}))
+                .collect::<Vec<_>>(),
+        })
+    })
+}
+
+/// The `Name` tag (else the `enilab:name` tag of `enilab up`) of every
+/// resource that has one (id -> name).
+fn names(api: &Api) -> Value {
+    use crate::store::model::{Kind, Tags};
+    fn add<K: Kind>(st: &crate::store::State, out: &mut serde_json::Map<String, Value>) {
+        for r in st.iter::<K>() {
+            let t: &Tags = r.tags();
+            if let Some(n) = t.get("Name").or_else(|| t.get("enilab:name")) {
+                out.insert(r.id().to_string(), json!(n));
+            }
+        }
+    }
+    api.store.read(|st| {
+        let mut m = serde_json::Map::new();
+        add::<Vpc>(st, &mut m);
+        add::<Subnet>(st, &mut m);
+        add::<Instance>(st, &mut m);
+        add::<Eni>(st, &mut m);
+        Value::Object(m)
     })
 }
 

@@ -2374,3 +2374,38 @@ fn allowances_hold_floods_and_are_counted() {
     assert_eq!(s1.drops(DropReason::RateLimit), 300 - passed as u64);
     assert_eq!(s1.pps_allowance_exceeded, 0);
 }
+
+/// A capture on port 2 sees what port 1 forwards to it (as emitted) and
+/// what port 2 sends (as sent, before the switch rewrites it); port 1's
+/// own ARP exchange with the switch is not copied.
+#[test]
+fn capture_taps_ingress_and_emitted_frames_of_one_port() {
+    let (sw, mut w) = switch();
+    let cap = sw.capture(2, 16).expect("capture");
+    let mut out = Capture::default();
+    let to_p2 = udp(M1, GW, P1, P2, 64, (1000, 2000), b"to-two");
+    let from_p2 = udp(M2, GW, P2, P1, 64, (2000, 1000), b"from-two");
+    let who_has = arp(ArpOperation::REQUEST, (M1, BCAST), (M1, P1), ([0; 6], P2));
+    for (port, f) in [(1, who_has), (1, to_p2.clone()), (2, from_p2.clone())] {
+        let mut f = f;
+        w.process(port, &mut f, &PacketMeta::default(), &mut out);
+    }
+    let mut got = Vec::new();
+    while let Some(f) = cap.next_frame() {
+        got.push(f);
+    }
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0].direction, crate::Direction::ToGuest);
+    let emitted = out
+        .sent
+        .iter()
+        .find(|s| s.port == 2)
+        .expect("forwarded to 2");
+    assert_eq!(&*got[0].data, &emitted.frame[..]);
+    assert_eq!(got[1].direction, crate::Direction::FromGuest);
+    assert_eq!(&*got[1].data, &from_p2[..]);
+    drop(cap);
+    let mut f = to_p2;
+    w.process(1, &mut f, &PacketMeta::default(), &mut out);
+    assert_eq!(sw.capture(2, 1).expect("again").next_frame(), None);
+}
