@@ -194,7 +194,15 @@ fn hostile(tag: &str, attacks: &[Attack]) {
         });
         let during = iperf(ATTACK_S);
         let out = flood.join().expect("attack thread");
-        assert!(out.success(), "{attack:?}: {}", out.stderr_str());
+        assert!(
+            out.success(),
+            "{attack:?}: code {} signal {:?} timed out {}: {} {}",
+            out.code,
+            out.signal,
+            out.timed_out,
+            out.stdout_str(),
+            out.stderr_str()
+        );
         let sent: u64 = out
             .stdout_str()
             .trim()
@@ -248,8 +256,19 @@ fn hostile(tag: &str, attacks: &[Attack]) {
             ),
         }
     }
-    // The attacker itself still works normally.
-    assert!(d.pings(attacker, receiver_ip), "the attacker's own traffic");
+    // The attacker itself still works normally: its queues did not stall.
+    let ok = wait_until(Duration::from_secs(15), || d.pings(attacker, receiver_ip));
+    assert!(
+        ok,
+        "the attacker's own traffic stopped; in the guest:\n{}\nits interface: {}",
+        d.sh(
+            attacker,
+            "ip -s link show eth0; ip neigh; cat /proc/net/dev",
+            SHORT
+        )
+        .stdout_str(),
+        port_stats(&d, attacker)
+    );
 }
 
 #[test]

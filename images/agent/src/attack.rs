@@ -57,7 +57,10 @@ impl Raw {
                 self.fd,
                 frame.as_ptr().cast(),
                 frame.len(),
-                0,
+                // Never block on a full queue: the attack must end on time
+                // whatever the device does (a stalled queue then shows in
+                // the test's own traffic checks instead).
+                libc::MSG_DONTWAIT,
                 (&addr as *const libc::sockaddr_ll).cast(),
                 std::mem::size_of::<libc::sockaddr_ll>() as u32,
             )
