@@ -204,10 +204,18 @@ fn probe_while(
         serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("probe output {text:?}: {e}"));
     let s = |k: &str| raw[k].as_str().unwrap_or("").to_string();
     let n = |k: &str| raw[k].as_u64().unwrap_or(0);
+    // A change of responder is a failover: its blackout is the switch
+    // (last reply from A to first from B), not the window's longest gap.
+    let switched = !s("switch_to").is_empty();
+    let pick = |sw: &str, gap: &str| if switched { s(sw) } else { s(gap) };
     Probe {
-        gap: Duration::from_millis(n("max_gap_ms")),
-        from: s("gap_from"),
-        to: s("gap_to"),
+        gap: Duration::from_millis(if switched {
+            n("switch_ms")
+        } else {
+            n("max_gap_ms")
+        }),
+        from: pick("switch_from", "gap_from"),
+        to: pick("switch_to", "gap_to"),
         before: n("before"),
         after: n("after"),
         last: s("last"),

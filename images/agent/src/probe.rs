@@ -37,6 +37,12 @@ pub struct Report {
     pub replies_before_gap: u64,
     pub replies_after_gap: u64,
     pub last: String,
+    /// The first change of responder: the time from the last reply of the
+    /// first responder to the first reply of the next (a failover's
+    /// blackout, whatever other gaps the window had).
+    pub switch_ms: u64,
+    pub switch_from: String,
+    pub switch_to: String,
 }
 
 /// Fold reply events (ms since start, responder) into a report.
@@ -58,6 +64,14 @@ pub fn summarize(sent: u64, events: &[(u64, String)]) -> Report {
             }
         }
     }
+    if let Some(i) = events
+        .iter()
+        .position(|(_, w)| *w != events[0].1 && w != "(end)")
+    {
+        r.switch_ms = events[i].0.saturating_sub(events[i - 1].0);
+        r.switch_from = events[i - 1].1.clone();
+        r.switch_to = events[i].1.clone();
+    }
     r.replies_before_gap = gap_at as u64;
     r.replies_after_gap = (events.len() - gap_at) as u64;
     r.last = events.last().map(|e| e.1.clone()).unwrap_or_default();
@@ -72,7 +86,7 @@ impl Report {
             .map(|(k, v)| format!("\"{k}\":{v}"))
             .collect();
         format!(
-            "{{\"sent\":{},\"replies\":{{{}}},\"max_gap_ms\":{},\"gap_from\":\"{}\",\"gap_to\":\"{}\",\"before\":{},\"after\":{},\"last\":\"{}\"}}",
+            "{{\"sent\":{},\"replies\":{{{}}},\"max_gap_ms\":{},\"gap_from\":\"{}\",\"gap_to\":\"{}\",\"before\":{},\"after\":{},\"last\":\"{}\",\"switch_ms\":{},\"switch_from\":\"{}\",\"switch_to\":\"{}\"}}",
             self.sent,
             replies.join(","),
             self.max_gap_ms,
@@ -80,7 +94,10 @@ impl Report {
             self.gap_to,
             self.replies_before_gap,
             self.replies_after_gap,
-            self.last
+            self.last,
+            self.switch_ms,
+            self.switch_from,
+            self.switch_to
         )
     }
 }
@@ -125,6 +142,22 @@ pub fn probe(addr: SocketAddr, interval: Duration, duration: Duration) -> std::i
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn switch_is_the_change_of_responder_not_the_longest_gap() {
+        let ev: Vec<(u64, String)> = [(0, "a"), (400, "a"), (450, "a"), (600, "b"), (650, "b")]
+            .iter()
+            .map(|(t, w)| (*t, w.to_string()))
+            .collect();
+        let r = summarize(5, &ev);
+        assert_eq!((r.max_gap_ms, r.gap_from.as_str()), (400, "a"));
+        assert_eq!(
+            (r.switch_ms, r.switch_from.as_str(), r.switch_to.as_str()),
+            (150, "a", "b")
+        );
+        let same = summarize(2, &ev[..3]);
+        assert_eq!((same.switch_ms, same.switch_to.as_str()), (0, ""));
+    }
 
     #[test]
     fn summary_table() {
