@@ -87,6 +87,14 @@ impl NetDevice {
                         rearmed = true;
                         continue;
                     }
+                    // It raced us again. Entries it published before
+                    // avail_event moved will never be kicked for (with
+                    // EVENT_IDX the guest only kicks when its index
+                    // crosses avail_event, which is now behind it): come
+                    // back for them on the next pass instead of stranding
+                    // the queue until the index wraps. Only when this call
+                    // made progress, so a garbage index cannot spin us.
+                    more = done > 0;
                 }
                 break;
             };
