@@ -13,7 +13,7 @@ use virtio_bindings::virtio_net::{
 #[allow(unused_imports)]
 use virtio_queue::QueueOwnedT;
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::chain::{self, Dir, Seg};
 use super::device::{NetDevice, QueueCounters};
@@ -47,6 +47,48 @@ pub struct RxCtx {
 pub struct TxOutcome {
     /// The ring still had chains when the budget ran out.
     pub more: bool,
+    /// Chains taken off the ring (good, bad and discarded).
+    pub chains: usize,
+}
+
+/// Outcome of an RX pass.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RxOutcome {
+    /// Frames are still waiting for guest buffers.
+    pub waiting: bool,
+    /// Frames written into the guest's ring.
+    pub delivered: usize,
+}
+
+/// How a worker drives a ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The worker sleeps until kicked: re-arm guest notifications when the
+    /// ring runs dry.
+    Notify,
+    /// The worker busy-polls: leave guest notifications off, so the guest
+    /// does not pay for kicks nobody waits for.
+    Poll,
+}
+
+/// VRING_AVAIL_F_NO_INTERRUPT: the driver polls and wants no interrupt.
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Whether to interrupt the guest after adding used buffers: EVENT_IDX when
+/// negotiated, else the driver's NO_INTERRUPT flag (virtio-queue ignores
+/// it, and a polling driver such as DPDK's sets it).
+fn should_signal(st: &mut VState, mem: &GuestMemoryMmap) -> bool {
+    if !st.needs_notification().unwrap_or(true) {
+        return false;
+    }
+    let q = st.get_queue();
+    if q.event_idx_enabled() {
+        return true;
+    }
+    let flags: u16 = mem
+        .read_obj::<u16>(GuestAddress(q.avail_ring()))
+        .unwrap_or(0);
+    u16::from_le(flags) & AVAIL_F_NO_INTERRUPT == 0
 }
 
 impl NetDevice {
@@ -59,6 +101,7 @@ impl NetDevice {
         ctx: &mut TxCtx,
         pool: &Pool,
         out: &mut Vec<Pkt>,
+        mode: Mode,
     ) -> TxOutcome {
         let Some(vring) = self.vring(usize::from(qp) * 2 + 1) else {
             return TxOutcome::default();
@@ -80,6 +123,9 @@ impl NetDevice {
             let table = GuestAddress(q.desc_table());
             let size = q.size();
             let Some(head) = q.pop_descriptor_chain(&*mem).map(|c| c.head_index()) else {
+                if mode == Mode::Poll {
+                    break;
+                }
                 // Re-arm notifications; if the guest raced us, go again.
                 // A garbage avail index keeps this true: retry only once.
                 if let Ok(true) = st.enable_notification() {
@@ -124,11 +170,11 @@ impl NetDevice {
                 break;
             }
         }
-        if done > 0 && st.needs_notification().unwrap_or(true) {
+        if done > 0 && should_signal(&mut st, &mem) {
             counters.notifications.fetch_add(1, Ordering::Relaxed);
             let _ = st.signal_used_queue();
         }
-        TxOutcome { more }
+        TxOutcome { more, chains: done }
     }
 
     fn read_frame(
@@ -182,16 +228,20 @@ impl NetDevice {
         pending: &mut VecDeque<Pkt>,
         ctx: &mut RxCtx,
         pool: &Pool,
-    ) -> bool {
+        mode: Mode,
+    ) -> RxOutcome {
         let Some(vring) = self.vring(usize::from(qp) * 2) else {
-            return false;
+            return RxOutcome::default();
         };
         let counters = &self.counters[usize::from(qp)];
         let mem = self.mem().memory();
         let mut guard = vring.get_mut();
         let st: &mut VState = &mut guard;
         if !st.get_queue().ready() || !st.is_enabled() {
-            return !pending.is_empty() || !rxq.ring.is_empty();
+            return RxOutcome {
+                waiting: !pending.is_empty() || !rxq.ring.is_empty(),
+                delivered: 0,
+            };
         }
         let mrg = self.has(VIRTIO_NET_F_MRG_RXBUF);
         let csum_ok = self.has(VIRTIO_NET_F_GUEST_CSUM);
@@ -264,8 +314,11 @@ impl NetDevice {
                     counters.rx_no_buffers.fetch_add(1, Ordering::Relaxed);
                     pending.push_front(pkt);
                     // Ask for a kick when buffers come; if some came in the
-                    // meantime, go on.
-                    if retries < 2 && matches!(st.enable_notification(), Ok(true)) {
+                    // meantime, go on. A polling worker just comes back.
+                    if mode == Mode::Notify
+                        && retries < 2
+                        && matches!(st.enable_notification(), Ok(true))
+                    {
                         retries += 1;
                         continue;
                     }
@@ -273,11 +326,14 @@ impl NetDevice {
                 }
             }
         }
-        if delivered > 0 && st.needs_notification().unwrap_or(true) {
+        if delivered > 0 && should_signal(st, &mem) {
             counters.notifications.fetch_add(1, Ordering::Relaxed);
             let _ = st.signal_used_queue();
         }
-        !pending.is_empty() || !rxq.ring.is_empty()
+        RxOutcome {
+            waiting: !pending.is_empty() || !rxq.ring.is_empty(),
+            delivered,
+        }
     }
 }
 

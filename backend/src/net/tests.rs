@@ -154,14 +154,16 @@ impl Rig {
     fn tx_pass(&self) -> Vec<Pkt> {
         let mut out = Vec::new();
         let mut ctx = TxCtx::default();
-        self.dev.process_tx(0, &mut ctx, &self.pool, &mut out);
+        self.dev
+            .process_tx(0, &mut ctx, &self.pool, &mut out, Mode::Notify);
         out
     }
 
     fn rx_pass(&self, pending: &mut VecDeque<Pkt>) -> bool {
         let mut ctx = RxCtx::default();
         self.dev
-            .process_rx(0, &self.handle.rxq[0], pending, &mut ctx, &self.pool)
+            .process_rx(0, &self.handle.rxq[0], pending, &mut ctx, &self.pool, Mode::Notify)
+            .waiting
     }
 
     /// Write header + frame at `addr` as one TX buffer.
