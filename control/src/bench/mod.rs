@@ -128,10 +128,30 @@ pub struct Row {
     pub rate: f64,
     /// enilab / DPDK for enilab rows.
     pub ratio: Option<f64>,
+    /// Share of a core the backend's forwarding threads got in the window.
+    pub cpu_be: f64,
+    /// Share of a core the frontend's forwarding thread got.
+    pub cpu_fe: f64,
+    /// The same ratio with each rate divided by min(cpu_be, cpu_fe): what
+    /// each side moved per unit of CPU the slower-served side got. On a
+    /// shared host this is steadier than the wall-clock ratio.
+    pub ratio_cpu: Option<f64>,
     /// Packets counted over the whole run (proof that frames flowed).
     pub packets: u64,
     /// Free-form notes: drops, counters.
     pub note: String,
+}
+
+impl Row {
+    /// Rate per unit of the CPU share the less-served side got.
+    pub fn per_cpu(&self) -> f64 {
+        let share = self.cpu_be.min(self.cpu_fe);
+        if share > 0.0 {
+            self.rate / share
+        } else {
+            0.0
+        }
+    }
 }
 
 /// Run every size x queue count of the scenario on both backends.
@@ -169,7 +189,14 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<Vec<Row>, BenchErr
                 Scenario::Fwd => enilab_fwd(&env, opts, size, q)?,
                 _ => enilab_rxonly(&env, opts, size, q)?,
             };
-            r.ratio = dpdk.filter(|d| d.rate > 0.0).map(|d| r.rate / d.rate);
+            r.ratio = dpdk
+                .as_ref()
+                .filter(|d| d.rate > 0.0)
+                .map(|d| r.rate / d.rate);
+            r.ratio_cpu = dpdk
+                .as_ref()
+                .filter(|d| d.per_cpu() > 0.0)
+                .map(|d| r.per_cpu() / d.per_cpu());
             rows.push(r);
         }
     }
@@ -181,21 +208,33 @@ pub fn render(rows: &[Row]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<8} {:<7} {:>5} {:>6} {:>10} {:>12} {:>13}  note",
-        "scenario", "backend", "size", "queues", "rate", "enilab/DPDK", "packets"
+        "{:<8} {:<7} {:>5} {:>6} {:>14} {:>6} {:>6} {:>11} {:>11} {:>12}  note",
+        "scenario",
+        "backend",
+        "size",
+        "queues",
+        "rate",
+        "cpu-be",
+        "cpu-fe",
+        "enilab/DPDK",
+        "(per cpu)",
+        "packets"
     );
     for r in rows {
         let unit = if r.scenario == "iperf" { "Mbit/s" } else { "Mpps" };
-        let ratio = r.ratio.map_or(String::new(), |x| format!("{x:.2}"));
+        let f = |x: Option<f64>| x.map_or(String::new(), |x| format!("{x:.2}"));
         let _ = writeln!(
             s,
-            "{:<8} {:<7} {:>5} {:>6} {:>10} {:>12} {:>13}  {}",
+            "{:<8} {:<7} {:>5} {:>6} {:>14} {:>6.2} {:>6.2} {:>11} {:>11} {:>12}  {}",
             r.scenario,
             r.backend,
             r.size,
             r.queues,
             format!("{:.3} {unit}", r.rate),
-            ratio,
+            r.cpu_be,
+            r.cpu_fe,
+            f(r.ratio),
+            f(r.ratio_cpu),
             r.packets,
             r.note
         );
@@ -303,18 +342,84 @@ fn txonly_source(env: &DpdkEnv, a: &str, size: u32, q: u16) -> Result<Testpmd, B
     )
 }
 
-/// Start the loop, wait, and read the frontend's RX rate over the window.
-fn measure_loop(fe: &mut Testpmd, opts: &BenchOptions) -> Result<(f64, u64), BenchError> {
+/// CPU time (ns) of the threads of `pid` whose name starts with one of
+/// `prefixes`, from /proc schedstat (no hardware counters needed).
+fn cpu_ns(pid: u32, prefixes: &[&str]) -> u64 {
+    let dir = format!("/proc/{pid}/task");
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return 0;
+    };
+    let mut total = 0u64;
+    for t in rd.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !prefixes.iter().any(|p| comm.starts_with(p)) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        total += stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
+
+/// DPDK's forwarding lcore threads.
+const DPDK_WORKERS: &[&str] = &["rte-worker", "lcore-worker"];
+/// enilab's card workers.
+const ENILAB_WORKERS: &[&str] = &["card"];
+
+/// Where a side's packets and CPU time are read.
+struct Probe<'a> {
+    packets: &'a mut dyn FnMut() -> Result<u64, BenchError>,
+    backend: (u32, &'static [&'static str]),
+    frontend: u32,
+}
+
+/// What one measured window gave.
+struct Window {
+    mpps: f64,
+    packets: u64,
+    /// Share of a core the backend's forwarding threads and the frontend
+    /// got during the window (the host is shared: less than 1 means other
+    /// processes took the rest).
+    be_cpu: f64,
+    fe_cpu: f64,
+}
+
+impl Window {
+}
+
+/// Warm up, then count packets and CPU time over the window.
+fn measure(probe: &mut Probe<'_>, opts: &BenchOptions) -> Result<Window, BenchError> {
+    std::thread::sleep(opts.warmup);
+    let cpu = |p: &Probe<'_>| {
+        (
+            cpu_ns(p.backend.0, p.backend.1),
+            cpu_ns(p.frontend, DPDK_WORKERS),
+        )
+    };
+    let n0 = (probe.packets)()?;
+    let (t0, c0) = (Instant::now(), cpu(probe));
+    std::thread::sleep(Duration::from_secs(opts.seconds.max(1)));
+    let n1 = (probe.packets)()?;
+    let (dt, c1) = (t0.elapsed().as_secs_f64(), cpu(probe));
+    let share = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / 1e9 / dt;
+    Ok(Window {
+        mpps: n1.saturating_sub(n0) as f64 / dt / 1e6,
+        packets: n1,
+        be_cpu: share(c0.0, c1.0),
+        fe_cpu: share(c0.1, c1.1),
+    })
+}
+
+fn start_loop(fe: &mut Testpmd, opts: &BenchOptions) -> Result<(), BenchError> {
     fe.cmd(
         &format!("start tx_first {}", opts.bursts.max(1)),
         Duration::from_secs(10),
     )?;
-    std::thread::sleep(opts.warmup);
-    fe.rx_pps()?;
-    std::thread::sleep(Duration::from_secs(opts.seconds.max(1)));
-    let pps = fe.rx_pps()?;
-    let packets = fe.rx_packets()?;
-    Ok((pps as f64 / 1e6, packets))
+    Ok(())
 }
 
 fn dpdk_fwd(env: &DpdkEnv, opts: &BenchOptions, size: u32, q: u16) -> Result<Row, BenchError> {
@@ -336,10 +441,19 @@ fn dpdk_fwd(env: &DpdkEnv, opts: &BenchOptions, size: u32, q: u16) -> Result<Row
     )?;
     be.cmd("start", Duration::from_secs(10))?;
     let mut fe = fwd_frontend(env, &a, &b, size, q)?;
-    let (mpps, packets) = measure_loop(&mut fe, opts)?;
+    start_loop(&mut fe, opts)?;
+    let (be_pid, fe_pid) = (be.pid(), fe.pid());
+    let w = measure(
+        &mut Probe {
+            packets: &mut || fe.rx_packets(),
+            backend: (be_pid, DPDK_WORKERS),
+            frontend: fe_pid,
+        },
+        opts,
+    )?;
     fe.stop();
     be.stop();
-    if packets == 0 {
+    if w.packets == 0 {
         return Err(BenchError::NoTraffic("dpdk fwd".into(), String::new()));
     }
     Ok(Row {
@@ -347,9 +461,12 @@ fn dpdk_fwd(env: &DpdkEnv, opts: &BenchOptions, size: u32, q: u16) -> Result<Row
         backend: "dpdk",
         size,
         queues: q,
-        rate: mpps,
+        rate: w.mpps,
         ratio: None,
-        packets,
+        cpu_be: w.be_cpu,
+        cpu_fe: w.fe_cpu,
+        ratio_cpu: None,
+        packets: w.packets,
         note: String::new(),
     })
 }
@@ -375,14 +492,18 @@ fn dpdk_rxonly(env: &DpdkEnv, opts: &BenchOptions, size: u32, q: u16) -> Result<
     be.cmd("start", Duration::from_secs(10))?;
     let mut fe = txonly_source(env, &a, size, q)?;
     fe.cmd("start", Duration::from_secs(10))?;
-    std::thread::sleep(opts.warmup);
-    be.rx_pps()?;
-    std::thread::sleep(Duration::from_secs(opts.seconds.max(1)));
-    let pps = be.rx_pps()?;
-    let packets = be.rx_packets()?;
+    let (be_pid, fe_pid) = (be.pid(), fe.pid());
+    let w = measure(
+        &mut Probe {
+            packets: &mut || be.rx_packets(),
+            backend: (be_pid, DPDK_WORKERS),
+            frontend: fe_pid,
+        },
+        opts,
+    )?;
     fe.stop();
     be.stop();
-    if packets == 0 {
+    if w.packets == 0 {
         return Err(BenchError::NoTraffic("dpdk rxonly".into(), String::new()));
     }
     Ok(Row {
@@ -390,9 +511,12 @@ fn dpdk_rxonly(env: &DpdkEnv, opts: &BenchOptions, size: u32, q: u16) -> Result<
         backend: "dpdk",
         size,
         queues: q,
-        rate: pps as f64 / 1e6,
+        rate: w.mpps,
         ratio: None,
-        packets,
+        cpu_be: w.be_cpu,
+        cpu_fe: w.fe_cpu,
+        ratio_cpu: None,
+        packets: w.packets,
         note: String::new(),
     })
 }
@@ -494,13 +618,22 @@ impl EnilabSide {
 fn enilab_fwd(env: &DpdkEnv, opts: &BenchOptions, size: u32, q: u16) -> Result<Row, BenchError> {
     let side = EnilabSide::new(opts, q)?;
     let mut fe = fwd_frontend(env, &side.sock(&side.a), &side.sock(&side.b), size, q)?;
-    let (mpps, packets) = measure_loop(&mut fe, opts)?;
+    start_loop(&mut fe, opts)?;
+    let fe_pid = fe.pid();
+    let w = measure(
+        &mut Probe {
+            packets: &mut || fe.rx_packets(),
+            backend: (std::process::id(), ENILAB_WORKERS),
+            frontend: fe_pid,
+        },
+        opts,
+    )?;
     fe.stop();
     let note = format!(
         "{} (the first bursts sent on B carry A's source)",
         side.drops()
     );
-    if packets == 0 {
+    if w.packets == 0 {
         return Err(BenchError::NoTraffic("enilab fwd".into(), note));
     }
     Ok(Row {
@@ -508,9 +641,12 @@ fn enilab_fwd(env: &DpdkEnv, opts: &BenchOptions, size: u32, q: u16) -> Result<R
         backend: "enilab",
         size,
         queues: q,
-        rate: mpps,
+        rate: w.mpps,
         ratio: None,
-        packets,
+        cpu_be: w.be_cpu,
+        cpu_fe: w.fe_cpu,
+        ratio_cpu: None,
+        packets: w.packets,
         note,
     })
 }
@@ -524,13 +660,17 @@ fn enilab_rxonly(
     let side = EnilabSide::new(opts, q)?;
     let mut fe = txonly_source(env, &side.sock(&side.a), size, q)?;
     fe.cmd("start", Duration::from_secs(10))?;
-    std::thread::sleep(opts.warmup);
-    let (t0, n0) = (Instant::now(), side.tx_packets(&side.a));
-    std::thread::sleep(Duration::from_secs(opts.seconds.max(1)));
-    let (dt, n1) = (t0.elapsed().as_secs_f64(), side.tx_packets(&side.a));
+    let w = measure(
+        &mut Probe {
+            packets: &mut || Ok(side.tx_packets(&side.a)),
+            backend: (std::process::id(), ENILAB_WORKERS),
+            frontend: fe.pid(),
+        },
+        opts,
+    )?;
     fe.stop();
     let note = side.drops();
-    if n1 == 0 {
+    if w.packets == 0 {
         return Err(BenchError::NoTraffic("enilab rxonly".into(), note));
     }
     Ok(Row {
@@ -538,9 +678,12 @@ fn enilab_rxonly(
         backend: "enilab",
         size,
         queues: q,
-        rate: (n1 - n0) as f64 / dt / 1e6,
+        rate: w.mpps,
         ratio: None,
-        packets: n1,
+        cpu_be: w.be_cpu,
+        cpu_fe: w.fe_cpu,
+        ratio_cpu: None,
+        packets: w.packets,
         note,
     })
 }
@@ -596,6 +739,9 @@ mod tests {
             queues: 1,
             rate,
             ratio,
+            cpu_be: 1.0,
+            cpu_fe: 1.0,
+            ratio_cpu: ratio,
             packets: 7,
             note: String::new(),
         };

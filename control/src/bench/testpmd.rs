@@ -72,6 +72,7 @@ pub struct Testpmd {
     child: Child,
     stdin: Option<ChildStdin>,
     output: Arc<Mutex<String>>,
+    errors: Arc<Mutex<String>>,
     readers: Vec<JoinHandle<()>>,
     prefix: String,
     hugetlbfs: PathBuf,
@@ -113,14 +114,24 @@ impl Testpmd {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| BenchError::Spawn(env.testpmd.clone(), e))?;
+        // stdout and stderr apart: an EAL warning on stderr must not split
+        // the prompt we wait for on stdout.
         let output = Arc::new(Mutex::new(String::new()));
+        let errors = Arc::new(Mutex::new(String::new()));
         let mut readers = Vec::new();
-        let pipes: [Option<Box<dyn Read + Send>>; 2] = [
-            child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
-            child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+        let pipes: [(Option<Box<dyn Read + Send>>, &Arc<Mutex<String>>); 2] = [
+            (
+                child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+                &output,
+            ),
+            (
+                child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+                &errors,
+            ),
         ];
-        for pipe in pipes.into_iter().flatten() {
-            let out = output.clone();
+        for (pipe, sink) in pipes {
+            let Some(pipe) = pipe else { continue };
+            let out = sink.clone();
             readers.push(std::thread::spawn(move || {
                 // Raw chunks, not lines: the prompt ends without a newline.
                 let mut pipe = pipe;
@@ -137,6 +148,7 @@ impl Testpmd {
             child,
             stdin,
             output,
+            errors,
             readers,
             prefix: prefix.to_string(),
             hugetlbfs: env.hugetlbfs.clone(),
@@ -163,11 +175,17 @@ impl Testpmd {
         self.output.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// The last `n` lines of output, for error messages.
+    /// The last `n` lines of stdout and of stderr, for error messages.
     pub fn tail(&self, n: usize) -> String {
-        let out = self.output();
-        let lines: Vec<&str> = out.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        let errs = self.errors.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut t = String::new();
+        for (name, text) in [("stdout", self.output()), ("stderr", errs)] {
+            let lines: Vec<&str> = text.lines().collect();
+            t.push_str(&format!("--- {name}\n"));
+            t.push_str(&lines[lines.len().saturating_sub(n)..].join("\n"));
+            t.push('\n');
+        }
+        t
     }
 
     /// Wait until `needle` appears after byte `from` of the output, or
@@ -201,13 +219,6 @@ impl Testpmd {
             ));
         }
         Ok(self.output().get(from..).unwrap_or_default().to_string())
-    }
-
-    /// Packets per second received over all ports since the previous
-    /// `show port stats all` (testpmd times the interval itself).
-    pub fn rx_pps(&mut self) -> Result<u64, BenchError> {
-        let out = self.cmd("show port stats all", Duration::from_secs(10))?;
-        Ok(sum_field(&out, "Rx-pps:"))
     }
 
     /// RX packets over all ports.
