@@ -23,6 +23,8 @@ use crate::port::{Pkt, Pool, PortEgress, PortHandle, PortTable, Waker};
 const WAKE_TOKEN: u64 = u64::MAX;
 /// Busy passes between two looks at epoll.
 const POLL_EPOLL_EVERY: u32 = 64;
+/// Idle busy passes between two reads of the clock.
+const POLL_CLOCK_EVERY: u32 = 32;
 /// Frames looked ahead for the connection-tracking prefetch.
 const PREFETCH_AHEAD: usize = 4;
 
@@ -62,6 +64,8 @@ struct Slot {
     pending: VecDeque<Pkt>,
     tx_more: bool,
     rx_more: bool,
+    /// Guest kicks on the RX ring are off (poll mode).
+    rx_quiet: bool,
 }
 
 pub(crate) struct Worker {
@@ -110,10 +114,16 @@ impl Worker {
         let mut last_work: Option<Instant> = None;
         let mut since_epoll = 0u32;
         let mut was_polling = false;
+        let mut idle_passes = 0u32;
         loop {
             let budget = crate::net::busy_poll();
-            let polling =
-                !budget.is_zero() && last_work.is_some_and(|t| t.elapsed() < budget);
+            // The clock is read every POLL_CLOCK_EVERY idle passes only.
+            let polling = !budget.is_zero()
+                && match last_work {
+                    None => false,
+                    Some(_) if was_polling && idle_passes % POLL_CLOCK_EVERY != 0 => true,
+                    Some(t) => t.elapsed() < budget,
+                };
             if was_polling && !polling {
                 // Leaving poll mode: one Notify pass over every ring
                 // re-arms guest notifications (and goes on if the guest
@@ -121,6 +131,10 @@ impl Worker {
                 for s in &mut self.slots {
                     s.tx_more = true;
                     s.rx_more = true;
+                    if s.rx_quiet {
+                        s.dev.set_rx_kicks(s.qp, true);
+                        s.rx_quiet = false;
+                    }
                 }
             }
             was_polling = polling;
@@ -187,6 +201,10 @@ impl Worker {
                 for s in &mut self.slots {
                     s.tx_more = true;
                     s.rx_more = true;
+                    if !s.rx_quiet {
+                        s.dev.set_rx_kicks(s.qp, false);
+                        s.rx_quiet = true;
+                    }
                 }
                 Mode::Poll
             } else {
@@ -195,6 +213,9 @@ impl Worker {
             let moved = self.pass(mode);
             if moved > 0 && !budget.is_zero() {
                 last_work = Some(Instant::now());
+                idle_passes = 0;
+            } else {
+                idle_passes = idle_passes.wrapping_add(1);
             }
             // Clock refresh and flow-log hand-off, also when idle.
             if !polling || since_epoll == 0 {
@@ -300,6 +321,7 @@ impl Worker {
                         pending: VecDeque::new(),
                         tx_more: true,
                         rx_more: true,
+                        rx_quiet: false,
                     });
                     changed = true;
                 }

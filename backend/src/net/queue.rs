@@ -177,6 +177,24 @@ impl NetDevice {
         TxOutcome { more, chains: done }
     }
 
+    /// Turn the guest's kicks on the RX ring of `qp` on or off: a polling
+    /// worker looks at the ring anyway, and a kick costs the guest a
+    /// system call (or a VM exit).
+    pub(crate) fn set_rx_kicks(&self, qp: u16, on: bool) {
+        let Some(vring) = self.vring(usize::from(qp) * 2) else {
+            return;
+        };
+        let mut st = vring.get_mut();
+        if !st.get_queue().ready() {
+            return;
+        }
+        let _ = if on {
+            st.enable_notification().map(|_| ())
+        } else {
+            st.disable_notification()
+        };
+    }
+
     fn read_frame(
         &self,
         mem: &GuestMemoryMmap,

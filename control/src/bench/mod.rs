@@ -176,7 +176,10 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<Vec<Row>, BenchErr
             let dpdk = if opts.enilab_only {
                 None
             } else {
-                log(&format!("{} dpdk size {size} queues {q}", opts.scenario.name()));
+                log(&format!(
+                    "{} dpdk size {size} queues {q}",
+                    opts.scenario.name()
+                ));
                 let r = match opts.scenario {
                     Scenario::Fwd => dpdk_fwd(&env, opts, size, q)?,
                     _ => dpdk_rxonly(&env, opts, size, q)?,
@@ -184,7 +187,10 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<Vec<Row>, BenchErr
                 rows.push(r.clone());
                 Some(r)
             };
-            log(&format!("{} enilab size {size} queues {q}", opts.scenario.name()));
+            log(&format!(
+                "{} enilab size {size} queues {q}",
+                opts.scenario.name()
+            ));
             let mut r = match opts.scenario {
                 Scenario::Fwd => enilab_fwd(&env, opts, size, q)?,
                 _ => enilab_rxonly(&env, opts, size, q)?,
@@ -221,7 +227,11 @@ pub fn render(rows: &[Row]) -> String {
         "packets"
     );
     for r in rows {
-        let unit = if r.scenario == "iperf" { "Mbit/s" } else { "Mpps" };
+        let unit = if r.scenario == "iperf" {
+            "Mbit/s"
+        } else {
+            "Mpps"
+        };
         let f = |x: Option<f64>| x.map_or(String::new(), |x| format!("{x:.2}"));
         let _ = writeln!(
             s,
@@ -294,13 +304,7 @@ fn queue_args(q: u16) -> Vec<String> {
 }
 
 /// The `fwd` frontend on sockets `a` and `b`.
-fn fwd_frontend(
-    env: &DpdkEnv,
-    a: &str,
-    b: &str,
-    size: u32,
-    q: u16,
-) -> Result<Testpmd, BenchError> {
+fn fwd_frontend(env: &DpdkEnv, a: &str, b: &str, size: u32, q: u16) -> Result<Testpmd, BenchError> {
     let ((ip_a, mac_a), (ip_b, mac_b)) = (addr(4), addr(5));
     let mut app = vec![
         "--forward-mode=5tswap".into(),
@@ -388,8 +392,7 @@ struct Window {
     fe_cpu: f64,
 }
 
-impl Window {
-}
+impl Window {}
 
 /// Warm up, then count packets and CPU time over the window.
 fn measure(probe: &mut Probe<'_>, opts: &BenchOptions) -> Result<Window, BenchError> {
@@ -608,10 +611,27 @@ impl EnilabSide {
             }
         }
         if out.is_empty() {
-            "no drops".into()
-        } else {
-            out.join(" ")
+            out.push("no drops".into());
         }
+        // Frames per TX batch and guest interrupts: how the loop behaved.
+        let (mut fwd, mut batches) = (0u64, 0u64);
+        for c in self.lab.datapath().cards() {
+            for w in c.worker_stats() {
+                fwd += w.forwarded;
+                batches += w.tx_batches;
+            }
+        }
+        let irqs: u64 = [&self.a, &self.b]
+            .iter()
+            .filter_map(|e| self.lab.eni_queue_stats(e))
+            .flatten()
+            .map(|q| q.notifications)
+            .sum();
+        out.push(format!(
+            "{:.1} frames/batch, {irqs} guest irqs",
+            fwd as f64 / batches.max(1) as f64
+        ));
+        out.join(" ")
     }
 }
 
@@ -651,12 +671,7 @@ fn enilab_fwd(env: &DpdkEnv, opts: &BenchOptions, size: u32, q: u16) -> Result<R
     })
 }
 
-fn enilab_rxonly(
-    env: &DpdkEnv,
-    opts: &BenchOptions,
-    size: u32,
-    q: u16,
-) -> Result<Row, BenchError> {
+fn enilab_rxonly(env: &DpdkEnv, opts: &BenchOptions, size: u32, q: u16) -> Result<Row, BenchError> {
     let side = EnilabSide::new(opts, q)?;
     let mut fe = txonly_source(env, &side.sock(&side.a), size, q)?;
     fe.cmd("start", Duration::from_secs(10))?;
@@ -766,9 +781,15 @@ mod tests {
             sizes: vec![20],
             ..Default::default()
         };
-        assert!(matches!(run(&o, &|_| {}), Err(BenchError::Option(_)) | Err(BenchError::Cores(_))));
+        assert!(matches!(
+            run(&o, &|_| {}),
+            Err(BenchError::Option(_)) | Err(BenchError::Cores(_))
+        ));
         o.sizes = vec![64];
         o.queues = vec![0];
-        assert!(matches!(run(&o, &|_| {}), Err(BenchError::Option(_)) | Err(BenchError::Cores(_))));
+        assert!(matches!(
+            run(&o, &|_| {}),
+            Err(BenchError::Option(_)) | Err(BenchError::Cores(_))
+        ));
     }
 }

@@ -121,11 +121,17 @@ impl Testpmd {
         let mut readers = Vec::new();
         let pipes: [(Option<Box<dyn Read + Send>>, &Arc<Mutex<String>>); 2] = [
             (
-                child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+                child
+                    .stdout
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn Read + Send>),
                 &output,
             ),
             (
-                child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+                child
+                    .stderr
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn Read + Send>),
                 &errors,
             ),
         ];
@@ -177,7 +183,11 @@ impl Testpmd {
 
     /// The last `n` lines of stdout and of stderr, for error messages.
     pub fn tail(&self, n: usize) -> String {
-        let errs = self.errors.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let errs = self
+            .errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let mut t = String::new();
         for (name, text) in [("stdout", self.output()), ("stderr", errs)] {
             let lines: Vec<&str> = text.lines().collect();
@@ -193,7 +203,11 @@ impl Testpmd {
     fn wait_for(&mut self, needle: &str, from: usize, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if self.output().get(from..).is_some_and(|s| s.contains(needle)) {
+            if self
+                .output()
+                .get(from..)
+                .is_some_and(|s| s.contains(needle))
+            {
                 return true;
             }
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -208,10 +222,10 @@ impl Testpmd {
     /// printed.
     pub fn cmd(&mut self, line: &str, timeout: Duration) -> Result<String, BenchError> {
         let from = self.out_len();
-        let sent = self
-            .stdin
-            .as_mut()
-            .map(|s| s.write_all(format!("{line}\n").as_bytes()).and_then(|_| s.flush()));
+        let sent = self.stdin.as_mut().map(|s| {
+            s.write_all(format!("{line}\n").as_bytes())
+                .and_then(|_| s.flush())
+        });
         if !matches!(sent, Some(Ok(()))) || !self.wait_for(PROMPT, from, timeout) {
             return Err(BenchError::Testpmd(
                 format!("{}: `{line}`", self.label),
@@ -294,7 +308,11 @@ pub fn sum_field(text: &str, key: &str) -> u64 {
         let mut rest = line;
         while let Some(i) = rest.find(key) {
             rest = &rest[i + key.len()..];
-            if let Some(v) = rest.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()) {
+            if let Some(v) = rest
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+            {
                 total = total.saturating_add(v);
             }
         }
