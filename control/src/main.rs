@@ -107,6 +107,10 @@ enum Cmd {
         /// Only run enilab's side (no DPDK anchor, no ratio).
         #[arg(long)]
         enilab_only: bool,
+        /// Runs per size and queue count (DPDK and enilab alternating);
+        /// the table shows the medians.
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
         /// Print JSON rows instead of the table.
         #[arg(long)]
         json: bool,
@@ -289,6 +293,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             bursts,
             busy_poll_us,
             enilab_only,
+            repeat,
             json,
         } => {
             let opts = bench::BenchOptions {
@@ -303,6 +308,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 bursts: bursts.clamp(1, 64),
                 busy_poll: Duration::from_micros(busy_poll_us.min(1_000_000)),
                 enilab_only,
+                repeat: repeat.clamp(1, 20),
                 run_root,
                 ..Default::default()
             };

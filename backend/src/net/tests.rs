@@ -466,9 +466,7 @@ fn tx_notification_suppression() {
         r.tx.chain(&r.mem, &[(0x10_0000, len, false)]);
         let mut out = Vec::new();
         let mut ctx = TxCtx::default();
-        let o = r
-            .dev
-            .process_tx(0, &mut ctx, &r.pool, &mut out, mode);
+        let o = r.dev.process_tx(0, &mut ctx, &r.pool, &mut out, mode);
         let row = format!("{mode:?} avail flags {avail_flags}");
         assert_eq!((o.chains, out.len()), (1, 1), "{row}");
         let used_flags: u16 = r.mem.read_obj(GuestAddress(r.tx.used)).unwrap();
@@ -505,7 +503,9 @@ fn egress_moves_the_ingress_buffer() {
     use crate::port::{PortEgress, PortTable};
     use enilab_switch::Egress;
     let r = rig(features(0));
-    r.handle.enabled_rx.store(1, std::sync::atomic::Ordering::Release);
+    r.handle
+        .enabled_rx
+        .store(1, std::sync::atomic::Ordering::Release);
     let table = PortTable::default();
     table.insert(r.handle.clone());
     let pool = Pool::default();
@@ -519,7 +519,10 @@ fn egress_moves_the_ingress_buffer() {
     let mut eg = PortEgress::new(&table, &pool);
     eg.set_ingress(&pkt.buf);
     assert!(eg.emit(1, 0, &pkt.buf.clone(), &meta), "a copy is emitted");
-    assert!(eg.emit(1, 0, &pkt.buf, &meta), "the frame itself is deferred");
+    assert!(
+        eg.emit(1, 0, &pkt.buf, &meta),
+        "the frame itself is deferred"
+    );
     assert!(eg.finish(pkt));
     let q = &r.handle.rxq[0].ring;
     assert_eq!(q.len(), 2);
@@ -530,7 +533,13 @@ fn egress_moves_the_ingress_buffer() {
     assert_eq!(second.buf, frame(60));
 
     // Fill the queue: both paths refuse, and finish gives the buffer back.
-    while q.push(Pkt { buf: Vec::new(), meta }).is_ok() {}
+    while q
+        .push(Pkt {
+            buf: Vec::new(),
+            meta,
+        })
+        .is_ok()
+    {}
     let pkt = Pkt {
         buf: frame(60),
         meta,

@@ -99,6 +99,9 @@ pub struct BenchOptions {
     pub enilab_only: bool,
     /// enilab's busy-poll budget (0: sleep in epoll between kicks).
     pub busy_poll: Duration,
+    /// Runs per size x queue count, DPDK and enilab alternating; the
+    /// table shows the median (the host is shared, single runs scatter).
+    pub repeat: u32,
 }
 
 impl Default for BenchOptions {
@@ -113,6 +116,7 @@ impl Default for BenchOptions {
             run_root: crate::lab::default_run_root(),
             enilab_only: false,
             busy_poll: Duration::from_millis(1),
+            repeat: 1,
         }
     }
 }
@@ -171,42 +175,63 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<Vec<Row>, BenchErr
     }
     let env = testpmd::probe(2)?;
     let mut rows = Vec::new();
+    let n = opts.repeat.max(1);
     for &q in &opts.queues {
         for &size in &opts.sizes {
-            let dpdk = if opts.enilab_only {
-                None
-            } else {
-                log(&format!(
-                    "{} dpdk size {size} queues {q}",
-                    opts.scenario.name()
-                ));
-                let r = match opts.scenario {
-                    Scenario::Fwd => dpdk_fwd(&env, opts, size, q)?,
-                    _ => dpdk_rxonly(&env, opts, size, q)?,
-                };
-                rows.push(r.clone());
-                Some(r)
-            };
-            log(&format!(
-                "{} enilab size {size} queues {q}",
-                opts.scenario.name()
-            ));
-            let mut r = match opts.scenario {
-                Scenario::Fwd => enilab_fwd(&env, opts, size, q)?,
-                _ => enilab_rxonly(&env, opts, size, q)?,
-            };
-            r.ratio = dpdk
-                .as_ref()
-                .filter(|d| d.rate > 0.0)
-                .map(|d| r.rate / d.rate);
-            r.ratio_cpu = dpdk
-                .as_ref()
-                .filter(|d| d.per_cpu() > 0.0)
-                .map(|d| r.per_cpu() / d.per_cpu());
-            rows.push(r);
+            let (mut dpdk, mut enilab) = (Vec::new(), Vec::new());
+            for i in 0..n {
+                let tag = format!(
+                    "{} size {size} queues {q} run {}/{n}",
+                    opts.scenario.name(),
+                    i + 1
+                );
+                if !opts.enilab_only {
+                    log(&format!("dpdk {tag}"));
+                    dpdk.push(match opts.scenario {
+                        Scenario::Fwd => dpdk_fwd(&env, opts, size, q)?,
+                        _ => dpdk_rxonly(&env, opts, size, q)?,
+                    });
+                }
+                log(&format!("enilab {tag}"));
+                enilab.push(match opts.scenario {
+                    Scenario::Fwd => enilab_fwd(&env, opts, size, q)?,
+                    _ => enilab_rxonly(&env, opts, size, q)?,
+                });
+            }
+            let runs: Vec<String> = dpdk
+                .iter()
+                .zip(&enilab)
+                .map(|(d, e)| format!("{:.2}", e.rate / d.rate.max(f64::MIN_POSITIVE)))
+                .collect();
+            let d = median(dpdk);
+            let mut e = median(enilab).ok_or(BenchError::Option("no runs".into()))?;
+            if let Some(d) = &d {
+                if d.rate > 0.0 {
+                    e.ratio = Some(e.rate / d.rate);
+                }
+                if d.per_cpu() > 0.0 {
+                    e.ratio_cpu = Some(e.per_cpu() / d.per_cpu());
+                }
+                if n > 1 {
+                    e.note = format!(
+                        "median of {n}, ratio per run {}; {}",
+                        runs.join(" "),
+                        e.note
+                    );
+                }
+                rows.push(d.clone());
+            }
+            rows.push(e);
         }
     }
     Ok(rows)
+}
+
+/// The run with the median rate.
+fn median(mut runs: Vec<Row>) -> Option<Row> {
+    runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+    let mid = runs.len() / 2;
+    runs.into_iter().nth(mid)
 }
 
 /// The table the command prints.
@@ -600,7 +625,7 @@ impl EnilabSide {
         for (name, eni) in [("a", &self.a), ("b", &self.b)] {
             if let Some(p) = self.lab.eni_port(eni) {
                 let st = self.lab.switch().stats(p);
-                let json = serde_json::to_value(&st).unwrap_or_default();
+                let json = serde_json::to_value(st).unwrap_or_default();
                 if let Some(d) = json.get("drops").and_then(|d| d.as_object()) {
                     for (k, v) in d {
                         if v.as_u64().unwrap_or(0) > 0 {

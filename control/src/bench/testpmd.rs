@@ -18,6 +18,9 @@ pub const MEM_MB: u32 = 256;
 /// What the interactive prompt prints once ports are up.
 const PROMPT: &str = "testpmd>";
 
+/// One of testpmd's output pipes.
+type Pipe = Box<dyn Read + Send>;
+
 /// Where testpmd is and whether hugepages are there.
 #[derive(Debug, Clone)]
 pub struct DpdkEnv {
@@ -119,7 +122,7 @@ impl Testpmd {
         let output = Arc::new(Mutex::new(String::new()));
         let errors = Arc::new(Mutex::new(String::new()));
         let mut readers = Vec::new();
-        let pipes: [(Option<Box<dyn Read + Send>>, &Arc<Mutex<String>>); 2] = [
+        let pipes: [(Option<Pipe>, &Arc<Mutex<String>>); 2] = [
             (
                 child
                     .stdout
