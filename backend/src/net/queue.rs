@@ -31,6 +31,7 @@ const MAX_RX_BUFS: usize = 64;
 #[derive(Default)]
 pub struct TxCtx {
     segs: Vec<Seg>,
+    heads: Vec<u16>,
 }
 
 /// Per-worker scratch for RX.
@@ -118,11 +119,19 @@ impl NetDevice {
         let mut done = 0usize;
         let mut more = false;
         let mut rearmed = false;
+        let (mut packets, mut bytes) = (0u64, 0u64);
         loop {
+            // The avail index is read once per batch, not once per chain:
+            // it is a cache line the guest's CPU keeps writing.
             let q = st.get_queue_mut();
             let table = GuestAddress(q.desc_table());
             let size = q.size();
-            let Some(head) = q.pop_descriptor_chain(&*mem).map(|c| c.head_index()) else {
+            ctx.heads.clear();
+            if let Ok(it) = q.iter(&*mem) {
+                ctx.heads
+                    .extend(it.take(BATCH - done).map(|c| c.head_index()));
+            }
+            if ctx.heads.is_empty() {
                 if mode == Mode::Poll {
                     break;
                 }
@@ -135,40 +144,47 @@ impl NetDevice {
                     }
                 }
                 break;
-            };
+            }
             if done == 0 {
                 let _ = st.disable_notification();
             }
-            done += 1;
-            if !enabled {
-                tracing::debug!(eni = %self.cfg.eni_id, qp, "TX on a disabled ring discarded");
-                counters.tx_discarded.fetch_add(1, Ordering::Relaxed);
-            } else {
-                match chain::walk(&mem, table, size, head, indirect, Dir::Read, &mut ctx.segs) {
-                    Err(e) => {
-                        tracing::debug!(eni = %self.cfg.eni_id, qp, error = %e, "bad TX chain");
-                        counters.tx_bad_chains.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(total) => {
-                        if let Some(pkt) =
-                            self.read_frame(&mem, &ctx.segs, total, hdr_len, pool, counters)
-                        {
-                            counters.tx_packets.fetch_add(1, Ordering::Relaxed);
-                            counters
-                                .tx_bytes
-                                .fetch_add(pkt.buf.len() as u64, Ordering::Relaxed);
-                            out.push(pkt);
+            for k in 0..ctx.heads.len() {
+                let head = ctx.heads[k];
+                done += 1;
+                if !enabled {
+                    tracing::debug!(eni = %self.cfg.eni_id, qp, "TX on a disabled ring discarded");
+                    counters.tx_discarded.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    match chain::walk(&mem, table, size, head, indirect, Dir::Read, &mut ctx.segs) {
+                        Err(e) => {
+                            tracing::debug!(eni = %self.cfg.eni_id, qp, error = %e, "bad TX chain");
+                            counters.tx_bad_chains.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(total) => {
+                            if let Some(pkt) =
+                                self.read_frame(&mem, &ctx.segs, total, hdr_len, pool, counters)
+                            {
+                                packets += 1;
+                                bytes += pkt.buf.len() as u64;
+                                out.push(pkt);
+                            }
                         }
                     }
                 }
+                // TX buffers are only read: used length 0, for good and bad
+                // chains. Fails only for a head beyond the ring, already
+                // counted.
+                let _ = st.add_used(head, 0);
             }
-            // TX buffers are only read: used length 0, for good and bad chains.
-            // Fails only for a head beyond the ring, already counted.
-            let _ = st.add_used(head, 0);
             if done >= BATCH {
                 more = true;
                 break;
             }
+        }
+        // Added once per batch: the counters are shared cache lines.
+        if packets > 0 {
+            counters.tx_packets.fetch_add(packets, Ordering::Relaxed);
+            counters.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
         }
         if done > 0 && should_signal(&mut st, &mem) {
             counters.notifications.fetch_add(1, Ordering::Relaxed);
