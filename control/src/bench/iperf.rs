@@ -161,14 +161,23 @@ fn dpdk_iperf(opts: &BenchOptions, seconds: u32, log: &dyn Fn(&str)) -> Result<f
     let gb = rb.map_err(|_| panicked())??;
     log("iperf dpdk: guests up; static addresses 10.98.0.4 and .5");
     let short = Duration::from_secs(20);
-    ga.sh(
-        "ip addr add 10.98.0.4/24 dev eth0 && ip link set eth0 up",
-        short,
-    )?;
-    gb.sh(
-        "ip addr add 10.98.0.5/24 dev eth0 && ip link set eth0 up && iperf3 -s -D -1",
-        short,
-    )?;
+    // The guest's DHCP client would deconfigure eth0 when it gives up:
+    // stop it first (inside our own guest), then set the address.
+    let static_ip = |ip: &str| {
+        format!(
+            "killall -q udhcpc; ip addr replace {ip}/24 dev eth0 && ip link set eth0 up && \
+             ip -4 addr show dev eth0"
+        )
+    };
+    let out_a = ga.sh(&static_ip("10.98.0.4"), short)?;
+    let out_b = gb.sh(&static_ip("10.98.0.5"), short)?;
+    if !out_a.contains("10.98.0.4/") || !out_b.contains("10.98.0.5/") {
+        return Err(BenchError::NoTraffic(
+            "dpdk iperf".into(),
+            format!("static addresses did not stick: {out_a} / {out_b}"),
+        ));
+    }
+    gb.sh("iperf3 -s -D -1", short)?;
     // ARP through the io forward, and a first sign of life.
     ga.sh("ping -c 3 -W 2 10.98.0.5", short)?;
     let out = ga.sh(
