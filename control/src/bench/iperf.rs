@@ -5,7 +5,8 @@
 //! subnet (DHCP from the switch), busy polling off as in a normal lab.
 //! DPDK's side: the same image on two vhost ports that testpmd
 //! io-forwards (pinned to one core, as DPDK always polls); DPDK serves no
-//! DHCP, so the addresses are set by hand and ARP crosses the io forward.
+//! DHCP, so each NIC is renamed away from the agent's DHCP client and
+//! addressed by hand; ARP crosses the io forward.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -161,12 +162,13 @@ fn dpdk_iperf(opts: &BenchOptions, seconds: u32, log: &dyn Fn(&str)) -> Result<f
     let gb = rb.map_err(|_| panicked())??;
     log("iperf dpdk: guests up; static addresses 10.98.0.4 and .5");
     let short = Duration::from_secs(20);
-    // The guest's DHCP client would deconfigure eth0 when it gives up:
-    // stop it first (inside our own guest), then set the address.
+    // The guest agent runs udhcpc on every ethN and restarts it: rename
+    // the NIC out of its reach (it then stops that udhcpc), then address it.
     let static_ip = |ip: &str| {
         format!(
-            "killall -q udhcpc; ip addr replace {ip}/24 dev eth0 && ip link set eth0 up && \
-             ip -4 addr show dev eth0"
+            "ip link set eth0 down && ip link set eth0 name dp0 && \
+             ip addr replace {ip}/24 dev dp0 && ip link set dp0 up && sleep 1 && \
+             ip -4 addr show dev dp0"
         )
     };
     let out_a = ga.sh(&static_ip("10.98.0.4"), short)?;
