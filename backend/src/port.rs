@@ -199,17 +199,59 @@ impl PortTable {
 /// runs the switch (card workers, uplinks) emits through one of these, then
 /// wakes the workers it queued frames for.
 pub(crate) struct PortEgress<'a> {
-    ports: &'a PortTable,
+    /// The port table as of the start of this pass: one load per pass,
+    /// not a reference-count round trip per frame.
+    table: arc_swap::Guard<Arc<Vec<Option<Arc<PortHandle>>>>>,
     pool: &'a Pool,
     wake: Vec<Arc<Waker>>,
+    /// The buffer of the frame being processed (address, length): when the
+    /// switch emits that very frame, it is queued by moving the buffer
+    /// ([`PortEgress::finish`]) instead of copying it.
+    ingress: Option<(usize, usize)>,
+    moved: Option<(PortId, u32, PacketMeta)>,
 }
 
 impl<'a> PortEgress<'a> {
     pub fn new(ports: &'a PortTable, pool: &'a Pool) -> Self {
         PortEgress {
-            ports,
+            table: ports.load(),
             pool,
             wake: Vec::new(),
+            ingress: None,
+            moved: None,
+        }
+    }
+
+    /// The next frame handed to the switch lives in `buf`.
+    pub fn set_ingress(&mut self, buf: &[u8]) {
+        self.ingress = Some((buf.as_ptr() as usize, buf.len()));
+        self.moved = None;
+    }
+
+    /// After the switch is done with the ingress frame: queue it by moving
+    /// its buffer if the switch emitted it, else give it back. False when
+    /// the queue filled up in between (another worker raced us).
+    pub fn finish(&mut self, pkt: Pkt) -> bool {
+        self.ingress = None;
+        let Some((port, flow_hash, meta)) = self.moved.take() else {
+            self.pool.put(pkt.buf);
+            return true;
+        };
+        let Some(handle) = self.table.get(port as usize).and_then(|h| h.as_ref()) else {
+            self.pool.put(pkt.buf);
+            return false;
+        };
+        match handle.enqueue(flow_hash, Pkt { buf: pkt.buf, meta }) {
+            Ok(w) => {
+                if !self.wake.iter().any(|x| Arc::ptr_eq(x, w)) {
+                    self.wake.push(w.clone());
+                }
+                true
+            }
+            Err(pkt) => {
+                self.pool.put(pkt.buf);
+                false
+            }
         }
     }
 
@@ -239,9 +281,20 @@ impl PortEgress<'_> {
 
 impl Egress for PortEgress<'_> {
     fn emit(&mut self, port: PortId, flow_hash: u32, frame: &[u8], meta: &PacketMeta) -> bool {
-        let Some(handle) = self.ports.get(port) else {
+        let Some(handle) = self.table.get(port as usize).and_then(|h| h.as_ref()) else {
             return false;
         };
+        if self.moved.is_none() && self.ingress == Some((frame.as_ptr() as usize, frame.len())) {
+            // The ingress frame itself: queued by `finish`, without a copy.
+            // Refuse now if there is no room, so the switch counts it.
+            return match handle.pick(flow_hash) {
+                Some(q) if !q.ring.is_full() => {
+                    self.moved = Some((port, flow_hash, *meta));
+                    true
+                }
+                _ => false,
+            };
+        }
         let mut buf = self.pool.get();
         buf.extend_from_slice(frame);
         match handle.enqueue(flow_hash, Pkt { buf, meta: *meta }) {

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod bench;
 pub mod demo;
 pub mod graph;
 pub mod image;

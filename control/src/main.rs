@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use enilab_control::agent::{AgentClient, Stream};
-use enilab_control::{api, demo, image, lab, qemu};
+use enilab_control::{api, bench, demo, image, lab, qemu};
 
 #[derive(Parser)]
 #[command(
@@ -80,6 +80,44 @@ enum Cmd {
         /// balancers; 0 runs none.
         #[arg(long, default_value_t = 2)]
         hyperplane_nodes: usize,
+    },
+    /// Datapath benchmark side by side with DPDK's vhost PMD: testpmd's
+    /// virtio-user ports as synthetic guests on one core, the backend on
+    /// the other; prints Mpps per backend and the ratio enilab/DPDK.
+    Bench {
+        /// The anchor backend (only `dpdk`).
+        #[arg(long, value_enum, default_value = "dpdk")]
+        against: BenchAgainst,
+        /// `fwd` (port-to-port loop), `rxonly` (txonly source into the
+        /// backend) or `iperf` (two TCG guests).
+        #[arg(long, value_enum, default_value = "fwd")]
+        scenario: BenchScenario,
+        /// Frame sizes in bytes.
+        #[arg(long, value_delimiter = ',', default_value = "64,1500")]
+        sizes: Vec<u32>,
+        /// Queue pairs per port.
+        #[arg(long, value_delimiter = ',', default_value = "1,4")]
+        queues: Vec<u16>,
+        /// Measured window per run, after a 2 s warm-up.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Bursts the frontend sends first in `fwd` (frames in the loop).
+        #[arg(long, default_value_t = 4)]
+        bursts: u32,
+        /// enilab's busy-poll budget in microseconds (0: sleep in epoll
+        /// between guest kicks).
+        #[arg(long, default_value_t = 1000)]
+        busy_poll_us: u64,
+        /// Only run enilab's side (no DPDK anchor, no ratio).
+        #[arg(long)]
+        enilab_only: bool,
+        /// Runs per size and queue count (DPDK and enilab alternating);
+        /// the table shows the medians.
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
+        /// Print JSON rows instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     /// Measure API calls per second against a running `enilab serve`.
     BenchApi {
@@ -203,6 +241,18 @@ enum FailoverCmd {
         #[arg(long = "to")]
         to: Vec<String>,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BenchAgainst {
+    Dpdk,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BenchScenario {
+    Fwd,
+    Rxonly,
+    Iperf,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -353,6 +403,42 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     vms.release();
                     res?;
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench {
+            against: BenchAgainst::Dpdk,
+            scenario,
+            sizes,
+            queues,
+            seconds,
+            bursts,
+            busy_poll_us,
+            enilab_only,
+            repeat,
+            json,
+        } => {
+            let opts = bench::BenchOptions {
+                scenario: match scenario {
+                    BenchScenario::Fwd => bench::Scenario::Fwd,
+                    BenchScenario::Rxonly => bench::Scenario::Rxonly,
+                    BenchScenario::Iperf => bench::Scenario::Iperf,
+                },
+                sizes,
+                queues,
+                seconds: seconds.clamp(1, 600),
+                bursts: bursts.clamp(1, 64),
+                busy_poll: Duration::from_micros(busy_poll_us.min(1_000_000)),
+                enilab_only,
+                repeat: repeat.clamp(1, 20),
+                run_root,
+                ..Default::default()
+            };
+            let rows = bench::run(&opts, &|m| eprintln!("bench: {m}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", bench::render(&rows));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -1,19 +1,32 @@
 //! One card worker thread: an epoll loop over the kick eventfds of the
 //! queue pairs it owns and its own wake eventfd.
+//!
+//! With a busy-poll budget ([`crate::net::set_busy_poll`]) the worker keeps
+//! passing over all its rings with guest notifications off while frames
+//! flow, looks at epoll (commands, wake-ups) only every [`POLL_EPOLL_EVERY`]
+//! passes, and after `budget` without a frame re-arms notifications and
+//! sleeps in epoll again.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use enilab_switch::{PortId, Switch, SwitchWorker, Verdict};
 use vhost_user_backend::VringT;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use crate::net::{NetDevice, RxCtx, TxCtx};
+use crate::net::{Mode, NetDevice, RxCtx, TxCtx};
 use crate::port::{Pkt, Pool, PortEgress, PortHandle, PortTable, Waker};
 
 const WAKE_TOKEN: u64 = u64::MAX;
+/// Busy passes between two looks at epoll.
+const POLL_EPOLL_EVERY: u32 = 64;
+/// Idle busy passes between two reads of the clock.
+const POLL_CLOCK_EVERY: u32 = 32;
+/// Frames looked ahead for the connection-tracking prefetch.
+const PREFETCH_AHEAD: usize = 4;
 
 /// Commands from the card to a worker.
 pub(crate) enum Cmd {
@@ -30,6 +43,10 @@ pub struct WorkerCounters {
     pub forwarded: AtomicU64,
     pub replied: AtomicU64,
     pub dropped: AtomicU64,
+    /// Passes made while busy-polling.
+    pub poll_passes: AtomicU64,
+    /// Frames the switch accepted whose queue filled before the move.
+    pub late_drops: AtomicU64,
 }
 
 /// The part of a worker that other threads hold.
@@ -47,6 +64,8 @@ struct Slot {
     pending: VecDeque<Pkt>,
     tx_more: bool,
     rx_more: bool,
+    /// Guest kicks on the RX ring are off (poll mode).
+    rx_quiet: bool,
 }
 
 pub(crate) struct Worker {
@@ -90,17 +109,52 @@ impl Worker {
     pub fn run(mut self) {
         let mut events = vec![EpollEvent::default(); 64];
         self.shared.alive.store(true, Ordering::Release);
+        // Busy-poll state: when the last frame moved, and passes since the
+        // last look at epoll.
+        let mut last_work: Option<Instant> = None;
+        let mut since_epoll = 0u32;
+        let mut was_polling = false;
+        let mut idle_passes = 0u32;
         loop {
-            let busy = self
-                .slots
-                .iter()
-                .any(|s| s.tx_more || s.rx_more && !s.pending.is_empty());
-            let n = match self.epoll.wait(if busy { 0 } else { 1000 }, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
-                Err(e) => {
-                    tracing::error!(error = %e, "worker epoll failed");
-                    break;
+            let budget = crate::net::busy_poll();
+            // The clock is read every POLL_CLOCK_EVERY idle passes only.
+            let polling = !budget.is_zero()
+                && match last_work {
+                    None => false,
+                    Some(_) if was_polling && idle_passes % POLL_CLOCK_EVERY != 0 => true,
+                    Some(t) => t.elapsed() < budget,
+                };
+            if was_polling && !polling {
+                // Leaving poll mode: one Notify pass over every ring
+                // re-arms guest notifications (and goes on if the guest
+                // raced us) before epoll may sleep.
+                for s in &mut self.slots {
+                    s.tx_more = true;
+                    s.rx_more = true;
+                    if s.rx_quiet {
+                        s.dev.set_rx_kicks(s.qp, true);
+                        s.rx_quiet = false;
+                    }
+                }
+            }
+            was_polling = polling;
+            let busy = polling
+                || self
+                    .slots
+                    .iter()
+                    .any(|s| s.tx_more || s.rx_more && !s.pending.is_empty());
+            since_epoll += 1;
+            let n = if polling && since_epoll < POLL_EPOLL_EVERY {
+                0
+            } else {
+                since_epoll = 0;
+                match self.epoll.wait(if busy { 0 } else { 1000 }, &mut events) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+                    Err(e) => {
+                        tracing::error!(error = %e, "worker epoll failed");
+                        break;
+                    }
                 }
             };
             let mut rescan = false;
@@ -139,15 +193,42 @@ impl Worker {
             if rescan {
                 self.register_all();
             }
-            self.pass();
+            let mode = if polling {
+                self.shared
+                    .counters
+                    .poll_passes
+                    .fetch_add(1, Ordering::Relaxed);
+                for s in &mut self.slots {
+                    s.tx_more = true;
+                    s.rx_more = true;
+                    if !s.rx_quiet {
+                        s.dev.set_rx_kicks(s.qp, false);
+                        s.rx_quiet = true;
+                    }
+                }
+                Mode::Poll
+            } else {
+                Mode::Notify
+            };
+            let moved = self.pass(mode);
+            if moved > 0 && !budget.is_zero() {
+                last_work = Some(Instant::now());
+                idle_passes = 0;
+            } else {
+                idle_passes = idle_passes.wrapping_add(1);
+            }
             // Clock refresh and flow-log hand-off, also when idle.
-            self.switch.housekeeping();
+            if !polling || since_epoll == 0 {
+                self.switch.housekeeping();
+            }
         }
         self.shared.alive.store(false, Ordering::Release);
     }
 
-    /// One pass over every slot: TX, then RX.
-    fn pass(&mut self) {
+    /// One pass over every slot: TX, then RX. Returns the frames moved
+    /// (chains taken plus frames delivered).
+    fn pass(&mut self, mode: Mode) -> usize {
+        let mut moved = 0usize;
         let mut egress = PortEgress::new(&self.ports, &self.pool);
         for s in &mut self.slots {
             if !s.tx_more {
@@ -155,24 +236,52 @@ impl Worker {
             }
             let out = s
                 .dev
-                .process_tx(s.qp, &mut self.tx, &self.pool, &mut self.batch);
+                .process_tx(s.qp, &mut self.tx, &self.pool, &mut self.batch, mode);
             s.tx_more = out.more;
-            self.shared
-                .counters
-                .tx_batches
-                .fetch_add(1, Ordering::Relaxed);
+            moved += out.chains;
+            if out.chains == 0 {
+                continue;
+            }
             let port = s.dev.port();
-            for mut pkt in self.batch.drain(..) {
+            // Counted once per batch: the counters are shared cache lines.
+            let (mut fwd, mut rep, mut drop, mut late) = (0u64, 0u64, 0u64, 0u64);
+            for i in 0..self.batch.len() {
+                // Start loading frame i+k's conntrack buckets now.
+                if let Some(ahead) = self.batch.get(i + PREFETCH_AHEAD) {
+                    self.switch.prefetch(port, &ahead.buf);
+                }
+                let mut pkt = std::mem::replace(
+                    &mut self.batch[i],
+                    Pkt {
+                        buf: Vec::new(),
+                        meta: Default::default(),
+                    },
+                );
+                egress.set_ingress(&pkt.buf);
                 let verdict = self
                     .switch
                     .process(port, &mut pkt.buf, &pkt.meta, &mut egress);
-                let c = &self.shared.counters;
                 match verdict {
-                    Verdict::Forwarded(_) => c.forwarded.fetch_add(1, Ordering::Relaxed),
-                    Verdict::Replied => c.replied.fetch_add(1, Ordering::Relaxed),
-                    Verdict::Dropped(_) => c.dropped.fetch_add(1, Ordering::Relaxed),
-                };
-                self.pool.put(pkt.buf);
+                    Verdict::Forwarded(_) => fwd += 1,
+                    Verdict::Replied => rep += 1,
+                    Verdict::Dropped(_) => drop += 1,
+                }
+                if !egress.finish(pkt) {
+                    late += 1;
+                }
+            }
+            self.batch.clear();
+            let c = &self.shared.counters;
+            c.tx_batches.fetch_add(1, Ordering::Relaxed);
+            for (ctr, n) in [
+                (&c.forwarded, fwd),
+                (&c.replied, rep),
+                (&c.dropped, drop),
+                (&c.late_drops, late),
+            ] {
+                if n > 0 {
+                    ctr.fetch_add(n, Ordering::Relaxed);
+                }
             }
         }
         if egress.wake_others(&self.shared.waker) {
@@ -185,12 +294,14 @@ impl Worker {
                 continue;
             }
             let rxq = &s.handle.rxq[usize::from(s.qp)];
-            let waiting = s
+            let out = s
                 .dev
-                .process_rx(s.qp, rxq, &mut s.pending, &mut self.rx, &self.pool);
+                .process_rx(s.qp, rxq, &mut s.pending, &mut self.rx, &self.pool, mode);
+            moved += out.delivered;
             // Frames wait for the guest's kick, not for a busy loop.
-            s.rx_more = waiting && rxq.ring.is_full();
+            s.rx_more = out.waiting && rxq.ring.is_full();
         }
+        moved
     }
 
     fn handle_cmds(&mut self) -> bool {
@@ -210,6 +321,7 @@ impl Worker {
                         pending: VecDeque::new(),
                         tx_more: true,
                         rx_more: true,
+                        rx_quiet: false,
                     });
                     changed = true;
                 }

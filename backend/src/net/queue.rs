@@ -13,7 +13,7 @@ use virtio_bindings::virtio_net::{
 #[allow(unused_imports)]
 use virtio_queue::QueueOwnedT;
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::chain::{self, Dir, Seg};
 use super::device::{NetDevice, QueueCounters};
@@ -31,6 +31,7 @@ const MAX_RX_BUFS: usize = 64;
 #[derive(Default)]
 pub struct TxCtx {
     segs: Vec<Seg>,
+    heads: Vec<u16>,
 }
 
 /// Per-worker scratch for RX.
@@ -47,6 +48,48 @@ pub struct RxCtx {
 pub struct TxOutcome {
     /// The ring still had chains when the budget ran out.
     pub more: bool,
+    /// Chains taken off the ring (good, bad and discarded).
+    pub chains: usize,
+}
+
+/// Outcome of an RX pass.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RxOutcome {
+    /// Frames are still waiting for guest buffers.
+    pub waiting: bool,
+    /// Frames written into the guest's ring.
+    pub delivered: usize,
+}
+
+/// How a worker drives a ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The worker sleeps until kicked: re-arm guest notifications when the
+    /// ring runs dry.
+    Notify,
+    /// The worker busy-polls: leave guest notifications off, so the guest
+    /// does not pay for kicks nobody waits for.
+    Poll,
+}
+
+/// VRING_AVAIL_F_NO_INTERRUPT: the driver polls and wants no interrupt.
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Whether to interrupt the guest after adding used buffers: EVENT_IDX when
+/// negotiated, else the driver's NO_INTERRUPT flag (virtio-queue ignores
+/// it, and a polling driver such as DPDK's sets it).
+fn should_signal(st: &mut VState, mem: &GuestMemoryMmap) -> bool {
+    if !st.needs_notification().unwrap_or(true) {
+        return false;
+    }
+    let q = st.get_queue();
+    if q.event_idx_enabled() {
+        return true;
+    }
+    let flags: u16 = mem
+        .read_obj::<u16>(GuestAddress(q.avail_ring()))
+        .unwrap_or(0);
+    u16::from_le(flags) & AVAIL_F_NO_INTERRUPT == 0
 }
 
 impl NetDevice {
@@ -59,6 +102,7 @@ impl NetDevice {
         ctx: &mut TxCtx,
         pool: &Pool,
         out: &mut Vec<Pkt>,
+        mode: Mode,
     ) -> TxOutcome {
         let Some(vring) = self.vring(usize::from(qp) * 2 + 1) else {
             return TxOutcome::default();
@@ -75,11 +119,22 @@ impl NetDevice {
         let mut done = 0usize;
         let mut more = false;
         let mut rearmed = false;
+        let (mut packets, mut bytes) = (0u64, 0u64);
         loop {
+            // The avail index is read once per batch, not once per chain:
+            // it is a cache line the guest's CPU keeps writing.
             let q = st.get_queue_mut();
             let table = GuestAddress(q.desc_table());
             let size = q.size();
-            let Some(head) = q.pop_descriptor_chain(&*mem).map(|c| c.head_index()) else {
+            ctx.heads.clear();
+            if let Ok(it) = q.iter(&*mem) {
+                ctx.heads
+                    .extend(it.take(BATCH - done).map(|c| c.head_index()));
+            }
+            if ctx.heads.is_empty() {
+                if mode == Mode::Poll {
+                    break;
+                }
                 // Re-arm notifications; if the guest raced us, go again.
                 // A garbage avail index keeps this true: retry only once.
                 if let Ok(true) = st.enable_notification() {
@@ -97,46 +152,71 @@ impl NetDevice {
                     more = done > 0;
                 }
                 break;
-            };
+            }
             if done == 0 {
                 let _ = st.disable_notification();
             }
-            done += 1;
-            if !enabled {
-                tracing::debug!(eni = %self.cfg.eni_id, qp, "TX on a disabled ring discarded");
-                counters.tx_discarded.fetch_add(1, Ordering::Relaxed);
-            } else {
-                match chain::walk(&mem, table, size, head, indirect, Dir::Read, &mut ctx.segs) {
-                    Err(e) => {
-                        tracing::debug!(eni = %self.cfg.eni_id, qp, error = %e, "bad TX chain");
-                        counters.tx_bad_chains.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(total) => {
-                        if let Some(pkt) =
-                            self.read_frame(&mem, &ctx.segs, total, hdr_len, pool, counters)
-                        {
-                            counters.tx_packets.fetch_add(1, Ordering::Relaxed);
-                            counters
-                                .tx_bytes
-                                .fetch_add(pkt.buf.len() as u64, Ordering::Relaxed);
-                            out.push(pkt);
+            for k in 0..ctx.heads.len() {
+                let head = ctx.heads[k];
+                done += 1;
+                if !enabled {
+                    tracing::debug!(eni = %self.cfg.eni_id, qp, "TX on a disabled ring discarded");
+                    counters.tx_discarded.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    match chain::walk(&mem, table, size, head, indirect, Dir::Read, &mut ctx.segs) {
+                        Err(e) => {
+                            tracing::debug!(eni = %self.cfg.eni_id, qp, error = %e, "bad TX chain");
+                            counters.tx_bad_chains.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(total) => {
+                            if let Some(pkt) =
+                                self.read_frame(&mem, &ctx.segs, total, hdr_len, pool, counters)
+                            {
+                                packets += 1;
+                                bytes += pkt.buf.len() as u64;
+                                out.push(pkt);
+                            }
                         }
                     }
                 }
+                // TX buffers are only read: used length 0, for good and bad
+                // chains. Fails only for a head beyond the ring, already
+                // counted.
+                let _ = st.add_used(head, 0);
             }
-            // TX buffers are only read: used length 0, for good and bad chains.
-            // Fails only for a head beyond the ring, already counted.
-            let _ = st.add_used(head, 0);
             if done >= BATCH {
                 more = true;
                 break;
             }
         }
-        if done > 0 && st.needs_notification().unwrap_or(true) {
+        // Added once per batch: the counters are shared cache lines.
+        if packets > 0 {
+            counters.tx_packets.fetch_add(packets, Ordering::Relaxed);
+            counters.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+        if done > 0 && should_signal(&mut st, &mem) {
             counters.notifications.fetch_add(1, Ordering::Relaxed);
             let _ = st.signal_used_queue();
         }
-        TxOutcome { more }
+        TxOutcome { more, chains: done }
+    }
+
+    /// Turn the guest's kicks on the RX ring of `qp` on or off: a polling
+    /// worker looks at the ring anyway, and a kick costs the guest a
+    /// system call (or a VM exit).
+    pub(crate) fn set_rx_kicks(&self, qp: u16, on: bool) {
+        let Some(vring) = self.vring(usize::from(qp) * 2) else {
+            return;
+        };
+        let mut st = vring.get_mut();
+        if !st.get_queue().ready() {
+            return;
+        }
+        let _ = if on {
+            st.enable_notification().map(|_| ())
+        } else {
+            st.disable_notification()
+        };
     }
 
     fn read_frame(
@@ -190,16 +270,20 @@ impl NetDevice {
         pending: &mut VecDeque<Pkt>,
         ctx: &mut RxCtx,
         pool: &Pool,
-    ) -> bool {
+        mode: Mode,
+    ) -> RxOutcome {
         let Some(vring) = self.vring(usize::from(qp) * 2) else {
-            return false;
+            return RxOutcome::default();
         };
         let counters = &self.counters[usize::from(qp)];
         let mem = self.mem().memory();
         let mut guard = vring.get_mut();
         let st: &mut VState = &mut guard;
         if !st.get_queue().ready() || !st.is_enabled() {
-            return !pending.is_empty() || !rxq.ring.is_empty();
+            return RxOutcome {
+                waiting: !pending.is_empty() || !rxq.ring.is_empty(),
+                delivered: 0,
+            };
         }
         let mrg = self.has(VIRTIO_NET_F_MRG_RXBUF);
         let csum_ok = self.has(VIRTIO_NET_F_GUEST_CSUM);
@@ -272,8 +356,11 @@ impl NetDevice {
                     counters.rx_no_buffers.fetch_add(1, Ordering::Relaxed);
                     pending.push_front(pkt);
                     // Ask for a kick when buffers come; if some came in the
-                    // meantime, go on.
-                    if retries < 2 && matches!(st.enable_notification(), Ok(true)) {
+                    // meantime, go on. A polling worker just comes back.
+                    if mode == Mode::Notify
+                        && retries < 2
+                        && matches!(st.enable_notification(), Ok(true))
+                    {
                         retries += 1;
                         continue;
                     }
@@ -281,11 +368,14 @@ impl NetDevice {
                 }
             }
         }
-        if delivered > 0 && st.needs_notification().unwrap_or(true) {
+        if delivered > 0 && should_signal(st, &mem) {
             counters.notifications.fetch_add(1, Ordering::Relaxed);
             let _ = st.signal_used_queue();
         }
-        !pending.is_empty() || !rxq.ring.is_empty()
+        RxOutcome {
+            waiting: !pending.is_empty() || !rxq.ring.is_empty(),
+            delivered,
+        }
     }
 }
 
