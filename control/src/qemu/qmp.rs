@@ -783,7 +783,7 @@ mod tests {
         );
         assert_eq!(
             seen[1]["arguments"]["backend"]["data"]["reconnect-ms"],
-            1000
+            crate::qemu::NIC_RECONNECT_MS
         );
         assert_eq!(seen[2]["arguments"]["queues"], 2);
         assert_eq!(seen[3]["arguments"]["bus"], "rp3");
