@@ -17,6 +17,7 @@ use hyper::{Method, Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use super::access::{AccessError, SignedRequest};
 use super::query::Params;
 use super::{xml, Api, ApiError, Reply};
 use crate::store::ids;
@@ -39,12 +40,39 @@ fn to_response(r: Reply) -> Response<Full<Bytes>> {
     resp
 }
 
+/// The client's address, put in each request's extensions by [`serve`].
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+fn access_reply(e: &AccessError) -> Reply {
+    Reply {
+        status: e.status(),
+        body: xml::error(e.code(), &e.to_string(), &ids::request_id()),
+    }
+}
+
 /// Turn one HTTP request into a reply. Never fails: every problem is an
 /// EC2 error document.
 pub async fn handle(
     api: Arc<Api>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let peer = req.extensions().get::<Peer>().map(|p| p.0);
+    if let Some(peer) = peer {
+        if let Err(e) = api.config.access.admit(peer.ip()) {
+            return Ok(to_response(access_reply(&e)));
+        }
+    }
+    // Unsigned endpoints (status) are for local clients once keys are set.
+    let local = peer.is_none_or(|p| p.ip().is_loopback());
+    if req.method() == Method::GET
+        && req.uri().path() != "/"
+        && api.config.access.credentials.is_some()
+        && !local
+    {
+        let e = AccessError::Signature(super::access::SigV4Error::Missing);
+        return Ok(to_response(access_reply(&e)));
+    }
     if req.method() == Method::GET && req.uri().path() == super::status::PATH {
         let body = match tokio::task::spawn_blocking(move || super::status::collect(&api)).await {
             Ok(v) => v.to_string(),
@@ -81,6 +109,24 @@ async fn handle_inner(api: Arc<Api>, req: Request<Incoming>) -> Reply {
     if query.len() > max {
         return error_reply(&ApiError::TooLarge(max));
     }
+    // What a signature covers, taken before the body consumes the request.
+    let signed = api.config.access.credentials.as_ref().map(|_| {
+        let headers: Vec<(String, String)> = req
+            .headers()
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into(),
+                )
+            })
+            .collect();
+        (
+            req.method().to_string(),
+            req.uri().path().to_string(),
+            headers,
+        )
+    });
     let body = match Limited::new(req.into_body(), max).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e) => {
@@ -95,6 +141,18 @@ async fn handle_inner(api: Arc<Api>, req: Request<Incoming>) -> Reply {
             ));
         }
     };
+    if let Some((method, path, headers)) = &signed {
+        let req = SignedRequest {
+            method,
+            path,
+            query: std::str::from_utf8(&query).unwrap_or(""),
+            headers,
+            body: &body,
+        };
+        if let Err(e) = api.config.access.authenticate(&req) {
+            return access_reply(&e);
+        }
+    }
     let params = match Params::parse(&[&query, &body]) {
         Ok(p) => p,
         Err(e) => return error_reply(&ApiError::Query(e)),
@@ -124,7 +182,7 @@ pub async fn serve(
             _ = &mut shutdown => break,
             a = listener.accept() => a,
         };
-        let (stream, _peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!("accept failed: {e}");
@@ -135,7 +193,10 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let api = api.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(api.clone(), req));
+            let svc = service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(Peer(peer));
+                handle(api.clone(), req)
+            });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(30))
