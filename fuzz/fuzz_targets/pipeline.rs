@@ -10,17 +10,17 @@
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use enilab_hyperplane::{
     Config as HpConfig, HealthCheckConfig, Hyperplane, ListenerConfig, LoadBalancerConfig,
-    NatGatewayConfig, Options, TargetConfig, TargetGroupConfig, L4,
+    NatGatewayConfig, Node, Options, TargetConfig, TargetGroupConfig, L4,
 };
 use enilab_switch::{
     AclEntry, Cidr, ElasticIp, Egress, NetworkAclConfig, PacketMeta, Peer, PortConfig, PortId,
     PortMatch, Protocol, Route, RouteTableConfig, RouteTarget, SecurityGroupConfig, SgRule,
-    Snapshot, SubnetConfig, Switch, SwitchOptions, Topology, UplinkConfig, VpcConfig,
+    Snapshot, SubnetConfig, Switch, SwitchOptions, SwitchWorker, Topology, UplinkConfig, VpcConfig,
 };
 
 const UPLINK: PortId = 100;
@@ -234,10 +234,13 @@ impl Egress for Capture {
     }
 }
 
+/// One switch, worker and hyperplane node for the whole run (a node is
+/// handed out once), so state (conntrack, NAT flows) carries over between
+/// inputs as it would in a long-lived daemon.
 struct Rig {
-    sw: Arc<Switch>,
     clock: Arc<AtomicU32>,
-    hp: Arc<Hyperplane>,
+    worker: Mutex<SwitchWorker>,
+    node: Mutex<Node>,
     start: Instant,
 }
 
@@ -261,10 +264,11 @@ fn rig() -> &'static Rig {
         })
         .expect("fixture hyperplane options");
         hp.publish(hyperplane_config()).expect("fixture hyperplane config");
+        let node = hp.node(0).expect("fixture hyperplane node");
         Rig {
-            sw,
             clock,
-            hp,
+            worker: Mutex::new(sw.worker()),
+            node: Mutex::new(node),
             start: Instant::now(),
         }
     })
@@ -275,8 +279,8 @@ const INGRESS: [u32; 12] = [1, 2, 3, 4, 5, 6, 7, 9, UPLINK, NATGW, NLB, NATGW];
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let r = rig();
-    let mut worker = r.sw.worker();
-    let Ok(mut node) = r.hp.node(0) else { return };
+    let mut worker = r.worker.lock().unwrap_or_else(|e| e.into_inner());
+    let mut node = r.node.lock().unwrap_or_else(|e| e.into_inner());
     let mut rest = data;
     while let [sel, len, tail @ ..] = rest {
         let n = usize::from(*len).min(tail.len());

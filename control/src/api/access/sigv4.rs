@@ -486,7 +486,9 @@ mod tests {
         let t = parse_amz_date("20261121T143000Z").unwrap();
         let good = sign(body, "20261121T143000Z", SECRET);
         let wrong = sign(body, "20261121T143000Z", "not-the-secret");
-        let rows: &[(&str, &[(String, String)], &str, i64, Result<(), &str>)] = &[
+        // (what, headers, body, server time, expected code)
+        type Row<'a> = (&'a str, &'a [(String, String)], &'a str, i64, Result<(), &'a str>);
+        let rows: &[Row] = &[
             ("good", &good, body, t, Ok(())),
             ("good, 14 minutes of skew", &good, body, t + 14 * 60, Ok(())),
             ("expired", &good, body, t + 16 * 60, Err("RequestExpired")),
