@@ -1,6 +1,7 @@
 //! The EC2 Query API: form decoding (`Params::parse`) and dispatch to every
 //! handler's validation and logic, with the recording driver on a state
-//! store in a temporary directory (reset every 2000 inputs so it stays small).
+//! store in a temporary directory (tmpfs if present; reset every 2000 inputs
+//! so it stays small).
 //!
 //! Input: `[split u8]` then bytes; the first `split` bytes are the URI query
 //! and the rest the body. If the input names no `Action`, one is picked by
@@ -52,7 +53,12 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     }
     let mut guard = STATE.lock().unwrap_or_else(|e| e.into_inner());
     let st = guard.get_or_insert_with(|| State {
-        dir: std::env::temp_dir().join(format!("enilab-fuzz-api-{}", std::process::id())),
+        // tmpfs when there is one: every mutating call commits to SQLite.
+        dir: ["/dev/shm".into(), std::env::temp_dir()]
+            .into_iter()
+            .find(|d: &std::path::PathBuf| d.is_dir())
+            .unwrap_or_else(std::env::temp_dir)
+            .join(format!("enilab-fuzz-api-{}", std::process::id())),
         api: None,
         calls: 0,
     });
