@@ -286,8 +286,14 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         let n = usize::from(*len).min(tail.len());
         let (frame, next) = tail.split_at(n);
         rest = next;
-        let minutes = u32::from((sel >> 4) & 7);
-        let now = r.clock.fetch_add(minutes * 60, Ordering::Relaxed) + minutes * 60;
+        // The clock stops at 2^30 s (34 years): millions of inputs of up to
+        // 7 minutes each would otherwise overflow the u32 seconds.
+        let step = u32::from((sel >> 4) & 7) * 60;
+        let mut now = r.clock.load(Ordering::Relaxed);
+        if now < 1 << 30 {
+            now += step;
+            r.clock.store(now, Ordering::Relaxed);
+        }
         let at = r.start + Duration::from_secs(u64::from(now));
         let ingress = INGRESS[usize::from(sel & 0xf) % INGRESS.len()];
         let mut queue = vec![(ingress, frame.to_vec())];
