@@ -12,6 +12,8 @@
 //! queue, and back.
 
 mod card;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod net;
 mod port;
 mod server;

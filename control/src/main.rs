@@ -52,10 +52,25 @@ enum Cmd {
     },
     /// Serve the EC2 Query API (version 2016-11-15) for boto3 and the AWS CLI.
     Serve {
-        /// Address to listen on (loopback only is recommended: requests are
-        /// not authenticated).
+        /// Address to listen on. On loopback no signature is checked
+        /// (unless --require-auth); any other address needs --credentials.
         #[arg(long, default_value = "127.0.0.1:8990")]
         listen: std::net::SocketAddr,
+        /// File of `ACCESS_KEY_ID SECRET_ACCESS_KEY` lines: every request
+        /// must then carry a valid SigV4 signature made with one of them.
+        #[arg(long)]
+        credentials: Option<PathBuf>,
+        /// Check signatures on loopback too (needs --credentials).
+        #[arg(long)]
+        require_auth: bool,
+        /// Requests per second allowed per client address (token bucket).
+        /// Default 100, for remote clients only; given, it applies to
+        /// loopback clients too.
+        #[arg(long)]
+        rate_limit: Option<f64>,
+        /// Requests a client may send at once after being idle.
+        #[arg(long, default_value_t = 200)]
+        rate_burst: u32,
         /// Where the state database and config.json live
         /// (default: <state dir>/api, see $ENILAB_STATE_DIR).
         #[arg(long)]
@@ -354,6 +369,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Serve {
             listen,
+            credentials,
+            require_auth,
+            rate_limit,
+            rate_burst,
             state_dir,
             public_pool,
             driver,
@@ -367,6 +386,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(p) = public_pool {
                 config.set_pool(&p)?;
             }
+            let rate = rate_limit.unwrap_or(api::access::RateLimit::default().rate);
+            if !(rate > 0.0 && rate.is_finite()) || rate_burst == 0 {
+                anyhow::bail!("--rate-limit and --rate-burst must be positive");
+            }
+            let creds = credentials
+                .as_deref()
+                .map(api::access::Credentials::load)
+                .transpose()?;
+            let mut access = api::access::Access::for_listen(
+                listen,
+                creds,
+                require_auth,
+                api::access::RateLimit {
+                    rate,
+                    burst: rate_burst,
+                },
+            )?;
+            access.limit_loopback = rate_limit.is_some();
+            config.access = std::sync::Arc::new(access);
             match driver {
                 DriverKind::Record => {
                     api::http::run_daemon(

@@ -98,6 +98,8 @@ pub struct Config {
     pub types: BTreeMap<String, InstanceType>,
     /// Largest request body accepted, in bytes.
     pub max_body: usize,
+    /// Signature checking and the request-rate limit.
+    pub access: std::sync::Arc<super::access::Access>,
 }
 
 fn t(enis: u32, cards: u32, ipv4: u32, vcpus: u32, memory_mib: u32, gbps: u64) -> InstanceType {
@@ -135,6 +137,7 @@ impl Default for Config {
             },
             types,
             max_body: 1 << 20,
+            access: Default::default(),
         }
     }
 }

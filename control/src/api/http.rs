@@ -18,6 +18,7 @@ use hyper::{Method, Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use super::access::{AccessError, SignedRequest};
 use super::query::Params;
 use super::{xml, Api, ApiError, Reply};
 use crate::store::ids;
@@ -94,12 +95,36 @@ async fn observe(api: Arc<Api>, req: &Request<Incoming>) -> Option<Response<Resp
     }
 }
 
+/// The client's address, put in each request's extensions by [`serve`].
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+fn access_reply(e: &AccessError) -> Reply {
+    Reply {
+        status: e.status(),
+        body: xml::error(e.code(), &e.to_string(), &ids::request_id()),
+    }
+}
+
 /// Turn one HTTP request into a reply. Never fails: every problem is an
 /// EC2 error document.
 pub async fn handle(
     api: Arc<Api>,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    let peer = req.extensions().get::<Peer>().map(|p| p.0);
+    if let Some(peer) = peer {
+        if let Err(e) = api.config.access.admit(peer.ip()) {
+            return Ok(to_response(access_reply(&e)));
+        }
+    }
+    // Unsigned endpoints (status, metrics, capture, live operations) are
+    // for local clients once keys are set: SigV4 covers the Query API only.
+    let local = peer.is_none_or(|p| p.ip().is_loopback());
+    if req.uri().path() != "/" && api.config.access.credentials.is_some() && !local {
+        let e = AccessError::Signature(super::access::SigV4Error::Missing);
+        return Ok(to_response(access_reply(&e)));
+    }
     if let Some(resp) = observe(api.clone(), &req).await {
         return Ok(resp);
     }
@@ -150,6 +175,24 @@ async fn handle_inner(api: Arc<Api>, req: Request<Incoming>, action: &mut Option
     if query.len() > max {
         return error_reply(&ApiError::TooLarge(max));
     }
+    // What a signature covers, taken before the body consumes the request.
+    let signed = api.config.access.credentials.as_ref().map(|_| {
+        let headers: Vec<(String, String)> = req
+            .headers()
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into(),
+                )
+            })
+            .collect();
+        (
+            req.method().to_string(),
+            req.uri().path().to_string(),
+            headers,
+        )
+    });
     let body = match Limited::new(req.into_body(), max).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e) => {
@@ -164,6 +207,18 @@ async fn handle_inner(api: Arc<Api>, req: Request<Incoming>, action: &mut Option
             ));
         }
     };
+    if let Some((method, path, headers)) = &signed {
+        let req = SignedRequest {
+            method,
+            path,
+            query: std::str::from_utf8(&query).unwrap_or(""),
+            headers,
+            body: &body,
+        };
+        if let Err(e) = api.config.access.authenticate(&req) {
+            return access_reply(&e);
+        }
+    }
     let params = match Params::parse(&[&query, &body]) {
         Ok(p) => p,
         Err(e) => return error_reply(&ApiError::Query(e)),
@@ -194,7 +249,7 @@ pub async fn serve(
             _ = &mut shutdown => break,
             a = listener.accept() => a,
         };
-        let (stream, _peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!("accept failed: {e}");
@@ -205,7 +260,10 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let api = api.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(api.clone(), req));
+            let svc = service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(Peer(peer));
+                handle(api.clone(), req)
+            });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(30))

@@ -13,6 +13,7 @@
 //!
 //! See `docs/api.md` for the design note.
 
+pub mod access;
 pub mod acl;
 pub mod address;
 pub mod bench;
