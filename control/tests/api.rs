@@ -203,8 +203,8 @@ fn python_with_boto3() -> Result<PathBuf, String> {
     Err(why.join("; "))
 }
 
-#[test]
-fn boto3_and_aws_cli_suite() {
+/// Run one Python suite of tests/api against the built daemon.
+fn python_suite(file: &str) {
     let required = std::env::var("ENILAB_REQUIRE_API").is_ok_and(|v| v == "1");
     let python = match python_with_boto3() {
         Ok(p) => p,
@@ -212,19 +212,30 @@ fn boto3_and_aws_cli_suite() {
             if required {
                 panic!("ENILAB_REQUIRE_API=1 but python3 with boto3 is missing ({why}); run ./setup.sh");
             }
-            eprintln!("\n*** SKIPPED boto3 API suite: python3 with boto3 not found ({why}); run ./setup.sh, set ENILAB_REQUIRE_API=1 to make this fatal ***\n");
+            eprintln!("\n*** SKIPPED {file}: python3 with boto3 not found ({why}); run ./setup.sh, set ENILAB_REQUIRE_API=1 to make this fatal ***\n");
             return;
         }
     };
     let root = workspace_root();
     let out = Command::new(&python)
-        .arg(root.join("tests/api/test_api.py"))
+        .arg(root.join("tests/api").join(file))
         .current_dir(&root)
         .env("ENILAB_BIN", env!("CARGO_BIN_EXE_enilab"))
         .output()
-        .expect("run tests/api/test_api.py");
+        .unwrap_or_else(|e| panic!("run tests/api/{file}: {e}"));
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("{stderr}");
-    assert!(out.status.success(), "boto3 suite failed ({})", out.status);
-    assert!(stderr.contains("\nOK"), "suite did not report OK");
+    assert!(out.status.success(), "{file} failed ({})", out.status);
+    assert!(stderr.contains("\nOK"), "{file} did not report OK");
+}
+
+#[test]
+fn boto3_and_aws_cli_suite() {
+    python_suite("test_api.py");
+}
+
+/// SigV4 credentials, the loopback-only default and the rate limit.
+#[test]
+fn access_suite() {
+    python_suite("test_auth.py");
 }
