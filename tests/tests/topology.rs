@@ -147,6 +147,8 @@ fn scenario_up_twice_down(file: &str, expect: &[(&str, usize)]) {
     );
     assert_eq!(created(&gone, "vpc").len(), created(&first, "vpc").len());
     assert_eq!(census(&d), before, "down left resources behind");
+    let groups = d.ok("DescribeFailoverGroups", &[]);
+    assert!(!groups.contains("failoverGroupId"), "{groups}");
     let again = apply(&d, "down", &example(file));
     assert_eq!(again["writes"], 0, "{again}");
 }
@@ -174,19 +176,13 @@ fn svg_texts(svg: &Path) -> Vec<String> {
 
 /// A file with failover groups is refused before anything is written;
 /// bad files are refused with the reason.
+/// Bad files are refused with the reason, before anything is written.
 fn scenario_refusals() {
     let Some(bin) = require(REQUIRE_API, enilab_bin()) else {
         return;
     };
     let d = ApiDaemon::start(bin, "refusals", BUDGET, &["--driver", "record"]);
     let before = census(&d);
-    let (ok, _, err) = enilab(
-        &d,
-        &["up", example("failover-pair.toml").to_str().expect("path")],
-    );
-    assert!(!ok);
-    assert!(err.contains("failover"), "{err}");
-    assert_eq!(census(&d), before);
     let bad = d.run_root().join("bad.toml");
     std::fs::write(
         &bad,
@@ -196,6 +192,7 @@ fn scenario_refusals() {
     let (ok, _, err) = enilab(&d, &["up", bad.to_str().expect("path")]);
     assert!(!ok);
     assert!(err.contains("vpc \"nowhere\""), "{err}");
+    assert_eq!(census(&d), before, "a refused file wrote");
 }
 
 /// The NAT-plus-NLB example on real guests: `up` boots both web
@@ -278,6 +275,21 @@ fn nat_nlb_up_twice_then_down() {
 }
 
 #[test]
-fn failover_and_bad_files_are_refused() {
+fn failover_pair_up_twice_then_down() {
+    scenario_up_twice_down(
+        "failover-pair.toml",
+        &[
+            ("vpc", 1),
+            ("subnet", 1),
+            ("security_group", 1),
+            ("instance", 2),
+            ("eni", 1),
+            ("failover_group", 1),
+        ],
+    );
+}
+
+#[test]
+fn bad_files_are_refused() {
     scenario_refusals();
 }

@@ -37,8 +37,6 @@ pub enum ApplyError {
     Answer(String, &'static str),
     #[error("{0} did not become {1} within {2:?}")]
     Timeout(String, &'static str, Duration),
-    #[error("failover groups cannot be applied yet: this enilab has no failover API (TODO: apply them once the failover API is on main)")]
-    FailoverUnsupported,
 }
 
 /// One change `up` or `down` made.
@@ -250,9 +248,6 @@ const LIVE_NAT: &[&str] = &["pending", "available"];
 
 /// Bring up everything `t` names that does not exist yet.
 pub fn up(addr: SocketAddr, t: &Topology, progress: Progress<'_>) -> Result<Report, ApplyError> {
-    if !t.failover_group.is_empty() {
-        return Err(ApplyError::FailoverUnsupported);
-    }
     let mut api = Api::new(addr, &t.name);
     let topo = t.name.clone();
     let mut changes = Vec::new();
@@ -642,11 +637,42 @@ pub fn up(addr: SocketAddr, t: &Topology, progress: Progress<'_>) -> Result<Repo
             std::thread::sleep(Duration::from_millis(250));
         }
     }
+    // Failover groups: one per ENI of the group, its standbys the group's
+    // instances in order (the holder is skipped by the detector while it
+    // holds the ENI). A group already covering the ENI is left alone.
+    for f in &t.failover_group {
+        let existing = api.ec2("DescribeFailoverGroups", &Vec::new())?;
+        for e in &f.enis {
+            let eid = id(&ids, "eni", e);
+            if eid.is_empty() || group_of(&existing, &eid).is_some() {
+                continue;
+            }
+            let mut params = p(&[("NetworkInterfaceId", &eid)]);
+            for (k, i) in f.instances.iter().enumerate() {
+                params.push((
+                    format!("StandbyInstanceId.{}", k + 1),
+                    id(&ids, "instance", i),
+                ));
+            }
+            let gid = api.get("CreateFailoverGroup", &params, "failoverGroupId")?;
+            created(&mut changes, "failover_group", &f.name, &gid);
+        }
+    }
     Ok(Report {
         changes,
         writes: api.writes,
         reads: api.reads,
     })
+}
+
+/// The failover group (id) of ENI `eni` in a DescribeFailoverGroups answer.
+fn group_of<'a>(xml: &'a str, eni: &str) -> Option<&'a str> {
+    // One failoverGroupId and one networkInterfaceId per group, in order.
+    all(xml, "failoverGroupId")
+        .into_iter()
+        .zip(all(xml, "networkInterfaceId"))
+        .find(|(_, e)| *e == eni)
+        .map(|(g, _)| g)
 }
 
 /// `IpPermissions.N.*` for one rule.
@@ -708,6 +734,23 @@ pub fn down(addr: SocketAddr, t: &Topology) -> Result<Report, ApplyError> {
         })
     };
 
+    // Failover groups of the file's ENIs go first (they name instances).
+    if !t.failover_group.is_empty() {
+        let existing = api.ec2("DescribeFailoverGroups", &Vec::new())?;
+        for f in &t.failover_group {
+            for e in &f.enis {
+                let Some(eid) =
+                    api.find("DescribeNetworkInterfaces", e, &[], "networkInterfaceId")?
+                else {
+                    continue;
+                };
+                if let Some(gid) = group_of(&existing, &eid) {
+                    api.ec2("DeleteFailoverGroup", &p(&[("FailoverGroupId", gid)]))?;
+                    deleted("failover_group", &f.name, gid);
+                }
+            }
+        }
+    }
     for lb in &t.load_balancer {
         if let Some(arn) = api.find_elb("DescribeLoadBalancers", &lb.name, "LoadBalancerArn")? {
             let xml = api.elb("DescribeListeners", &p(&[("LoadBalancerArn", &arn)]))?;
