@@ -250,7 +250,18 @@ fn counts(d: &ApiDaemon) -> (u64, u64, u64, usize, u64) {
         .unwrap_or_default();
     (
         p["fds"].as_u64().unwrap_or(0),
-        p["threads"].as_u64().unwrap_or(0),
+        // Threads, less the tokio runtimes' elastic blocking pools (the
+        // API's and the metadata server's): those grow with concurrent
+        // requests and idle out after 10 s, which is no leak.
+        p["thread_names"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter(|(k, _)| !matches!(k.as_str(), "enilab-api" | "enilab-imds-ren"))
+                    .filter_map(|(_, v)| v.as_u64())
+                    .sum()
+            })
+            .unwrap_or_else(|| p["threads"].as_u64().unwrap_or(0)),
         p["worker_threads"].as_u64().unwrap_or(0),
         st["driver"]["devices"]
             .as_array()
