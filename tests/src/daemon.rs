@@ -218,6 +218,70 @@ impl ApiDaemon {
         self.call_version("2016-11-15", action, params)
     }
 
+    /// A VPC of `cidr` whose default security group lets in everything
+    /// from the VPC; its id.
+    pub fn open_vpc(&self, cidr: &str) -> String {
+        let vpc = self.get("CreateVpc", &[("CidrBlock", cidr)], "vpcId");
+        let sg = self.get(
+            "DescribeSecurityGroups",
+            &[("Filter.1.Name", "vpc-id"), ("Filter.1.Value.1", &vpc)],
+            "groupId",
+        );
+        self.ok(
+            "AuthorizeSecurityGroupIngress",
+            &[
+                ("GroupId", &sg),
+                ("IpPermissions.1.IpProtocol", "-1"),
+                ("IpPermissions.1.IpRanges.1.CidrIp", cidr),
+            ],
+        );
+        vpc
+    }
+
+    /// A subnet of `vpc`; its id.
+    pub fn subnet(&self, vpc: &str, cidr: &str) -> String {
+        self.get(
+            "CreateSubnet",
+            &[("VpcId", vpc), ("CidrBlock", cidr)],
+            "subnetId",
+        )
+    }
+
+    /// Launch one t3.micro in `subnet`: its id and primary address (one
+    /// call per instance: a reservation repeats privateIpAddress per
+    /// interface and address).
+    pub fn launch(&self, subnet: &str) -> (String, String) {
+        let xml = self.ok(
+            "RunInstances",
+            &[
+                ("ImageId", "ami-0e1ab000000000001"),
+                ("InstanceType", "t3.micro"),
+                ("MinCount", "1"),
+                ("MaxCount", "1"),
+                ("SubnetId", subnet),
+            ],
+        );
+        (
+            extract_all(&xml, "instanceId")[0].to_string(),
+            extract_all(&xml, "privateIpAddress")[0].to_string(),
+        )
+    }
+
+    /// Launch `n` instances in `subnet` and wait until each agent answers
+    /// and holds its primary address.
+    pub fn boot(&self, subnet: &str, n: usize, timeout: Duration) -> Vec<(String, String)> {
+        let v: Vec<(String, String)> = (0..n).map(|_| self.launch(subnet)).collect();
+        for (id, ip) in &v {
+            self.wait_guest(id, timeout);
+            self.wait(&format!("{ip} on {id}"), timeout, || {
+                self.sh(id, "ip -4 -o addr show", Duration::from_secs(30))
+                    .stdout_str()
+                    .contains(&format!("inet {ip}/"))
+            });
+        }
+        v
+    }
+
     /// Call an ELBv2 (2015-12-01) action.
     pub fn elb(&self, action: &str, params: &[(&str, &str)]) -> String {
         match self.call_version("2015-12-01", action, params) {

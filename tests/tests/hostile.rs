@@ -82,23 +82,6 @@ fn daemon(tag: &str) -> Option<ApiDaemon> {
     Some(ApiDaemon::start(bin, tag, BUDGET, &[]))
 }
 
-fn launch(d: &ApiDaemon, subnet: &str) -> (String, String) {
-    let xml = d.ok(
-        "RunInstances",
-        &[
-            ("ImageId", "ami-0e1ab000000000001"),
-            ("InstanceType", "t3.micro"),
-            ("MinCount", "1"),
-            ("MaxCount", "1"),
-            ("SubnetId", subnet),
-        ],
-    );
-    (
-        extract_all(&xml, "instanceId")[0].to_string(),
-        extract_all(&xml, "privateIpAddress")[0].to_string(),
-    )
-}
-
 /// The attacker's interface counters from the daemon's status.
 fn port_stats(d: &ApiDaemon, instance: &str) -> serde_json::Value {
     let st = d.status();
@@ -115,46 +98,17 @@ fn num(v: &serde_json::Value, path: &[&str]) -> u64 {
 
 fn hostile(tag: &str, attacks: &[Attack]) {
     let Some(d) = daemon(tag) else { return };
-    let vpc = d.get("CreateVpc", &[("CidrBlock", "10.0.0.0/16")], "vpcId");
-    let subnet = d.get(
-        "CreateSubnet",
-        &[("VpcId", &vpc), ("CidrBlock", "10.0.1.0/24")],
-        "subnetId",
-    );
-    let sg = d.get(
-        "DescribeSecurityGroups",
-        &[("Filter.1.Name", "vpc-id"), ("Filter.1.Value.1", &vpc)],
-        "groupId",
-    );
-    d.ok(
-        "AuthorizeSecurityGroupIngress",
-        &[
-            ("GroupId", &sg),
-            ("IpPermissions.1.IpProtocol", "-1"),
-            ("IpPermissions.1.IpRanges.1.CidrIp", "10.0.0.0/16"),
-        ],
-    );
+    let vpc = d.open_vpc("10.0.0.0/16");
+    let subnet = d.subnet(&vpc, "10.0.1.0/24");
     // Another VPC with an instance address the attacker aims at.
     let other = d.get("CreateVpc", &[("CidrBlock", "10.1.0.0/16")], "vpcId");
-    let other_subnet = d.get(
-        "CreateSubnet",
-        &[("VpcId", &other), ("CidrBlock", "10.1.1.0/24")],
-        "subnetId",
-    );
+    let other_subnet = d.subnet(&other, "10.1.1.0/24");
     let other_eni = d.ok("CreateNetworkInterface", &[("SubnetId", &other_subnet)]);
     let other_ip = extract(&other_eni, "privateIpAddress")
         .expect("other VPC address")
         .to_string();
 
-    let guests: Vec<(String, String)> = (0..3).map(|_| launch(&d, &subnet)).collect();
-    for (id, ip) in &guests {
-        d.wait_guest(id, BOOT);
-        d.wait(&format!("{ip} on {id}"), BOOT, || {
-            d.sh(id, "ip -4 -o addr show", SHORT)
-                .stdout_str()
-                .contains(&format!("inet {ip}/"))
-        });
-    }
+    let guests = d.boot(&subnet, 3, BOOT);
     let (attacker, attacker_ip) = &guests[0];
     let (sender, _) = &guests[1];
     let (receiver, receiver_ip) = &guests[2];

@@ -35,33 +35,6 @@ fn daemon(tag: &str) -> Option<ApiDaemon> {
     Some(ApiDaemon::start(bin, tag, BUDGET, &[]))
 }
 
-/// A VPC 10.0.0.0/16 whose default group lets in everything from the VPC.
-fn vpc(d: &ApiDaemon) -> String {
-    let vpc = d.get("CreateVpc", &[("CidrBlock", "10.0.0.0/16")], "vpcId");
-    let sg = d.get(
-        "DescribeSecurityGroups",
-        &[("Filter.1.Name", "vpc-id"), ("Filter.1.Value.1", &vpc)],
-        "groupId",
-    );
-    d.ok(
-        "AuthorizeSecurityGroupIngress",
-        &[
-            ("GroupId", &sg),
-            ("IpPermissions.1.IpProtocol", "-1"),
-            ("IpPermissions.1.IpRanges.1.CidrIp", "10.0.0.0/16"),
-        ],
-    );
-    vpc
-}
-
-fn subnet(d: &ApiDaemon, vpc: &str, cidr: &str) -> String {
-    d.get(
-        "CreateSubnet",
-        &[("VpcId", vpc), ("CidrBlock", cidr)],
-        "subnetId",
-    )
-}
-
 /// A route table for `subnet` whose default route goes to `target`
 /// (`GatewayId` or `NatGatewayId`).
 fn default_route(d: &ApiDaemon, vpc: &str, subnet: &str, kind: &str, target: &str) {
@@ -78,39 +51,6 @@ fn default_route(d: &ApiDaemon, vpc: &str, subnet: &str, kind: &str, target: &st
         "AssociateRouteTable",
         &[("RouteTableId", &rtb), ("SubnetId", subnet)],
     );
-}
-
-/// Launch instances in `subnet` and wait for their agents and addresses.
-fn boot(d: &ApiDaemon, subnet: &str, n: usize) -> Vec<(String, String)> {
-    // One call each: a reservation's answer repeats privateIpAddress per
-    // interface and address, so ids and addresses are taken per call.
-    let v: Vec<(String, String)> = (0..n)
-        .map(|_| {
-            let xml = d.ok(
-                "RunInstances",
-                &[
-                    ("ImageId", "ami-0e1ab000000000001"),
-                    ("InstanceType", "t3.micro"),
-                    ("MinCount", "1"),
-                    ("MaxCount", "1"),
-                    ("SubnetId", subnet),
-                ],
-            );
-            (
-                extract_all(&xml, "instanceId")[0].to_string(),
-                extract_all(&xml, "privateIpAddress")[0].to_string(),
-            )
-        })
-        .collect();
-    for (id, ip) in &v {
-        d.wait_guest(id, BOOT);
-        d.wait(&format!("{ip} on {id}"), BOOT, || {
-            d.sh(id, "ip -4 -o addr show", SHORT)
-                .stdout_str()
-                .contains(&format!("inet {ip}/"))
-        });
-    }
-    v
 }
 
 /// The daemon's internet namespace.
@@ -224,9 +164,9 @@ enum NatCase {
 fn nat_gateway(case: NatCase) {
     let tag = format!("nat-{case:?}");
     let Some(d) = daemon(&tag) else { return };
-    let vpc = vpc(&d);
-    let public = subnet(&d, &vpc, "10.0.1.0/24");
-    let private = subnet(&d, &vpc, "10.0.2.0/24");
+    let vpc = d.open_vpc("10.0.0.0/16");
+    let public = d.subnet(&vpc, "10.0.1.0/24");
+    let private = d.subnet(&vpc, "10.0.2.0/24");
     let igw = d.get("CreateInternetGateway", &[], "internetGatewayId");
     d.ok(
         "AttachInternetGateway",
@@ -246,7 +186,7 @@ fn nat_gateway(case: NatCase) {
             .contains("<state>available</state>")
     });
     default_route(&d, &vpc, &private, "NatGatewayId", &nat);
-    let guests = boot(&d, &private, 1);
+    let guests = d.boot(&private, 1, BOOT);
     let (inst, inst_ip) = &guests[0];
     let netns = internet_netns(&d);
     let out = d.run_root().join(format!("{tag}.out"));
@@ -384,9 +324,9 @@ enum NlbCase {
 fn load_balancer(case: NlbCase) {
     let tag = format!("nlb-{case:?}");
     let Some(d) = daemon(&tag) else { return };
-    let vpc = vpc(&d);
-    let sub = subnet(&d, &vpc, "10.0.1.0/24");
-    let guests = boot(&d, &sub, 4);
+    let vpc = d.open_vpc("10.0.0.0/16");
+    let sub = d.subnet(&vpc, "10.0.1.0/24");
+    let guests = d.boot(&sub, 4, BOOT);
     let (client, client_ip) = &guests[0];
     let targets = &guests[1..];
     for (id, _) in targets {

@@ -28,23 +28,6 @@ fn secs() -> u64 {
         .clamp(20, 3600)
 }
 
-fn launch(d: &ApiDaemon, subnet: &str) -> (String, String) {
-    let xml = d.ok(
-        "RunInstances",
-        &[
-            ("ImageId", "ami-0e1ab000000000001"),
-            ("InstanceType", "t3.micro"),
-            ("MinCount", "1"),
-            ("MaxCount", "1"),
-            ("SubnetId", subnet),
-        ],
-    );
-    (
-        extract_all(&xml, "instanceId")[0].to_string(),
-        extract_all(&xml, "privateIpAddress")[0].to_string(),
-    )
-}
-
 /// The daemon's fds and resident set (KiB).
 fn footprint(d: &ApiDaemon) -> (u64, u64) {
     let fds = d.status()["driver"]["process"]["fds"].as_u64().unwrap_or(0);
@@ -90,34 +73,9 @@ fn soak(traffic_s: u64) {
         env.accel.accel, env.accel.reason
     );
     let d = ApiDaemon::start(bin, tag, Duration::from_secs(traffic_s + 400), &[]);
-    let vpc = d.get("CreateVpc", &[("CidrBlock", "10.0.0.0/16")], "vpcId");
-    let subnet = d.get(
-        "CreateSubnet",
-        &[("VpcId", &vpc), ("CidrBlock", "10.0.1.0/24")],
-        "subnetId",
-    );
-    let sg = d.get(
-        "DescribeSecurityGroups",
-        &[("Filter.1.Name", "vpc-id"), ("Filter.1.Value.1", &vpc)],
-        "groupId",
-    );
-    d.ok(
-        "AuthorizeSecurityGroupIngress",
-        &[
-            ("GroupId", &sg),
-            ("IpPermissions.1.IpProtocol", "-1"),
-            ("IpPermissions.1.IpRanges.1.CidrIp", "10.0.0.0/16"),
-        ],
-    );
-    let guests: Vec<(String, String)> = (0..4).map(|_| launch(&d, &subnet)).collect();
-    for (id, ip) in &guests {
-        d.wait_guest(id, BOOT);
-        d.wait(&format!("{ip} on {id}"), BOOT, || {
-            d.sh(id, "ip -4 -o addr show", SHORT)
-                .stdout_str()
-                .contains(&format!("inet {ip}/"))
-        });
-    }
+    let vpc = d.open_vpc("10.0.0.0/16");
+    let subnet = d.subnet(&vpc, "10.0.1.0/24");
+    let guests = d.boot(&subnet, 4, BOOT);
     let (a, _) = &guests[0];
     let (b, b_ip) = &guests[1];
     let hosts = [guests[2].0.clone(), guests[3].0.clone()];
