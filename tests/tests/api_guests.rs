@@ -29,25 +29,8 @@ fn daemon(tag: &str) -> Option<ApiDaemon> {
 /// A VPC 10.0.0.0/16 with subnet 10.0.1.0/24 whose default group lets
 /// everything in (ping from anywhere in the VPC).
 fn network(d: &ApiDaemon) -> (String, String) {
-    let vpc = d.get("CreateVpc", &[("CidrBlock", "10.0.0.0/16")], "vpcId");
-    let subnet = d.get(
-        "CreateSubnet",
-        &[("VpcId", &vpc), ("CidrBlock", "10.0.1.0/24")],
-        "subnetId",
-    );
-    let sg = d.get(
-        "DescribeSecurityGroups",
-        &[("Filter.1.Name", "vpc-id"), ("Filter.1.Value.1", &vpc)],
-        "groupId",
-    );
-    d.ok(
-        "AuthorizeSecurityGroupIngress",
-        &[
-            ("GroupId", &sg),
-            ("IpPermissions.1.IpProtocol", "-1"),
-            ("IpPermissions.1.IpRanges.1.CidrIp", "10.0.0.0/16"),
-        ],
-    );
+    let vpc = d.open_vpc("10.0.0.0/16");
+    let subnet = d.subnet(&vpc, "10.0.1.0/24");
     (vpc, subnet)
 }
 

@@ -56,42 +56,9 @@ fn lab(tag: &str) -> Option<Lab> {
         env.accel.accel, env.accel.reason
     );
     let d = ApiDaemon::start(bin, tag, BUDGET, &[]);
-    let vpc = d.get("CreateVpc", &[("CidrBlock", "10.0.0.0/16")], "vpcId");
-    let subnet = d.get(
-        "CreateSubnet",
-        &[("VpcId", &vpc), ("CidrBlock", "10.0.1.0/24")],
-        "subnetId",
-    );
-    let sg = d.get(
-        "DescribeSecurityGroups",
-        &[("Filter.1.Name", "vpc-id"), ("Filter.1.Value.1", &vpc)],
-        "groupId",
-    );
-    d.ok(
-        "AuthorizeSecurityGroupIngress",
-        &[
-            ("GroupId", &sg),
-            ("IpPermissions.1.IpProtocol", "-1"),
-            ("IpPermissions.1.IpRanges.1.CidrIp", "10.0.0.0/16"),
-        ],
-    );
-    let mut v = Vec::new();
-    for _ in 0..3 {
-        let xml = d.ok(
-            "RunInstances",
-            &[
-                ("ImageId", "ami-0e1ab000000000001"),
-                ("InstanceType", "t3.micro"),
-                ("MinCount", "1"),
-                ("MaxCount", "1"),
-                ("SubnetId", &subnet),
-            ],
-        );
-        v.push((
-            extract_all(&xml, "instanceId")[0].to_string(),
-            extract_all(&xml, "privateIpAddress")[0].to_string(),
-        ));
-    }
+    let vpc = d.open_vpc("10.0.0.0/16");
+    let subnet = d.subnet(&vpc, "10.0.1.0/24");
+    let v: Vec<(String, String)> = (0..3).map(|_| d.launch(&subnet)).collect();
     for (id, ip) in &v {
         d.wait_guest(id, BOOT);
         d.wait(&format!("{ip} on {id}"), BOOT, || {

@@ -173,25 +173,8 @@ fn scenario_capture_ping() {
     }
     eprintln!("[capture] accelerator {}", env.accel.accel);
     let d = ApiDaemon::start(bin.clone(), "capture", BUDGET, &[]);
-    let vpc = d.get("CreateVpc", &[("CidrBlock", "10.0.0.0/16")], "vpcId");
-    let subnet = d.get(
-        "CreateSubnet",
-        &[("VpcId", &vpc), ("CidrBlock", "10.0.1.0/24")],
-        "subnetId",
-    );
-    let sg = d.get(
-        "DescribeSecurityGroups",
-        &[("Filter.1.Name", "vpc-id"), ("Filter.1.Value.1", &vpc)],
-        "groupId",
-    );
-    d.ok(
-        "AuthorizeSecurityGroupIngress",
-        &[
-            ("GroupId", &sg),
-            ("IpPermissions.1.IpProtocol", "-1"),
-            ("IpPermissions.1.IpRanges.1.CidrIp", "10.0.0.0/16"),
-        ],
-    );
+    let vpc = d.open_vpc("10.0.0.0/16");
+    let subnet = d.subnet(&vpc, "10.0.1.0/24");
     let mut guests = Vec::new();
     for _ in 0..2 {
         let xml = d.ok(
@@ -321,14 +304,7 @@ fn scenario_capture_nat_gateway() {
     };
     let internet = internet.split('/').next().unwrap_or(internet).to_string();
     let vpc = d.get("CreateVpc", &[("CidrBlock", "10.0.0.0/16")], "vpcId");
-    let subnet = |cidr: &str| {
-        d.get(
-            "CreateSubnet",
-            &[("VpcId", &vpc), ("CidrBlock", cidr)],
-            "subnetId",
-        )
-    };
-    let (public, private) = (subnet("10.0.1.0/24"), subnet("10.0.2.0/24"));
+    let (public, private) = (d.subnet(&vpc, "10.0.1.0/24"), d.subnet(&vpc, "10.0.2.0/24"));
     let route = |sub: &str, kind: &str, target: &str| {
         let rtb = d.get("CreateRouteTable", &[("VpcId", &vpc)], "routeTableId");
         d.ok(

@@ -580,11 +580,9 @@ mod tests {
         }
     }
 
+    /// The text of the first `<name>` element.
     fn field(body: &str, name: &str) -> String {
-        let open = format!("<{name}>");
-        body.split(&open)
-            .nth(1)
-            .and_then(|s| s.split(&format!("</{name}>")).next())
+        crate::api::bench::extract(body, name)
             .unwrap_or_else(|| panic!("no <{name}> in {body}"))
             .to_string()
     }
