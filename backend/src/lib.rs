@@ -14,6 +14,7 @@
 mod card;
 #[doc(hidden)]
 pub mod fuzzing;
+mod mpsc;
 pub mod net;
 mod port;
 mod server;

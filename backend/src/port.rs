@@ -23,9 +23,20 @@ pub struct Pkt {
 }
 
 /// A shared free list of frame buffers, so the steady state allocates
-/// nothing per packet.
+/// nothing per packet. Each thread keeps a small LIFO cache in front of
+/// it: the buffer a worker just freed is the one it takes next, still in
+/// its cache, where a shared FIFO would cycle through every buffer (and
+/// megabytes of cold memory) and pay an atomic per packet. Buffers are
+/// plain `Vec`s, so which pool a cached one came from does not matter.
 pub struct Pool {
     free: ArrayQueue<Vec<u8>>,
+}
+
+/// Buffers one thread keeps for itself (512 KiB of 2 KiB frames).
+const LOCAL_CACHE: usize = 256;
+
+thread_local! {
+    static LOCAL: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Default for Pool {
@@ -38,6 +49,9 @@ impl Default for Pool {
 
 impl Pool {
     pub fn get(&self) -> Vec<u8> {
+        if let Ok(Some(b)) = LOCAL.try_with(|l| l.borrow_mut().pop()) {
+            return b;
+        }
         self.free
             .pop()
             .unwrap_or_else(|| Vec::with_capacity(SMALL_BUF))
@@ -49,7 +63,20 @@ impl Pool {
             buf = Vec::with_capacity(SMALL_BUF);
         }
         buf.clear();
-        let _ = self.free.push(buf);
+        let spill = LOCAL
+            .try_with(|l| {
+                let mut l = l.borrow_mut();
+                if l.len() < LOCAL_CACHE {
+                    l.push(std::mem::take(&mut buf));
+                    false
+                } else {
+                    true
+                }
+            })
+            .unwrap_or(true);
+        if spill {
+            let _ = self.free.push(buf);
+        }
     }
 }
 
@@ -93,7 +120,7 @@ impl Waker {
 
 /// One RX queue of a port.
 pub struct RxQueue {
-    pub(crate) ring: ArrayQueue<Pkt>,
+    pub(crate) ring: crate::mpsc::Mpsc<Pkt>,
     pub(crate) waker: Arc<Waker>,
 }
 
@@ -115,7 +142,7 @@ impl PortHandle {
             rxq: wakers
                 .iter()
                 .map(|w| RxQueue {
-                    ring: ArrayQueue::new(RX_QUEUE_DEPTH),
+                    ring: crate::mpsc::Mpsc::new(RX_QUEUE_DEPTH),
                     waker: w.clone(),
                 })
                 .collect(),

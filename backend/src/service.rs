@@ -293,15 +293,20 @@ impl ServiceWorker {
         let mut n = 0;
         'ports: for h in served.iter() {
             let Some(q) = h.rxq.get(*lane) else { continue };
+            let Some(mut c) = q.ring.consumer() else {
+                continue;
+            };
             while n < max {
-                let Some(pkt) = q.ring.pop() else {
+                let Some(pkt) = c.pop() else {
                     continue 'ports;
                 };
                 n += 1;
-                counters.received.fetch_add(1, Ordering::Relaxed);
                 deliver(h.port, pkt, seg, &lanes.pool, counters, &mut em, handle);
             }
             break;
+        }
+        if n > 0 {
+            counters.received.fetch_add(n as u64, Ordering::Relaxed);
         }
         em.egress.wake_all();
         n
@@ -324,12 +329,14 @@ impl ServiceWorker {
         let mut taken = 0;
         'ports: for h in served.iter() {
             let Some(q) = h.rxq.get(*lane) else { continue };
+            let Some(mut c) = q.ring.consumer() else {
+                continue;
+            };
             while taken < max {
-                let Some(mut pkt) = q.ring.pop() else {
+                let Some(mut pkt) = c.pop() else {
                     continue 'ports;
                 };
                 taken += 1;
-                counters.received.fetch_add(1, Ordering::Relaxed);
                 let ok = if let Some(gso) = pkt.meta.gso {
                     let r = gso.kind != GsoKind::Udp
                         && offload::segment(&pkt.buf, &gso, seg, |s| {
@@ -357,6 +364,9 @@ impl ServiceWorker {
                 }
             }
             break;
+        }
+        if taken > 0 {
+            counters.received.fetch_add(taken as u64, Ordering::Relaxed);
         }
         if !batch.is_empty() {
             let mut em = Emitter {

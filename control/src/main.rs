@@ -133,6 +133,11 @@ enum Cmd {
         /// Print JSON rows instead of the table.
         #[arg(long)]
         json: bool,
+        /// Do not raise testpmd and the backend to SCHED_RR (by default
+        /// they are, when permitted, so other load on the host cannot
+        /// starve either side of the comparison).
+        #[arg(long)]
+        no_realtime: bool,
     },
     /// Measure API calls per second against a running `enilab serve`.
     BenchApi {
@@ -455,6 +460,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             enilab_only,
             repeat,
             json,
+            no_realtime,
         } => {
             let opts = bench::BenchOptions {
                 scenario: match scenario {
@@ -469,6 +475,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 busy_poll: Duration::from_micros(busy_poll_us.min(1_000_000)),
                 enilab_only,
                 repeat: repeat.clamp(1, 20),
+                realtime: !no_realtime,
                 run_root,
                 ..Default::default()
             };

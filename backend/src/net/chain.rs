@@ -2,23 +2,29 @@
 //!
 //! virtio-queue's own iterator stops silently on a loop or a bad index; we
 //! need to know, so that the chain is completed with length 0 and counted.
-//! Every descriptor is read through `GuestMemory::read_obj`, every running
-//! total uses `checked_add`, and a chain may hold at most as many
-//! descriptors as its table (which bounds loops).
+//! Every descriptor and buffer is bounds-checked against the batch's
+//! [`MemMap`], every running total uses `checked_add`, and a chain may hold
+//! at most as many descriptors as its table (which bounds loops).
 
-use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use super::guest::{DescTable, MemMap, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE};
 
 /// Cap on segments per chain, whatever the table size.
 pub const MAX_CHAIN_SEGS: usize = 1024;
-const DESC_SIZE: u64 = 16;
 
-/// One guest buffer of a chain.
+/// One guest buffer of a chain, resolved to host memory for the batch that
+/// walked it (a `Seg` is never kept past its batch).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seg {
     pub addr: u64,
     pub len: u32,
+    pub(crate) host: *mut u8,
 }
+
+// SAFETY: `host` is dereferenced only by gather/scatter, within the batch
+// that walked the chain and while that batch's MemMap borrows the memory.
+// Workers keep Vec<Seg> as scratch and move it to their thread once; a
+// stale Seg is overwritten by the next walk before any use.
+unsafe impl Send for Seg {}
 
 /// Why a chain was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -56,25 +62,23 @@ pub enum Dir {
     Write,
 }
 
-/// Walk the chain at `head`, appending its buffers to `segs` (cleared
-/// first). Returns the total byte length.
-pub fn walk(
-    mem: &GuestMemoryMmap,
-    table: GuestAddress,
-    qsize: u16,
+/// Walk the chain at `head` of `table`, appending its buffers to `segs`
+/// (cleared first). Returns the total byte length.
+pub(crate) fn walk<'m>(
+    map: &MemMap<'m>,
+    table: DescTable<'m>,
     head: u16,
     indirect_ok: bool,
     dir: Dir,
     segs: &mut Vec<Seg>,
 ) -> Result<u32, ChainError> {
     segs.clear();
-    if head >= qsize {
+    if head >= table.entries() {
         return Err(ChainError::HeadOutOfRange);
     }
     let mut table = table;
-    let mut size = qsize;
     let mut index = head;
-    let mut budget = usize::from(qsize).min(MAX_CHAIN_SEGS);
+    let mut budget = usize::from(table.entries()).min(MAX_CHAIN_SEGS);
     let mut indirect = false;
     let mut total: u32 = 0;
     loop {
@@ -82,60 +86,53 @@ pub fn walk(
             return Err(ChainError::TooLong);
         }
         budget -= 1;
-        let addr = table
-            .checked_add(u64::from(index) * DESC_SIZE)
-            .ok_or(ChainError::TableOutOfMemory)?;
-        let desc: Descriptor = mem
-            .read_obj(addr)
-            .map_err(|_| ChainError::TableOutOfMemory)?;
-        if desc.refers_to_indirect_table() {
+        let desc = table.get(index).ok_or(ChainError::NextOutOfRange)?;
+        if desc.flags & DESC_F_INDIRECT != 0 {
             if indirect {
                 return Err(ChainError::NestedIndirect);
             }
             if !indirect_ok {
                 return Err(ChainError::IndirectNotNegotiated);
             }
-            let len = desc.len();
-            if desc.has_next() || len == 0 || u64::from(len) % DESC_SIZE != 0 {
+            let len = desc.len;
+            if desc.flags & DESC_F_NEXT != 0 || len == 0 || len as usize % DESC_SIZE != 0 {
                 return Err(ChainError::BadIndirectTable);
             }
-            let entries = u64::from(len) / DESC_SIZE;
-            if entries > MAX_CHAIN_SEGS as u64 {
+            let entries = len as usize / DESC_SIZE;
+            if entries > MAX_CHAIN_SEGS {
                 return Err(ChainError::BadIndirectTable);
             }
             // The whole table must be guest memory.
-            if !GuestMemoryBackend::check_range(mem, desc.addr(), len as usize) {
-                return Err(ChainError::TableOutOfMemory);
-            }
+            table = DescTable::new(map, desc.addr, entries as u16)
+                .ok_or(ChainError::TableOutOfMemory)?;
             indirect = true;
-            table = desc.addr();
-            size = entries as u16;
             index = 0;
-            budget = usize::from(size);
+            budget = entries;
             continue;
         }
-        let writable = desc.is_write_only();
+        let writable = desc.flags & DESC_F_WRITE != 0;
         match dir {
             Dir::Read if writable => return Err(ChainError::WriteOnlyOnTx),
             Dir::Write if !writable => return Err(ChainError::ReadableOnRx),
             _ => {}
         }
-        let len = desc.len();
+        let len = desc.len;
         if len > 0 {
-            if !GuestMemoryBackend::check_range(mem, desc.addr(), len as usize) {
-                return Err(ChainError::BufferOutOfMemory);
-            }
+            let host = map
+                .translate(desc.addr, len as usize)
+                .ok_or(ChainError::BufferOutOfMemory)?;
             total = total.checked_add(len).ok_or(ChainError::LengthOverflow)?;
             segs.push(Seg {
-                addr: desc.addr().raw_value(),
+                addr: desc.addr,
                 len,
+                host,
             });
         }
-        if !desc.has_next() {
+        if desc.flags & DESC_F_NEXT == 0 {
             return Ok(total);
         }
-        index = desc.next();
-        if index >= size {
+        index = desc.next;
+        if index >= table.entries() {
             return Err(ChainError::NextOutOfRange);
         }
     }
@@ -143,12 +140,7 @@ pub fn walk(
 
 /// Copy the bytes of `segs`, skipping the first `skip`, into `out`, up to
 /// its length. Returns bytes copied.
-pub fn gather(
-    mem: &GuestMemoryMmap,
-    segs: &[Seg],
-    mut skip: usize,
-    out: &mut [u8],
-) -> Result<usize, ChainError> {
+pub(crate) fn gather(map: &MemMap<'_>, segs: &[Seg], mut skip: usize, out: &mut [u8]) -> usize {
     let mut at = 0usize;
     for s in segs {
         if at == out.len() {
@@ -160,24 +152,30 @@ pub fn gather(
             continue;
         }
         let n = (len - skip).min(out.len() - at);
-        let dst = &mut out[at..at + n];
-        mem.read_slice(dst, GuestAddress(s.addr + skip as u64))
-            .map_err(|_| ChainError::BufferOutOfMemory)?;
+        map.read(s.host.wrapping_add(skip), &mut out[at..at + n]);
         at += n;
         skip = 0;
     }
-    Ok(at)
+    at
+}
+
+/// Append the bytes of `segs` after the first `skip` to `out`.
+pub(crate) fn gather_into(map: &MemMap<'_>, segs: &[Seg], mut skip: usize, out: &mut Vec<u8>) {
+    for s in segs {
+        let len = s.len as usize;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        map.read_into(s.host.wrapping_add(skip), len - skip, out);
+        skip = 0;
+    }
 }
 
 /// Copy `src` into the buffers of `segs` starting at byte `offset` of the
 /// chain. Returns bytes written (less than `src.len()` when the chain is
 /// full).
-pub fn scatter(
-    mem: &GuestMemoryMmap,
-    segs: &[Seg],
-    mut offset: usize,
-    src: &[u8],
-) -> Result<usize, ChainError> {
+pub(crate) fn scatter(map: &MemMap<'_>, segs: &[Seg], mut offset: usize, src: &[u8]) -> usize {
     let mut done = 0usize;
     for s in segs {
         if done == src.len() {
@@ -190,17 +188,18 @@ pub fn scatter(
         }
         let room = len - offset;
         let n = room.min(src.len() - done);
-        mem.write_slice(&src[done..done + n], GuestAddress(s.addr + offset as u64))
-            .map_err(|_| ChainError::BufferOutOfMemory)?;
+        map.write(s.host.wrapping_add(offset), &src[done..done + n]);
         done += n;
         offset = 0;
     }
-    Ok(done)
+    done
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use virtio_queue::desc::split::Descriptor;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     const TABLE: u64 = 0x1000;
     const F_NEXT: u16 = 1;
@@ -218,8 +217,19 @@ mod tests {
     }
 
     fn run(mem: &GuestMemoryMmap, head: u16, dir: Dir) -> Result<u32, ChainError> {
-        let mut segs = Vec::new();
-        walk(mem, GuestAddress(TABLE), 256, head, true, dir, &mut segs)
+        walk_at(mem, head, true, dir, &mut Vec::new())
+    }
+
+    fn walk_at(
+        mem: &GuestMemoryMmap,
+        head: u16,
+        indirect: bool,
+        dir: Dir,
+        segs: &mut Vec<Seg>,
+    ) -> Result<u32, ChainError> {
+        let map = MemMap::new(mem);
+        let table = DescTable::new(&map, TABLE, 256).unwrap();
+        walk(&map, table, head, indirect, dir, segs)
     }
 
     #[test]
@@ -230,10 +240,10 @@ mod tests {
         m.write_slice(&[7u8; 10], GuestAddress(0x8000)).unwrap();
         m.write_slice(&[9u8; 20], GuestAddress(0x9000)).unwrap();
         let mut segs = Vec::new();
-        let n = walk(&m, GuestAddress(TABLE), 256, 0, true, Dir::Read, &mut segs).unwrap();
+        let n = walk_at(&m, 0, true, Dir::Read, &mut segs).unwrap();
         assert_eq!(n, 30);
         let mut out = [0u8; 30];
-        assert_eq!(gather(&m, &segs, 5, &mut out).unwrap(), 25);
+        assert_eq!(gather(&MemMap::new(&m), &segs, 5, &mut out), 25);
         assert_eq!(out[4], 7);
         assert_eq!(out[5], 9);
     }
@@ -283,9 +293,8 @@ mod tests {
         put(&m, ind, 1, 0x9000, 10, 0, 0);
         put(&m, TABLE, 0, ind, 32, F_INDIRECT, 0);
         assert_eq!(run(&m, 0, Dir::Read), Ok(20));
-        let mut segs = Vec::new();
         assert_eq!(
-            walk(&m, GuestAddress(TABLE), 256, 0, false, Dir::Read, &mut segs),
+            walk_at(&m, 0, false, Dir::Read, &mut Vec::new()),
             Err(ChainError::IndirectNotNegotiated)
         );
         // Nested indirect.

@@ -48,6 +48,8 @@ pub struct QueueCounters {
     pub rx_dropped: AtomicU64,
     /// Interrupts sent to the guest.
     pub notifications: AtomicU64,
+    /// Passes refused because a ring is misaligned or outside guest memory.
+    pub bad_rings: AtomicU64,
 }
 
 /// A plain copy of one queue pair's counters.
@@ -64,6 +66,7 @@ pub struct QueueStats {
     pub rx_no_buffers: u64,
     pub rx_dropped: u64,
     pub notifications: u64,
+    pub bad_rings: u64,
 }
 
 impl QueueCounters {
@@ -81,6 +84,7 @@ impl QueueCounters {
             rx_no_buffers: r(&self.rx_no_buffers),
             rx_dropped: r(&self.rx_dropped),
             notifications: r(&self.notifications),
+            bad_rings: r(&self.bad_rings),
         }
     }
 }
@@ -98,6 +102,7 @@ impl std::ops::AddAssign for QueueStats {
         self.rx_no_buffers += o.rx_no_buffers;
         self.rx_dropped += o.rx_dropped;
         self.notifications += o.notifications;
+        self.bad_rings += o.bad_rings;
     }
 }
 

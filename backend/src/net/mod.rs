@@ -4,6 +4,7 @@
 
 mod chain;
 mod device;
+mod guest;
 mod hdr;
 pub mod offload;
 mod poll;

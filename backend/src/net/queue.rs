@@ -5,18 +5,17 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 
 use enilab_switch::{GsoKind, PacketMeta};
-use vhost_user_backend::{VringState, VringT};
+use vhost_user_backend::VringT;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_MRG_RXBUF,
 };
-#[allow(unused_imports)]
-use virtio_queue::QueueOwnedT;
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestAddressSpace;
 
 use super::chain::{self, Dir, Seg};
 use super::device::{NetDevice, QueueCounters};
+use super::guest::{MemMap, Ring};
 use super::hdr::{VirtioNetHdr, VNET_HDR_LEN};
 use super::offload;
 use super::MAX_FRAME;
@@ -26,12 +25,13 @@ use crate::port::{Pkt, Pool, RxQueue};
 pub const BATCH: usize = 64;
 /// Most RX chains one frame may span with MRG_RXBUF.
 const MAX_RX_BUFS: usize = 64;
+/// Frames delivered between two used-index updates within a batch.
+const PUBLISH_EVERY: usize = 32;
 
 /// Per-worker scratch for TX.
 #[derive(Default)]
 pub struct TxCtx {
     segs: Vec<Seg>,
-    heads: Vec<u16>,
 }
 
 /// Per-worker scratch for RX.
@@ -72,26 +72,6 @@ pub enum Mode {
     Poll,
 }
 
-/// VRING_AVAIL_F_NO_INTERRUPT: the driver polls and wants no interrupt.
-const AVAIL_F_NO_INTERRUPT: u16 = 1;
-
-/// Whether to interrupt the guest after adding used buffers: EVENT_IDX when
-/// negotiated, else the driver's NO_INTERRUPT flag (virtio-queue ignores
-/// it, and a polling driver such as DPDK's sets it).
-fn should_signal(st: &mut VState, mem: &GuestMemoryMmap) -> bool {
-    if !st.needs_notification().unwrap_or(true) {
-        return false;
-    }
-    let q = st.get_queue();
-    if q.event_idx_enabled() {
-        return true;
-    }
-    let flags: u16 = mem
-        .read_obj::<u16>(GuestAddress(q.avail_ring()))
-        .unwrap_or(0);
-    u16::from_le(flags) & AVAIL_F_NO_INTERRUPT == 0
-}
-
 impl NetDevice {
     /// Take up to one batch of frames from the TX ring of `qp`, appending
     /// good ones to `out`. Bad chains are completed with length 0 and
@@ -111,33 +91,29 @@ impl NetDevice {
         let hdr_len = self.hdr_len();
         let indirect = self.indirect();
         let mem = self.mem().memory();
+        let map = MemMap::new(&mem);
         let mut st = vring.get_mut();
-        if !st.get_queue().ready() {
+        let enabled = st.is_enabled();
+        let q = st.get_queue_mut();
+        if !q.ready() {
             return TxOutcome::default();
         }
-        let enabled = st.is_enabled();
+        let Some(mut ring) = Ring::new(&map, q) else {
+            counters.bad_rings.fetch_add(1, Ordering::Relaxed);
+            return TxOutcome::default();
+        };
         let mut done = 0usize;
         let mut more = false;
         let mut rearmed = false;
         let (mut packets, mut bytes) = (0u64, 0u64);
         loop {
-            // The avail index is read once per batch, not once per chain:
-            // it is a cache line the guest's CPU keeps writing.
-            let q = st.get_queue_mut();
-            let table = GuestAddress(q.desc_table());
-            let size = q.size();
-            ctx.heads.clear();
-            if let Ok(it) = q.iter(&*mem) {
-                ctx.heads
-                    .extend(it.take(BATCH - done).map(|c| c.head_index()));
-            }
-            if ctx.heads.is_empty() {
+            if !ring.has_next() {
                 if mode == Mode::Poll {
                     break;
                 }
                 // Re-arm notifications; if the guest raced us, go again.
                 // A garbage avail index keeps this true: retry only once.
-                if let Ok(true) = st.enable_notification() {
+                if ring.set_kicks(true) {
                     if !rearmed && done < BATCH {
                         rearmed = true;
                         continue;
@@ -154,23 +130,24 @@ impl NetDevice {
                 break;
             }
             if done == 0 {
-                let _ = st.disable_notification();
+                ring.set_kicks(false);
             }
-            for k in 0..ctx.heads.len() {
-                let head = ctx.heads[k];
+            ring.prefetch(&map, (BATCH - done) as u16, false);
+            while done < BATCH && ring.has_next() {
+                let head = ring.pop_head();
                 done += 1;
                 if !enabled {
                     tracing::debug!(eni = %self.cfg.eni_id, qp, "TX on a disabled ring discarded");
                     counters.tx_discarded.fetch_add(1, Ordering::Relaxed);
                 } else {
-                    match chain::walk(&mem, table, size, head, indirect, Dir::Read, &mut ctx.segs) {
+                    match chain::walk(&map, ring.desc, head, indirect, Dir::Read, &mut ctx.segs) {
                         Err(e) => {
                             tracing::debug!(eni = %self.cfg.eni_id, qp, error = %e, "bad TX chain");
                             counters.tx_bad_chains.fetch_add(1, Ordering::Relaxed);
                         }
                         Ok(total) => {
                             if let Some(pkt) =
-                                self.read_frame(&mem, &ctx.segs, total, hdr_len, pool, counters)
+                                self.read_frame(&map, &ctx.segs, total, hdr_len, pool, counters)
                             {
                                 packets += 1;
                                 bytes += pkt.buf.len() as u64;
@@ -180,21 +157,24 @@ impl NetDevice {
                     }
                 }
                 // TX buffers are only read: used length 0, for good and bad
-                // chains. Fails only for a head beyond the ring, already
-                // counted.
-                let _ = st.add_used(head, 0);
+                // chains. A head beyond the ring (counted above) cannot be
+                // named in the used ring.
+                if head < ring.size() {
+                    ring.push_used(head, 0);
+                }
             }
             if done >= BATCH {
                 more = true;
                 break;
             }
         }
+        ring.store(q);
         // Added once per batch: the counters are shared cache lines.
         if packets > 0 {
             counters.tx_packets.fetch_add(packets, Ordering::Relaxed);
             counters.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
         }
-        if done > 0 && should_signal(&mut st, &mem) {
+        if ring.needs_interrupt() {
             counters.notifications.fetch_add(1, Ordering::Relaxed);
             let _ = st.signal_used_queue();
         }
@@ -221,7 +201,7 @@ impl NetDevice {
 
     fn read_frame(
         &self,
-        mem: &GuestMemoryMmap,
+        map: &MemMap<'_>,
         segs: &[Seg],
         total: u32,
         hdr_len: usize,
@@ -229,34 +209,23 @@ impl NetDevice {
         counters: &QueueCounters,
     ) -> Option<Pkt> {
         let total = total as usize;
-        let bad = |c: &QueueCounters| {
-            c.tx_bad_frames.fetch_add(1, Ordering::Relaxed);
-            None
-        };
         if total < hdr_len + 14 || total - hdr_len > MAX_FRAME {
-            return bad(counters);
+            counters.tx_bad_frames.fetch_add(1, Ordering::Relaxed);
+            return None;
         }
         let mut hdr = [0u8; VNET_HDR_LEN];
-        if chain::gather(mem, segs, 0, &mut hdr[..hdr_len]).is_err() {
-            return bad(counters);
-        }
+        chain::gather(map, segs, 0, &mut hdr[..hdr_len]);
         let flen = total - hdr_len;
-        let mut buf = pool.get();
-        buf.resize(flen, 0);
-        match chain::gather(mem, segs, hdr_len, &mut buf) {
-            Ok(n) if n == flen => {}
-            _ => {
-                pool.put(buf);
-                return bad(counters);
-            }
-        }
         let meta = match VirtioNetHdr::parse(&hdr).to_meta(flen) {
             Ok(m) => m,
             Err(_) => {
-                pool.put(buf);
-                return bad(counters);
+                counters.tx_bad_frames.fetch_add(1, Ordering::Relaxed);
+                return None;
             }
         };
+        // One copy, straight from the guest's buffers into ours.
+        let mut buf = pool.get();
+        chain::gather_into(map, segs, hdr_len, &mut buf);
         Some(Pkt { buf, meta })
     }
 
@@ -277,14 +246,21 @@ impl NetDevice {
         };
         let counters = &self.counters[usize::from(qp)];
         let mem = self.mem().memory();
-        let mut guard = vring.get_mut();
-        let st: &mut VState = &mut guard;
-        if !st.get_queue().ready() || !st.is_enabled() {
-            return RxOutcome {
-                waiting: !pending.is_empty() || !rxq.ring.is_empty(),
-                delivered: 0,
-            };
+        let map = MemMap::new(&mem);
+        let mut st = vring.get_mut();
+        let idle = RxOutcome {
+            waiting: !pending.is_empty() || !rxq.ring.is_empty(),
+            delivered: 0,
+        };
+        let enabled = st.is_enabled();
+        let q = st.get_queue_mut();
+        if !q.ready() || !enabled {
+            return idle;
         }
+        let Some(mut ring) = Ring::new(&map, q) else {
+            counters.bad_rings.fetch_add(1, Ordering::Relaxed);
+            return idle;
+        };
         let mrg = self.has(VIRTIO_NET_F_MRG_RXBUF);
         let csum_ok = self.has(VIRTIO_NET_F_GUEST_CSUM);
         let rx = RxParams {
@@ -293,9 +269,20 @@ impl NetDevice {
             indirect: self.indirect(),
         };
         let mut delivered = 0usize;
+        let mut bytes = 0u64;
         let mut retries = 0;
+        // Claimed once per call: taking frames then needs no locked
+        // instruction (see crate::mpsc).
+        let mut queued = rxq.ring.consumer();
+        let waiting = pending.len() + rxq.ring.len();
+        if waiting > 0 {
+            ring.prefetch(&map, waiting.min(BATCH) as u16, true);
+        }
         while delivered < BATCH * 4 {
-            let Some(mut pkt) = pending.pop_front().or_else(|| rxq.ring.pop()) else {
+            let Some(mut pkt) = pending
+                .pop_front()
+                .or_else(|| queued.as_mut().and_then(|c| c.pop()))
+            else {
                 break;
             };
             // Offloads the guest did not negotiate are finished here.
@@ -339,14 +326,15 @@ impl NetDevice {
                 }
             }
             let hdr = VirtioNetHdr::from_meta(&pkt.meta);
-            match rx_one(st, &mem, &pkt.buf, hdr, &rx, ctx, counters) {
+            match rx_one(&map, &mut ring, &pkt.buf, hdr, &rx, ctx, counters) {
                 RxResult::Done => {
                     delivered += 1;
-                    counters.rx_packets.fetch_add(1, Ordering::Relaxed);
-                    counters
-                        .rx_bytes
-                        .fetch_add(pkt.buf.len() as u64, Ordering::Relaxed);
+                    bytes += pkt.buf.len() as u64;
                     pool.put(pkt.buf);
+                    // A polling driver may go on with what it has.
+                    if delivered % PUBLISH_EVERY == 0 {
+                        ring.publish();
+                    }
                 }
                 RxResult::Dropped => {
                     counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
@@ -357,10 +345,7 @@ impl NetDevice {
                     pending.push_front(pkt);
                     // Ask for a kick when buffers come; if some came in the
                     // meantime, go on. A polling worker just comes back.
-                    if mode == Mode::Notify
-                        && retries < 2
-                        && matches!(st.enable_notification(), Ok(true))
-                    {
+                    if mode == Mode::Notify && retries < 2 && ring.set_kicks(true) {
                         retries += 1;
                         continue;
                     }
@@ -368,7 +353,15 @@ impl NetDevice {
                 }
             }
         }
-        if delivered > 0 && should_signal(st, &mem) {
+        drop(queued);
+        ring.store(q);
+        if delivered > 0 {
+            counters
+                .rx_packets
+                .fetch_add(delivered as u64, Ordering::Relaxed);
+            counters.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+        if ring.needs_interrupt() {
             counters.notifications.fetch_add(1, Ordering::Relaxed);
             let _ = st.signal_used_queue();
         }
@@ -378,8 +371,6 @@ impl NetDevice {
         }
     }
 }
-
-type VState = VringState<GuestMemoryAtomic<GuestMemoryMmap>>;
 
 struct RxParams {
     hdr_len: usize,
@@ -395,9 +386,9 @@ pub(crate) enum RxResult {
 
 /// Write one frame (with its header) into as many RX chains as it needs:
 /// one without MRG_RXBUF, up to MAX_RX_BUFS with it.
-fn rx_one(
-    st: &mut VState,
-    mem: &GuestMemoryMmap,
+fn rx_one<'m>(
+    map: &MemMap<'m>,
+    ring: &mut Ring<'m>,
     frame: &[u8],
     mut hdr: VirtioNetHdr,
     p: &RxParams,
@@ -411,24 +402,18 @@ fn rx_one(
     let mut cap = 0usize;
     let mut popped = 0u16;
     while cap < need {
-        let q = st.get_queue_mut();
         if ctx.heads.len() == max_bufs {
             // The guest's buffers cannot hold this frame: leave them.
-            for _ in 0..popped {
-                q.go_to_previous_position();
-            }
+            ring.unpop(popped);
             return RxResult::Dropped;
         }
-        let table = GuestAddress(q.desc_table());
-        let size = q.size();
-        let Some(head) = q.pop_descriptor_chain(mem).map(|c| c.head_index()) else {
-            for _ in 0..popped {
-                q.go_to_previous_position();
-            }
+        if !ring.has_next() {
+            ring.unpop(popped);
             return RxResult::NoBuffers;
-        };
+        }
+        let head = ring.pop_head();
         popped += 1;
-        match chain::walk(mem, table, size, head, p.indirect, Dir::Write, &mut ctx.tmp) {
+        match chain::walk(map, ring.desc, head, p.indirect, Dir::Write, &mut ctx.tmp) {
             Ok(len) => {
                 let start = ctx.segs.len();
                 ctx.segs.extend_from_slice(&ctx.tmp);
@@ -437,12 +422,15 @@ fn rx_one(
             }
             Err(e) => {
                 // Complete the bad chain, and the good ones taken for this
-                // frame, with length 0; the frame is dropped.
+                // frame, with length 0; the frame is dropped. A head beyond
+                // the ring cannot be named in the used ring.
                 tracing::debug!(error = %e, "bad RX chain");
                 counters.rx_bad_chains.fetch_add(1, Ordering::Relaxed);
-                let _ = st.add_used(head, 0);
+                if head < ring.size() {
+                    ring.push_used(head, 0);
+                }
                 for &(h, ..) in &ctx.heads {
-                    let _ = st.add_used(h, 0);
+                    ring.push_used(h, 0);
                 }
                 return RxResult::Dropped;
             }
@@ -455,35 +443,24 @@ fn rx_one(
     for i in 0..ctx.heads.len() {
         let (head, len, a, b) = ctx.heads[i];
         let n = (len as usize).min(need - off);
-        let ok = write_stream(mem, &ctx.segs[a..b], hb, frame, off, n).is_ok();
-        let _ = st.add_used(head, if ok { n as u32 } else { 0 });
-        if !ok {
-            counters.rx_bad_chains.fetch_add(1, Ordering::Relaxed);
-        }
+        write_stream(map, &ctx.segs[a..b], hb, frame, off, n);
+        ring.push_used(head, n as u32);
         off += n;
     }
     RxResult::Done
 }
 
 /// Write bytes [off, off+len) of the stream `hdr ++ frame` into `segs`.
-fn write_stream(
-    mem: &GuestMemoryMmap,
-    segs: &[Seg],
-    hdr: &[u8],
-    frame: &[u8],
-    off: usize,
-    len: usize,
-) -> Result<(), chain::ChainError> {
+fn write_stream(map: &MemMap<'_>, segs: &[Seg], hdr: &[u8], frame: &[u8], off: usize, len: usize) {
     let end = off + len;
     let mut pos = 0usize;
     if off < hdr.len() {
         let b = end.min(hdr.len());
-        pos += chain::scatter(mem, segs, 0, &hdr[off..b])?;
+        pos += chain::scatter(map, segs, 0, &hdr[off..b]);
     }
     let fa = off.max(hdr.len()) - hdr.len();
     let fb = end.saturating_sub(hdr.len());
     if fb > fa {
-        chain::scatter(mem, segs, pos, &frame[fa..fb])?;
+        chain::scatter(map, segs, pos, &frame[fa..fb]);
     }
-    Ok(())
 }

@@ -102,6 +102,8 @@ pub struct BenchOptions {
     /// Runs per size x queue count, DPDK and enilab alternating; the
     /// table shows the median (the host is shared, single runs scatter).
     pub repeat: u32,
+    /// Run testpmd and the backend under SCHED_RR when permitted.
+    pub realtime: bool,
 }
 
 impl Default for BenchOptions {
@@ -117,6 +119,7 @@ impl Default for BenchOptions {
             enilab_only: false,
             busy_poll: Duration::from_millis(1),
             repeat: 1,
+            realtime: true,
         }
     }
 }
@@ -174,6 +177,30 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<Vec<Row>, BenchErr
         return iperf::run(opts, log);
     }
     let env = testpmd::probe(2)?;
+    // Both sides busy-poll a core each; any other runnable thread on the
+    // host would take turns with them and the rates would measure the
+    // host's load. Under SCHED_RR (inherited by the backend's workers and
+    // the testpmd children) they keep their cores; the kernel's RT
+    // throttling still leaves 5% to everything else.
+    let rt = opts.realtime && sched::realtime(true);
+    log(if rt {
+        "scheduling: SCHED_RR priority 10 for testpmd and the backend"
+    } else {
+        "scheduling: normal (SCHED_OTHER); other load on the host shows in the rates"
+    });
+    let rows = measure_all(&env, opts, log, rt);
+    if rt {
+        sched::realtime(false);
+    }
+    rows
+}
+
+fn measure_all(
+    env: &DpdkEnv,
+    opts: &BenchOptions,
+    log: &dyn Fn(&str),
+    rt: bool,
+) -> Result<Vec<Row>, BenchError> {
     let mut rows = Vec::new();
     let n = opts.repeat.max(1);
     for &q in &opts.queues {
@@ -188,14 +215,14 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<Vec<Row>, BenchErr
                 if !opts.enilab_only {
                     log(&format!("dpdk {tag}"));
                     dpdk.push(match opts.scenario {
-                        Scenario::Fwd => dpdk_fwd(&env, opts, size, q)?,
-                        _ => dpdk_rxonly(&env, opts, size, q)?,
+                        Scenario::Fwd => dpdk_fwd(env, opts, size, q)?,
+                        _ => dpdk_rxonly(env, opts, size, q)?,
                     });
                 }
                 log(&format!("enilab {tag}"));
                 enilab.push(match opts.scenario {
-                    Scenario::Fwd => enilab_fwd(&env, opts, size, q)?,
-                    _ => enilab_rxonly(&env, opts, size, q)?,
+                    Scenario::Fwd => enilab_fwd(env, opts, size, q)?,
+                    _ => enilab_rxonly(env, opts, size, q)?,
                 });
             }
             let runs: Vec<String> = dpdk
@@ -203,8 +230,13 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<Vec<Row>, BenchErr
                 .zip(&enilab)
                 .map(|(d, e)| format!("{:.2}", e.rate / d.rate.max(f64::MIN_POSITIVE)))
                 .collect();
-            let d = median(dpdk);
+            let mut d = median(dpdk);
             let mut e = median(enilab).ok_or(BenchError::Option("no runs".into()))?;
+            if rt {
+                for r in d.iter_mut().chain(std::iter::once(&mut e)) {
+                    r.note = format!("SCHED_RR; {}", r.note);
+                }
+            }
             if let Some(d) = &d {
                 if d.rate > 0.0 {
                     e.ratio = Some(e.rate / d.rate);
@@ -442,9 +474,9 @@ fn measure(probe: &mut Probe<'_>, opts: &BenchOptions) -> Result<Window, BenchEr
     })
 }
 
-fn start_loop(fe: &mut Testpmd, opts: &BenchOptions) -> Result<(), BenchError> {
+fn start_loop(fe: &mut Testpmd, bursts: u32) -> Result<(), BenchError> {
     fe.cmd(
-        &format!("start tx_first {}", opts.bursts.max(1)),
+        &format!("start tx_first {}", bursts.max(1)),
         Duration::from_secs(10),
     )?;
     Ok(())
@@ -469,7 +501,7 @@ fn dpdk_fwd(env: &DpdkEnv, opts: &BenchOptions, size: u32, q: u16) -> Result<Row
     )?;
     be.cmd("start", Duration::from_secs(10))?;
     let mut fe = fwd_frontend(env, &a, &b, size, q)?;
-    start_loop(&mut fe, opts)?;
+    start_loop(&mut fe, opts.bursts)?;
     let (be_pid, fe_pid) = (be.pid(), fe.pid());
     let w = measure(
         &mut Probe {
@@ -663,7 +695,10 @@ impl EnilabSide {
 fn enilab_fwd(env: &DpdkEnv, opts: &BenchOptions, size: u32, q: u16) -> Result<Row, BenchError> {
     let side = EnilabSide::new(opts, q)?;
     let mut fe = fwd_frontend(env, &side.sock(&side.a), &side.sock(&side.b), size, q)?;
-    start_loop(&mut fe, opts)?;
+    // The bursts sent on B carry A's source address and enilab's source
+    // check drops them (DPDK forwards them): send twice as many, so both
+    // loops hold the same number of valid frames.
+    start_loop(&mut fe, opts.bursts * 2)?;
     let fe_pid = fe.pid();
     let w = measure(
         &mut Probe {
@@ -675,8 +710,9 @@ fn enilab_fwd(env: &DpdkEnv, opts: &BenchOptions, size: u32, q: u16) -> Result<R
     )?;
     fe.stop();
     let note = format!(
-        "{} (the first bursts sent on B carry A's source)",
-        side.drops()
+        "{} (2x{} bursts: those sent on B carry A's source)",
+        side.drops(),
+        opts.bursts
     );
     if w.packets == 0 {
         return Err(BenchError::NoTraffic("enilab fwd".into(), note));
@@ -726,6 +762,26 @@ fn enilab_rxonly(env: &DpdkEnv, opts: &BenchOptions, size: u32, q: u16) -> Resul
         packets: w.packets,
         note,
     })
+}
+
+/// Scheduling policy of the calling thread (inherited by the threads and
+/// processes it starts).
+pub(crate) mod sched {
+    /// Switch to SCHED_RR priority 10 (`on`) or back to SCHED_OTHER.
+    /// False when not permitted.
+    pub fn realtime(on: bool) -> bool {
+        let (policy, prio) = if on {
+            (libc::SCHED_RR, 10)
+        } else {
+            (libc::SCHED_OTHER, 0)
+        };
+        let p = libc::sched_param {
+            sched_priority: prio,
+        };
+        // SAFETY: pid 0 is the calling thread; `p` is a valid sched_param
+        // that outlives the call.
+        unsafe { libc::sched_setscheduler(0, policy, &p) == 0 }
+    }
 }
 
 /// The calling thread's CPU mask.
