@@ -158,20 +158,18 @@ impl PortCounters {
     /// counted (the caller counts the `RateLimit` drop).
     #[inline]
     pub(crate) fn allow(&self, limits: &PortLimits, out: bool, packets: u64, bytes: usize) -> bool {
-        if limits.is_unlimited() {
+        if limits.rates_unlimited() {
             return true;
         }
-        let now = crate::limits::now_ns();
-        let bits = bytes as u64 * 8;
-        let over = if !self.meters.pps.admit(now, packets, limits.pps) {
-            Some(Allowance::Pps)
-        } else if out && !self.meters.out.admit(now, bits, limits.bw_out_bps) {
-            Some(Allowance::BwOut)
-        } else if !out && !self.meters.inb.admit(now, bits, limits.bw_in_bps) {
-            Some(Allowance::BwIn)
-        } else {
-            None
-        };
+        let m = &self.meters;
+        let over = crate::limits::charge(
+            [&m.pps, &m.out, &m.inb],
+            [limits.pps, limits.bw_out_bps, limits.bw_in_bps],
+            crate::limits::now_ns(),
+            out,
+            packets,
+            bytes,
+        );
         match over {
             None => true,
             Some(a) => {

@@ -1,21 +1,28 @@
-//! Per-ENI allowances, as EC2 enforces them: packets per second (both
-//! directions together), bandwidth out of and into the instance, and
-//! link-local traffic (the metadata service) per second. What goes over is
+//! Allowances, as EC2 enforces them. Per ENI: packets per second (both
+//! directions together), bandwidth out of and into the instance,
+//! link-local traffic (the metadata service) per second, and tracked
+//! connections. Per (instance, network card): packets per second and
+//! bandwidth shared by that card's ENIs of that instance. What goes over is
 //! dropped and counted under the names EC2's ENA driver reports
 //! (`pps_allowance_exceeded`, `bw_out_allowance_exceeded`,
-//! `bw_in_allowance_exceeded`, `linklocal_allowance_exceeded`).
+//! `bw_in_allowance_exceeded`, `linklocal_allowance_exceeded`,
+//! `conntrack_allowance_exceeded`).
 //!
-//! Each allowance is a GCRA ("virtual scheduling") meter: one atomic
-//! theoretical arrival time per port and direction, so every worker that
-//! serves the port shares it without a lock, and a port without limits
-//! costs one branch.
+//! Each rate allowance is a GCRA ("virtual scheduling") meter: one atomic
+//! theoretical arrival time per port (or card) and direction, so every
+//! worker that serves the port shares it without a lock, and a port without
+//! limits costs one branch.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
 
+use serde::Serialize;
+
+use crate::PortId;
+
 /// One ENI's allowances; 0 means unlimited.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct PortLimits {
     /// Packets per second, sent and received together.
     pub pps: u64,
@@ -25,11 +32,142 @@ pub struct PortLimits {
     pub bw_in_bps: u64,
     /// Packets per second to link-local services (EC2: 1024).
     pub linklocal_pps: u64,
+    /// Connections tracked at once with this ENI as one end; a new flow
+    /// beyond it is dropped, established ones are not.
+    pub conntrack: u64,
 }
 
 impl PortLimits {
     pub fn is_unlimited(&self) -> bool {
         *self == PortLimits::default()
+    }
+
+    /// No packet or bandwidth allowance is set (the packet path skips the
+    /// meters).
+    #[inline]
+    pub fn rates_unlimited(&self) -> bool {
+        self.pps == 0 && self.bw_out_bps == 0 && self.bw_in_bps == 0
+    }
+}
+
+/// The aggregate allowances of one network card of one instance, shared by
+/// every ENI of that instance on that card; 0 means unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CardLimits {
+    /// Packets per second, sent and received together, over the card's
+    /// ENIs.
+    pub pps: u64,
+    /// Bits per second the card's ENIs may send together.
+    pub bw_out_bps: u64,
+    /// Bits per second the card's ENIs may receive together.
+    pub bw_in_bps: u64,
+}
+
+impl CardLimits {
+    #[inline]
+    pub fn is_unlimited(&self) -> bool {
+        *self == CardLimits::default()
+    }
+}
+
+/// One (instance, network card) aggregate as the control plane states it.
+/// Ports join it through [`PortConfig::card`](crate::PortConfig::card).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CardConfig {
+    pub instance: String,
+    /// The network card index (EC2's `NetworkCardIndex`).
+    pub card: u32,
+    pub limits: CardLimits,
+}
+
+/// A card aggregate's counters, for status and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CardStats {
+    pub instance: String,
+    pub card: u32,
+    pub limits: CardLimits,
+    /// The switch ports of the ENIs sharing it.
+    pub ports: Vec<PortId>,
+    /// Frames over the card's allowances (each also a `rate_limit` drop on
+    /// the ENI it was for).
+    pub pps_allowance_exceeded: u64,
+    pub bw_out_allowance_exceeded: u64,
+    pub bw_in_allowance_exceeded: u64,
+}
+
+/// The live meters and counters of one card aggregate. Shared by every
+/// snapshot that holds the card (carried over by `(instance, card)` when a
+/// new one is published), so neither the meters nor the counters restart
+/// on a configuration change.
+#[derive(Debug, Default)]
+pub(crate) struct CardMeters {
+    pps: Meter,
+    out: Meter,
+    inb: Meter,
+    pps_allowance_exceeded: AtomicU64,
+    bw_out_allowance_exceeded: AtomicU64,
+    bw_in_allowance_exceeded: AtomicU64,
+}
+
+impl CardMeters {
+    /// Charge `packets` frames of `bytes` sent by (`out`) or toward one of
+    /// the card's ENIs. False when over, with the allowance counted.
+    #[inline]
+    pub fn allow(&self, limits: &CardLimits, out: bool, packets: u64, bytes: usize) -> bool {
+        if limits.is_unlimited() {
+            return true;
+        }
+        let now = now_ns();
+        let over = charge(
+            [&self.pps, &self.out, &self.inb],
+            [limits.pps, limits.bw_out_bps, limits.bw_in_bps],
+            now,
+            out,
+            packets,
+            bytes,
+        );
+        let c = match over {
+            None => return true,
+            Some(Allowance::Pps) => &self.pps_allowance_exceeded,
+            Some(Allowance::BwOut) => &self.bw_out_allowance_exceeded,
+            Some(_) => &self.bw_in_allowance_exceeded,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+        false
+    }
+
+    /// (pps, bw_out, bw_in) allowance excess counts.
+    pub fn exceeded(&self) -> [u64; 3] {
+        [
+            self.pps_allowance_exceeded.load(Ordering::Relaxed),
+            self.bw_out_allowance_exceeded.load(Ordering::Relaxed),
+            self.bw_in_allowance_exceeded.load(Ordering::Relaxed),
+        ]
+    }
+}
+
+/// Charge one frame (or a segmentation-offload burst) against a pps meter
+/// and the bandwidth meter of its direction: `meters` and `rates` are
+/// (pps, out, in). The first allowance exceeded, if any; the pps meter is
+/// charged even when the bandwidth one then refuses.
+#[inline]
+pub(crate) fn charge(
+    meters: [&Meter; 3],
+    rates: [u64; 3],
+    now: u64,
+    out: bool,
+    packets: u64,
+    bytes: usize,
+) -> Option<Allowance> {
+    let bits = bytes as u64 * 8;
+    if !meters[0].admit(now, packets, rates[0]) {
+        Some(Allowance::Pps)
+    } else if out && !meters[1].admit(now, bits, rates[1]) {
+        Some(Allowance::BwOut)
+    } else if !out && !meters[2].admit(now, bits, rates[2]) {
+        Some(Allowance::BwIn)
+    } else {
+        None
     }
 }
 

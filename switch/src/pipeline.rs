@@ -21,6 +21,8 @@ mod flow;
 mod ipv4;
 mod metadata;
 #[cfg(test)]
+mod limits_tests;
+#[cfg(test)]
 mod metadata_tests;
 #[cfg(test)]
 mod policy_tests;
@@ -144,12 +146,19 @@ impl Switch {
     /// Replace the configuration. Workers pick it up on their next frame;
     /// a frame already being processed finishes on the old one. Tracked
     /// connections are kept: a rule change never cuts a tracked flow.
-    pub fn publish(&self, snapshot: Snapshot) {
+    pub fn publish(&self, mut snapshot: Snapshot) {
+        snapshot.adopt_card_meters(&self.snapshot.load());
         tracing::debug!(
             generation = snapshot.generation,
             "switch snapshot published"
         );
         self.snapshot.store(Arc::new(snapshot));
+    }
+
+    /// Every (instance, network card) aggregate of the current snapshot
+    /// with its allowance counters.
+    pub fn card_stats(&self) -> Vec<crate::CardStats> {
+        self.snapshot.load().card_stats()
     }
 
     /// The current configuration.
@@ -341,10 +350,13 @@ impl SwitchWorker {
         let ingress_counters = counters.get(ingress as usize);
         if let Some(c) = ingress_counters {
             c.add_tx(frame.len());
-            // The sender's allowances, before any work is spent on it.
+            // The sender's allowances (its own, then its card's), before
+            // any work is spent on it.
             if let Some(info) = snap.info(ingress) {
                 let packets = wire_packets(frame.len(), meta.gso.map(|g| g.size));
-                if !c.allow(&info.limits, true, packets, frame.len()) {
+                if !c.allow(&info.limits, true, packets, frame.len())
+                    || !snap.card_allows(info, true, packets, frame.len())
+                {
                     c.count_drop(DropReason::RateLimit);
                     return Verdict::Dropped(DropReason::RateLimit);
                 }
@@ -488,7 +500,9 @@ impl<E: Egress + ?Sized> Tx<'_, E> {
     fn send(&mut self, port: PortId, flow_hash: u32, frame: &[u8], meta: &PacketMeta) -> bool {
         if let (Some(c), Some(info)) = (self.counters.get(port as usize), self.snap.info(port)) {
             let packets = wire_packets(frame.len(), meta.gso.map(|g| g.size));
-            if !c.allow(&info.limits, false, packets, frame.len()) {
+            if !c.allow(&info.limits, false, packets, frame.len())
+                || !self.snap.card_allows(info, false, packets, frame.len())
+            {
                 c.count_drop(DropReason::RateLimit);
                 return false;
             }
