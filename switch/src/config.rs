@@ -828,7 +828,13 @@ impl Snapshot {
     /// one: `out` for frames the guest sends. False when over (counted on
     /// the card).
     #[inline]
-    pub(crate) fn card_allows(&self, info: &PortInfo, out: bool, packets: u64, bytes: usize) -> bool {
+    pub(crate) fn card_allows(
+        &self,
+        info: &PortInfo,
+        out: bool,
+        packets: u64,
+        bytes: usize,
+    ) -> bool {
         match info.card.and_then(|i| self.cards.get(i)) {
             Some(c) => c.meters.allow(&c.limits, out, packets, bytes),
             None => true,

@@ -336,8 +336,14 @@ impl Conntrack {
     /// Track a new flow. Reuses a free or expired slot in the key's probe
     /// window, in the less occupied of its two buckets first (two-choice
     /// hashing: filling the first bucket first would refuse flows at under
-    /// half load); `Full` if there is none.
-    pub fn insert(&self, key: &Key, now: u32, flags: u32) -> Result<(), Full> {
+    /// half load); `Full` if there is none. When an expired entry was
+    /// reclaimed, its two switch ports (so their tracked counts can drop).
+    pub fn insert(
+        &self,
+        key: &Key,
+        now: u32,
+        flags: u32,
+    ) -> Result<Option<(PortId, PortId)>, Full> {
         let [b1, b2] = self.buckets(key);
         let used = |b: usize| (b..b + BUCKET).filter(|&i| self.occupied(i, now)).count();
         let buckets = if b1 != b2 && used(b2) < used(b1) {
@@ -353,12 +359,23 @@ impl Conntrack {
             if c & BUSY != 0 {
                 continue;
             }
+            let mut evicted = None;
             if c & VALID != 0 {
                 let k1 = slot.k1.load(Ordering::Relaxed);
                 let state = slot.state.load(Ordering::Relaxed);
                 if !self.expired((k1 >> 24) as u8, state, now) {
                     continue;
                 }
+                // Consistent with `c`: the CAS below fails if a writer
+                // touched the slot since.
+                evicted = Some(
+                    Key {
+                        k0: 0,
+                        k1,
+                        from_b: false,
+                    }
+                    .ports(),
+                );
             }
             let version = (c & !(BUSY | VALID)).wrapping_add(VERSION_ONE);
             if slot
@@ -375,29 +392,61 @@ impl Conntrack {
                 .store((u64::from(flags) << 32) | u64::from(now), Ordering::Relaxed);
             slot.ctl.store(version | VALID, Ordering::Release);
             self.inserted.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+            return Ok(evicted);
         }
         self.full.fetch_add(1, Ordering::Relaxed);
         Err(Full)
     }
 
     /// Invalidate every entry that involves `port`; call before a port id is
-    /// given to another ENI. Walks the whole table.
-    pub fn forget_port(&self, port: PortId) -> usize {
-        self.retain(|key| {
-            let (a, b) = key.ports();
-            a != (port & 0xfff) && b != (port & 0xfff)
-        })
+    /// given to another ENI. Walks the whole table; `removed` gets the two
+    /// ports of each entry invalidated.
+    pub fn forget_port(&self, port: PortId, removed: impl FnMut(PortId, PortId)) -> usize {
+        self.retain(
+            0..self.slots.len(),
+            |key, _| {
+                let (a, b) = key.ports();
+                a != (port & 0xfff) && b != (port & 0xfff)
+            },
+            removed,
+        )
     }
 
     /// Drop every entry.
-    pub fn clear(&self) -> usize {
-        self.retain(|_| false)
+    pub fn clear(&self, removed: impl FnMut(PortId, PortId)) -> usize {
+        self.retain(0..self.slots.len(), |_, _| false, removed)
     }
 
-    fn retain(&self, keep: impl Fn(&Key) -> bool) -> usize {
+    /// Invalidate the expired entries among slots `range` (clamped to the
+    /// table), so the tracked counts of their ports drop even when no new
+    /// flow happens to probe their slots.
+    pub fn sweep(
+        &self,
+        range: std::ops::Range<usize>,
+        now: u32,
+        removed: impl FnMut(PortId, PortId),
+    ) -> usize {
+        self.retain(
+            range,
+            |key, state| !self.expired(key.protocol(), state, now),
+            removed,
+        )
+    }
+
+    /// Slots in the table.
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn retain(
+        &self,
+        range: std::ops::Range<usize>,
+        keep: impl Fn(&Key, u64) -> bool,
+        mut removed_ports: impl FnMut(PortId, PortId),
+    ) -> usize {
         let mut removed = 0;
-        for slot in self.slots.iter() {
+        let end = range.end.min(self.slots.len());
+        for slot in self.slots.get(range.start.min(end)..end).unwrap_or(&[]) {
             let c = slot.ctl.load(Ordering::Acquire);
             if c & (BUSY | VALID) != VALID {
                 continue;
@@ -407,7 +456,8 @@ impl Conntrack {
                 k1: slot.k1.load(Ordering::Relaxed),
                 from_b: false,
             };
-            if keep(&key) {
+            let state = slot.state.load(Ordering::Relaxed);
+            if keep(&key, state) {
                 continue;
             }
             let version = (c & !(BUSY | VALID)).wrapping_add(VERSION_ONE);
@@ -417,6 +467,8 @@ impl Conntrack {
                 .is_ok()
             {
                 removed += 1;
+                let (a, b) = key.ports();
+                removed_ports(a, b);
             }
         }
         removed
@@ -683,7 +735,7 @@ mod tests {
                 2,
             )
             .key();
-            assert_eq!(ct.insert(&k, 1, 0), Ok(()), "flow {i}");
+            assert_eq!(ct.insert(&k, 1, 0), Ok(None), "flow {i}");
         }
         assert_eq!(ct.census(1, &mut []).tracked, u64::from(n));
         for i in 0..n {
@@ -714,8 +766,43 @@ mod tests {
         }
         assert_eq!(refused, BUCKET);
         assert_eq!(ct.census(1, &mut []).full, BUCKET as u64);
-        assert_eq!(ct.forget_port(2), BUCKET);
+        let mut released = Vec::new();
+        assert_eq!(ct.forget_port(2, |a, b| released.push((a, b))), BUCKET);
+        assert_eq!(released, vec![(1, 2); BUCKET]);
         assert_eq!(ct.census(1, &mut []).tracked, 0);
+    }
+
+    /// Every way an entry leaves the table reports its two ports exactly
+    /// once: reclaimed by an insert, swept once expired, cleared.
+    #[test]
+    fn removals_report_their_ports() {
+        // One bucket, so an insert must reclaim an expired entry.
+        let ct = Conntrack::new(BUCKET, Timeouts::default());
+        let udp = |sp: u16, from: PortId, to: PortId| {
+            t([10, 0, 1, 10], sp, [10, 0, 1, 20], 53, 17, from, to).key()
+        };
+        for p in 0..BUCKET as u16 {
+            assert_eq!(ct.insert(&udp(p, 1, 2), 100, 0), Ok(None));
+        }
+        // Full and live: refused.
+        assert_eq!(ct.insert(&udp(99, 3, 4), 100, 0), Err(Full));
+        // 31 s later the one-way UDP entries have expired: the insert
+        // reclaims one and says whose it was.
+        assert_eq!(ct.insert(&udp(99, 3, 4), 131, 0), Ok(Some((1, 2))));
+        // A sweep over part of the table, then the rest, reports each
+        // remaining expired entry once and keeps the live one.
+        let mut swept = Vec::new();
+        let n = ct.sweep(0..3, 131, |a, b| swept.push((a, b)))
+            + ct.sweep(3..1000, 131, |a, b| swept.push((a, b)));
+        assert_eq!(n, BUCKET - 1);
+        assert_eq!(swept, vec![(1, 2); BUCKET - 1]);
+        assert_eq!(ct.sweep(0..BUCKET, 131, |_, _| panic!("twice")), 0);
+        assert!(ct.lookup(&udp(99, 3, 4), 131).is_some());
+        let mut cleared = Vec::new();
+        assert_eq!(ct.clear(|a, b| cleared.push((a, b))), 1);
+        assert_eq!(cleared, vec![(3, 4)]);
+        // Ranges past the end are clamped.
+        assert_eq!(ct.sweep(5000..6000, 131, |_, _| {}), 0);
     }
 
     #[test]

@@ -121,6 +121,13 @@ pub struct PortCounters {
     pub bw_out_allowance_exceeded: AtomicU64,
     pub bw_in_allowance_exceeded: AtomicU64,
     pub linklocal_allowance_exceeded: AtomicU64,
+    /// New flows refused because this ENI tracked its allowance of
+    /// connections already (also counted as `ConntrackFull` drops).
+    pub conntrack_allowance_exceeded: AtomicU64,
+    /// Connections tracked now with this port as one end (a gauge: up on
+    /// insert, down when the entry is reclaimed, swept or forgotten;
+    /// expired entries count until then).
+    pub(crate) conntrack_tracked: AtomicU64,
     pub(crate) meters: PortMeters,
     drops: [AtomicU64; DropReason::COUNT],
 }
@@ -195,6 +202,30 @@ impl PortCounters {
         ok
     }
 
+    /// Take one tracked connection against `cap` (0: unlimited). False,
+    /// with nothing taken and the excess counted, when the port holds its
+    /// allowance already.
+    #[inline]
+    pub(crate) fn track(&self, cap: u64) -> bool {
+        let before = self.conntrack_tracked.fetch_add(1, Ordering::Relaxed);
+        if cap != 0 && before >= cap {
+            self.untrack();
+            self.conntrack_allowance_exceeded
+                .fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Give back one tracked connection (never below zero: a port reset
+    /// may have zeroed the gauge first).
+    #[inline]
+    pub(crate) fn untrack(&self) {
+        let _ = self
+            .conntrack_tracked
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
     fn exceeded(&self, a: Allowance) {
         let c = match a {
             Allowance::Pps => &self.pps_allowance_exceeded,
@@ -228,6 +259,9 @@ impl PortCounters {
             bw_out_allowance_exceeded: self.bw_out_allowance_exceeded.load(Ordering::Relaxed),
             bw_in_allowance_exceeded: self.bw_in_allowance_exceeded.load(Ordering::Relaxed),
             linklocal_allowance_exceeded: self.linklocal_allowance_exceeded.load(Ordering::Relaxed),
+            conntrack_allowance_exceeded: self.conntrack_allowance_exceeded.load(Ordering::Relaxed),
+            conntrack_tracked: self.conntrack_tracked.load(Ordering::Relaxed),
+            conntrack_allowance_available: None,
             drops,
         }
     }
@@ -247,6 +281,8 @@ impl PortCounters {
             &self.bw_out_allowance_exceeded,
             &self.bw_in_allowance_exceeded,
             &self.linklocal_allowance_exceeded,
+            &self.conntrack_allowance_exceeded,
+            &self.conntrack_tracked,
         ]
         .into_iter()
         .chain(&self.drops)
@@ -279,6 +315,13 @@ pub struct PortStats {
     pub bw_out_allowance_exceeded: u64,
     pub bw_in_allowance_exceeded: u64,
     pub linklocal_allowance_exceeded: u64,
+    pub conntrack_allowance_exceeded: u64,
+    /// Connections tracked with this ENI as one end (expired ones count
+    /// until they are swept).
+    pub conntrack_tracked: u64,
+    /// How many more it may track, when it has an allowance (ENA's
+    /// `conntrack_allowance_available`); filled by `Switch::stats`.
+    pub conntrack_allowance_available: Option<u64>,
     #[serde(serialize_with = "serialize_drops")]
     pub drops: [u64; DropReason::COUNT],
 }

@@ -19,9 +19,9 @@ mod arp;
 mod dhcp;
 mod flow;
 mod ipv4;
-mod metadata;
 #[cfg(test)]
 mod limits_tests;
+mod metadata;
 #[cfg(test)]
 mod metadata_tests;
 #[cfg(test)]
@@ -32,7 +32,7 @@ mod uplink;
 
 use std::cell::Cell;
 use std::fmt;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -105,6 +105,9 @@ pub struct Switch {
     clock: Clock,
     flowlog: FlowLogWriter,
     capture: Arc<CaptureTable>,
+    /// The next conntrack slot the sweep visits, and the second it last ran.
+    sweep_next: AtomicUsize,
+    swept_at: AtomicU32,
 }
 
 impl fmt::Debug for Switch {
@@ -140,6 +143,8 @@ impl Switch {
             flowlog: FlowLogWriter::start(Arc::new(move || c2.unix(c2.now()))),
             clock,
             capture: Arc::new(CaptureTable::default()),
+            sweep_next: AtomicUsize::new(0),
+            swept_at: AtomicU32::new(0),
         })
     }
 
@@ -171,20 +176,65 @@ impl Switch {
         self.counters.get(port as usize)
     }
 
-    /// A copy of a port's counters (zeros for an id out of range).
+    /// A copy of a port's counters (zeros for an id out of range), with
+    /// its connection-tracking allowance left from the current snapshot.
     pub fn stats(&self, port: PortId) -> PortStats {
-        self.counters(port)
+        let mut s = self
+            .counters(port)
             .map(PortCounters::stats)
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let cap = self
+            .snapshot
+            .load()
+            .info(port)
+            .map_or(0, |i| i.limits.conntrack);
+        if cap != 0 {
+            s.conntrack_allowance_available = Some(cap.saturating_sub(s.conntrack_tracked));
+        }
+        s
     }
 
     /// Zero a port's counters and forget its tracked flows; call it before
     /// a port id is given to another ENI.
     pub fn reset_counters(&self, port: PortId) {
+        self.conntrack.forget_port(port, |a, b| self.untrack(a, b));
         if let Some(c) = self.counters(port) {
             c.reset();
         }
-        self.conntrack.forget_port(port);
+    }
+
+    /// Give back the tracked connection of an entry between `a` and `b`.
+    fn untrack(&self, a: PortId, b: PortId) {
+        untrack(&self.counters, a, b);
+    }
+
+    /// Invalidate every expired connection-tracking entry now (the
+    /// workers' housekeeping does it a slice at a time). Returns how many.
+    pub fn sweep_conntrack(&self) -> usize {
+        let now = self.clock.now();
+        self.conntrack
+            .sweep(0..self.conntrack.capacity(), now, |a, b| self.untrack(a, b))
+    }
+
+    /// Once per second of the switch clock (whichever worker gets here
+    /// first): sweep the next slice of the table, a sixteenth of it (at
+    /// most 2 MiB, at least all of a small table), so every expired entry
+    /// leaves within about 16 s and its ports' tracked counts drop.
+    fn sweep_step(&self, now: u32) {
+        let last = self.swept_at.load(Ordering::Relaxed);
+        if last == now
+            || self
+                .swept_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let cap = self.conntrack.capacity();
+        let chunk = (cap / 16).clamp(4096, 1 << 16).min(cap);
+        let start = self.sweep_next.fetch_add(chunk, Ordering::Relaxed) % cap;
+        self.conntrack
+            .sweep(start..start + chunk, now, |a, b| self.untrack(a, b));
     }
 
     /// Tracked flows in total and per port id (an entry counts for both of
@@ -197,7 +247,7 @@ impl Switch {
 
     /// Forget every tracked flow.
     pub fn clear_conntrack(&self) -> usize {
-        self.conntrack.clear()
+        self.conntrack.clear(|a, b| self.untrack(a, b))
     }
 
     /// Bytes of memory per connection-tracking slot.
@@ -276,6 +326,7 @@ impl SwitchWorker {
     /// hands aggregated flow-log records to the writer.
     pub fn housekeeping(&mut self) {
         self.now = self.switch.clock.now();
+        self.switch.sweep_step(self.now);
         let unix = self.switch.clock.unix(self.now);
         self.log.handoff(unix, false);
     }
@@ -418,6 +469,15 @@ impl SwitchWorker {
             tracing::trace!(ingress, reason = reason.as_str(), "switch drop");
         }
         verdict
+    }
+}
+
+/// Give back one tracked connection on each of an entry's two ports.
+pub(crate) fn untrack(counters: &[PortCounters], a: PortId, b: PortId) {
+    for p in [a, b] {
+        if let Some(c) = counters.get(p as usize) {
+            c.untrack();
+        }
     }
 }
 

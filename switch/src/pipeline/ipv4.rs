@@ -483,8 +483,32 @@ pub(super) fn admit(
             if flow.tcp_flags & TCP_RST != 0 {
                 flags |= flag::RST;
             }
-            if work.conntrack.insert(&key, work.now, flags).is_err() {
-                return Err(DropReason::ConntrackFull);
+            // Each end's connection-tracking allowance: taken first, given
+            // back if the flow is refused after all.
+            let cap = |e: &End<'_>| e.info.map_or(0, |i| i.limits.conntrack);
+            let counter = |e: &End<'_>| work.counters.get(e.port as usize);
+            if let Some(c) = counter(from) {
+                if !c.track(cap(from)) {
+                    return Err(DropReason::ConntrackFull);
+                }
+            }
+            if let Some(c) = counter(to) {
+                if !c.track(cap(to)) {
+                    super::untrack(work.counters, from.port, PortId::MAX);
+                    blame.set(Some(to.port));
+                    return Err(DropReason::ConntrackFull);
+                }
+            }
+            match work.conntrack.insert(&key, work.now, flags) {
+                Ok(reclaimed) => {
+                    if let Some((a, b)) = reclaimed {
+                        super::untrack(work.counters, a, b);
+                    }
+                }
+                Err(_) => {
+                    super::untrack(work.counters, from.port, to.port);
+                    return Err(DropReason::ConntrackFull);
+                }
             }
             for e in [from, to] {
                 if let Some(c) = work.counters.get(e.port as usize) {

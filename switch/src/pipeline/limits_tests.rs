@@ -8,11 +8,13 @@
 
 use std::net::Ipv4Addr;
 use std::ops::RangeInclusive;
+use std::sync::atomic::AtomicU32;
 use std::time::Instant;
 
 use super::tests::{udp, Capture};
 use super::*;
 use crate::config::Topology;
+use crate::policy::SecurityGroupConfig;
 use crate::{CardConfig, CardLimits, PortLimits, SnapshotError, GATEWAY_MAC};
 
 // vpc-a: subnet 0 = 10.0.1.0/24 (ports 1, 2), subnet 1 = 10.0.2.0/24 (port 3).
@@ -41,12 +43,11 @@ fn topology() -> Topology {
     };
     Topology {
         generation: 1,
-        subnets: vec![subnet("subnet-a1", [10, 0, 1, 0]), subnet("subnet-a2", [10, 0, 2, 0])],
-        ports: vec![
-            port(1, M1, 0, P1),
-            port(2, M2, 0, P2),
-            port(3, M3, 1, P3),
+        subnets: vec![
+            subnet("subnet-a1", [10, 0, 1, 0]),
+            subnet("subnet-a2", [10, 0, 2, 0]),
         ],
+        ports: vec![port(1, M1, 0, P1), port(2, M2, 0, P2), port(3, M3, 1, P3)],
         ..Topology::default()
     }
 }
@@ -145,8 +146,24 @@ fn card_rows() -> Vec<CardRow> {
             members: vec![(1, "i-a", 0), (2, "i-a", 0)],
             port_limits: vec![],
             steps: vec![
-                step(1, to3(M1, P1), 300, 51..=51, 1000.0, Over::Card("i-a", 0, 0), 1),
-                step(2, to3(M2, P2), 300, 0..=0, 1000.0, Over::Card("i-a", 0, 0), 2),
+                step(
+                    1,
+                    to3(M1, P1),
+                    300,
+                    51..=51,
+                    1000.0,
+                    Over::Card("i-a", 0, 0),
+                    1,
+                ),
+                step(
+                    2,
+                    to3(M2, P2),
+                    300,
+                    0..=0,
+                    1000.0,
+                    Over::Card("i-a", 0, 0),
+                    2,
+                ),
             ],
         },
         CardRow {
@@ -155,8 +172,24 @@ fn card_rows() -> Vec<CardRow> {
             members: vec![(1, "i-a", 0), (2, "i-a", 0)],
             port_limits: vec![],
             steps: vec![
-                step(3, small(M3, GW, P3, P1), 300, 51..=51, 1000.0, Over::Card("i-a", 0, 0), 1),
-                step(1, to3(M1, P1), 100, 0..=0, 1000.0, Over::Card("i-a", 0, 0), 1),
+                step(
+                    3,
+                    small(M3, GW, P3, P1),
+                    300,
+                    51..=51,
+                    1000.0,
+                    Over::Card("i-a", 0, 0),
+                    1,
+                ),
+                step(
+                    1,
+                    to3(M1, P1),
+                    100,
+                    0..=0,
+                    1000.0,
+                    Over::Card("i-a", 0, 0),
+                    1,
+                ),
             ],
         },
         CardRow {
@@ -172,8 +205,24 @@ fn card_rows() -> Vec<CardRow> {
             members: vec![(1, "i-a", 0), (2, "i-a", 0)],
             port_limits: vec![],
             steps: vec![
-                step(1, big_to3(M1, P1), 50, 7..=7, 125.0, Over::Card("i-a", 0, 1), 1),
-                step(2, big_to3(M2, P2), 50, 0..=0, 125.0, Over::Card("i-a", 0, 1), 2),
+                step(
+                    1,
+                    big_to3(M1, P1),
+                    50,
+                    7..=7,
+                    125.0,
+                    Over::Card("i-a", 0, 1),
+                    1,
+                ),
+                step(
+                    2,
+                    big_to3(M2, P2),
+                    50,
+                    0..=0,
+                    125.0,
+                    Over::Card("i-a", 0, 1),
+                    2,
+                ),
             ],
         },
         CardRow {
@@ -189,8 +238,24 @@ fn card_rows() -> Vec<CardRow> {
             members: vec![(1, "i-a", 0), (2, "i-a", 0)],
             port_limits: vec![],
             steps: vec![
-                step(3, big(M3, GW, P3, P1), 50, 7..=7, 125.0, Over::Card("i-a", 0, 2), 1),
-                step(3, big(M3, GW, P3, P2), 50, 0..=0, 125.0, Over::Card("i-a", 0, 2), 2),
+                step(
+                    3,
+                    big(M3, GW, P3, P1),
+                    50,
+                    7..=7,
+                    125.0,
+                    Over::Card("i-a", 0, 2),
+                    1,
+                ),
+                step(
+                    3,
+                    big(M3, GW, P3, P2),
+                    50,
+                    0..=0,
+                    125.0,
+                    Over::Card("i-a", 0, 2),
+                    2,
+                ),
             ],
         },
         CardRow {
@@ -199,8 +264,24 @@ fn card_rows() -> Vec<CardRow> {
             members: vec![(1, "i-a", 0), (2, "i-a", 1)],
             port_limits: vec![],
             steps: vec![
-                step(1, to3(M1, P1), 300, 51..=51, 1000.0, Over::Card("i-a", 0, 0), 1),
-                step(2, to3(M2, P2), 300, 51..=51, 1000.0, Over::Card("i-a", 1, 0), 2),
+                step(
+                    1,
+                    to3(M1, P1),
+                    300,
+                    51..=51,
+                    1000.0,
+                    Over::Card("i-a", 0, 0),
+                    1,
+                ),
+                step(
+                    2,
+                    to3(M2, P2),
+                    300,
+                    51..=51,
+                    1000.0,
+                    Over::Card("i-a", 1, 0),
+                    2,
+                ),
             ],
         },
         CardRow {
@@ -217,7 +298,15 @@ fn card_rows() -> Vec<CardRow> {
             steps: vec![
                 step(1, to3(M1, P1), 300, 6..=6, 100.0, Over::Port(1, 0), 1),
                 // The card was charged six frames (6 ms of its 50).
-                step(2, to3(M2, P2), 300, 45..=45, 1000.0, Over::Card("i-a", 0, 0), 2),
+                step(
+                    2,
+                    to3(M2, P2),
+                    300,
+                    45..=45,
+                    1000.0,
+                    Over::Card("i-a", 0, 0),
+                    2,
+                ),
             ],
         },
     ]
@@ -302,25 +391,39 @@ fn card_allowance_table() {
             };
             for k in 0..3 {
                 let want = if k == which { refused } else { 0 };
-                assert_eq!(over_after[k] - over_before[k], want, "{desc}: allowance {k}");
+                assert_eq!(
+                    over_after[k] - over_before[k],
+                    want,
+                    "{desc}: allowance {k}"
+                );
             }
             let other_cards: u64 = sw
                 .card_stats()
                 .iter()
                 .zip(&cards_before)
                 .map(|(a, b)| {
-                    a.pps_allowance_exceeded + a.bw_out_allowance_exceeded + a.bw_in_allowance_exceeded
+                    a.pps_allowance_exceeded
+                        + a.bw_out_allowance_exceeded
+                        + a.bw_in_allowance_exceeded
                         - b.pps_allowance_exceeded
                         - b.bw_out_allowance_exceeded
                         - b.bw_in_allowance_exceeded
                 })
                 .sum();
-            let on_card = if matches!(s.over, Over::Card(..)) { refused } else { 0 };
+            let on_card = if matches!(s.over, Over::Card(..)) {
+                refused
+            } else {
+                0
+            };
             assert_eq!(other_cards, on_card, "{desc}: card counters");
             let drops_after = rate_drops(&sw);
             for p in 0..4 {
                 let want = if p == s.drops_on as usize { refused } else { 0 };
-                assert_eq!(drops_after[p] - drops_before[p], want, "{desc}: port {p} drops");
+                assert_eq!(
+                    drops_after[p] - drops_before[p],
+                    want,
+                    "{desc}: port {p} drops"
+                );
             }
         }
     }
@@ -349,7 +452,10 @@ fn card_meters_survive_publication() {
     let again = send(&mut w, 2, &small(M2, GW, P2, P3), 300);
     let earned = (t.elapsed().as_secs_f64() * 1000.0).ceil() as usize + 1;
     assert!(again <= earned, "{again} passed after republishing");
-    assert_eq!(card_exceeded(&sw, "i-a", 0)[0], exceeded + 300 - again as u64);
+    assert_eq!(
+        card_exceeded(&sw, "i-a", 0)[0],
+        exceeded + 300 - again as u64
+    );
 
     // Without the card, nothing is held; with it again, a new burst.
     let mut topo = topology();
@@ -379,4 +485,215 @@ fn card_references_are_checked() {
         Snapshot::compile(topo).err(),
         Some(SnapshotError::DuplicateCard("i-a".into(), 0))
     );
+}
+
+// ---------------------------------------------------------------------------
+// Connection-tracking allowance
+// ---------------------------------------------------------------------------
+
+/// One step of the conntrack table: an action, then the expected
+/// (tracked, allowance exceeded, allowance available) of ports 1 to 3.
+enum Ct {
+    /// UDP from one port to another, (source port, destination port).
+    Send(PortId, PortId, (u16, u16), Verdict),
+    /// Advance the switch clock by this many seconds.
+    Wait(u32),
+    /// A worker's housekeeping (which sweeps expired entries).
+    Housekeeping,
+    /// The control plane resets a port (its id is about to be reused).
+    Reset(PortId),
+}
+
+type Gauges = [(u64, u64, Option<u64>); 3];
+
+fn ct_rows() -> Vec<(&'static str, Ct, Gauges)> {
+    use Ct::*;
+    use DropReason::ConntrackFull as Full;
+    let fwd = Verdict::Forwarded;
+    vec![
+        (
+            "first flow of port 1",
+            Send(1, 3, (1001, 53), fwd(3)),
+            [(1, 0, Some(2)), (0, 0, Some(2)), (1, 0, None)],
+        ),
+        (
+            "second",
+            Send(1, 3, (1002, 53), fwd(3)),
+            [(2, 0, Some(1)), (0, 0, Some(2)), (2, 0, None)],
+        ),
+        (
+            "third: port 1 is at its allowance",
+            Send(1, 3, (1003, 53), fwd(3)),
+            [(3, 0, Some(0)), (0, 0, Some(2)), (3, 0, None)],
+        ),
+        (
+            "a fourth is refused and counted on port 1",
+            Send(1, 3, (1004, 53), Verdict::Dropped(Full)),
+            [(3, 1, Some(0)), (0, 0, Some(2)), (3, 0, None)],
+        ),
+        (
+            "an established flow keeps going",
+            Send(1, 3, (1001, 53), fwd(3)),
+            [(3, 1, Some(0)), (0, 0, Some(2)), (3, 0, None)],
+        ),
+        (
+            "and its replies too (it becomes a stream)",
+            Send(3, 1, (53, 1001), fwd(1)),
+            [(3, 1, Some(0)), (0, 0, Some(2)), (3, 0, None)],
+        ),
+        (
+            "a new flow toward the full port is refused on it",
+            Send(3, 1, (53, 2000), Verdict::Dropped(Full)),
+            [(3, 2, Some(0)), (0, 0, Some(2)), (3, 0, None)],
+        ),
+        (
+            "port 2 has its own allowance",
+            Send(3, 2, (53, 3001), fwd(2)),
+            [(3, 2, Some(0)), (1, 0, Some(1)), (4, 0, None)],
+        ),
+        (
+            "its second",
+            Send(3, 2, (53, 3002), fwd(2)),
+            [(3, 2, Some(0)), (2, 0, Some(0)), (5, 0, None)],
+        ),
+        (
+            "its third is refused on it; the sender's count is given back",
+            Send(3, 2, (53, 3003), Verdict::Dropped(Full)),
+            [(3, 2, Some(0)), (2, 1, Some(0)), (5, 0, None)],
+        ),
+        (
+            "31 s on, the one-way flows have expired but are not swept yet",
+            Wait(31),
+            [(3, 2, Some(0)), (2, 1, Some(0)), (5, 0, None)],
+        ),
+        (
+            "so port 1 is still held",
+            Send(1, 3, (1005, 53), Verdict::Dropped(Full)),
+            [(3, 3, Some(0)), (2, 1, Some(0)), (5, 0, None)],
+        ),
+        (
+            "the sweep leaves only the stream",
+            Housekeeping,
+            [(1, 3, Some(2)), (0, 1, Some(2)), (1, 0, None)],
+        ),
+        (
+            "room again",
+            Send(1, 3, (1005, 53), fwd(3)),
+            [(2, 3, Some(1)), (0, 1, Some(2)), (2, 0, None)],
+        ),
+        (
+            "resetting port 3 forgets its flows on both ends",
+            Reset(3),
+            [(0, 3, Some(3)), (0, 1, Some(2)), (0, 0, None)],
+        ),
+    ]
+}
+
+#[test]
+fn conntrack_allowance_table() {
+    let clock = Arc::new(AtomicU32::new(1000));
+    let sw = Switch::with_options(SwitchOptions {
+        conntrack_slots: 256,
+        manual_clock: Some(clock.clone()),
+        ..SwitchOptions::default()
+    });
+    let mut topo = topology();
+    topo.security_groups = vec![SecurityGroupConfig::default_for("sg-a", "vpc-a")];
+    for p in &mut topo.ports {
+        p.security_groups = vec!["sg-a".into()];
+        p.limits.conntrack = match p.id {
+            1 => 3,
+            2 => 2,
+            _ => 0,
+        };
+    }
+    sw.publish(Snapshot::compile(topo).expect("compiles"));
+    let mut w = sw.worker();
+    let addr = |p: PortId| [(M1, P1), (M2, P2), (M3, P3)][p as usize - 1];
+    for (desc, action, want) in ct_rows() {
+        match action {
+            Ct::Send(from, to, ports, verdict) => {
+                let (smac, sip) = addr(from);
+                let (dmac, dip) = addr(to);
+                // Same subnet: the peer's MAC; across: the router's.
+                let dmac = if (from == 3) == (to == 3) { dmac } else { GW };
+                let mut f = udp(smac, dmac, sip, dip, 64, ports, b"q");
+                let mut cap = Capture::default();
+                let got = w.process(from, &mut f, &PacketMeta::default(), &mut cap);
+                assert_eq!(got, verdict, "{desc}");
+            }
+            Ct::Wait(s) => {
+                clock.fetch_add(s, Ordering::Relaxed);
+            }
+            Ct::Housekeeping => w.housekeeping(),
+            Ct::Reset(p) => sw.reset_counters(p),
+        }
+        for (i, want) in want.iter().enumerate() {
+            let s = sw.stats(i as PortId + 1);
+            let got = (
+                s.conntrack_tracked,
+                s.conntrack_allowance_exceeded,
+                s.conntrack_allowance_available,
+            );
+            assert_eq!(got, *want, "{desc}: port {}", i + 1);
+        }
+    }
+    // Refusals are `conntrack_full` drops on the port that was full.
+    assert_eq!(sw.stats(1).drops(DropReason::ConntrackFull), 3);
+    assert_eq!(sw.stats(2).drops(DropReason::ConntrackFull), 1);
+    assert_eq!(sw.stats(3).drops(DropReason::ConntrackFull), 0);
+}
+
+/// Without a sweep, a full table's expired entries are reclaimed by the
+/// inserts that probe them, and the reclaimed entry's ports get their
+/// count back; `clear_conntrack` empties every count.
+#[test]
+fn reclaimed_and_cleared_entries_give_their_allowance_back() {
+    let clock = Arc::new(AtomicU32::new(1000));
+    let sw = Switch::with_options(SwitchOptions {
+        // One bucket: every flow competes for the same eight slots.
+        conntrack_slots: 8,
+        manual_clock: Some(clock.clone()),
+        ..SwitchOptions::default()
+    });
+    let mut topo = topology();
+    topo.security_groups = vec![SecurityGroupConfig::default_for("sg-a", "vpc-a")];
+    for p in &mut topo.ports {
+        p.security_groups = vec!["sg-a".into()];
+    }
+    sw.publish(Snapshot::compile(topo).expect("compiles"));
+    let mut w = sw.worker();
+    let mut send = |from_mac, from_ip, from: PortId, sport: u16| {
+        let mut f = udp(from_mac, GW, from_ip, P3, 64, (sport, 53), b"q");
+        w.process(
+            from,
+            &mut f,
+            &PacketMeta::default(),
+            &mut Capture::default(),
+        )
+    };
+    for sport in 0..8 {
+        assert_eq!(send(M1, P1, 1, sport), Verdict::Forwarded(3));
+    }
+    assert_eq!(sw.stats(1).conntrack_tracked, 8);
+    assert_eq!(
+        send(M2, P2, 2, 100),
+        Verdict::Dropped(DropReason::ConntrackFull)
+    );
+    assert_eq!(
+        sw.stats(2).conntrack_tracked,
+        0,
+        "given back on a full table"
+    );
+    clock.fetch_add(31, Ordering::Relaxed);
+    for sport in 100..104 {
+        assert_eq!(send(M2, P2, 2, sport), Verdict::Forwarded(3));
+    }
+    assert_eq!(sw.stats(1).conntrack_tracked, 4);
+    assert_eq!(sw.stats(2).conntrack_tracked, 4);
+    assert_eq!(sw.stats(3).conntrack_tracked, 8);
+    assert_eq!(sw.clear_conntrack(), 8);
+    for p in 1..=3 {
+        assert_eq!(sw.stats(p).conntrack_tracked, 0, "port {p}");
+    }
 }
