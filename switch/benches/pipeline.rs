@@ -19,6 +19,10 @@
 //!   frame four places ahead before each `process` (what a backend holding
 //!   a burst of descriptors can do).
 //! * `hot-1k`: the same path with a working set of 1,000 flows (cache-hot).
+//! * `hot-1k+lim`, `new-flow+lim`: `hot-1k` and `new-flow` again with every
+//!   ENI under allowances (pps, bandwidth both ways, conntrack) and in a
+//!   card aggregate of two ENIs (pps, bandwidth), all far above what the
+//!   bench sends: the cost of metering, not of dropping.
 //!
 //! Environment: `BENCH_FLOWS` (default 1000000), `BENCH_PASSES` (default 7),
 //! `BENCH_SLOTS` (conntrack slots; default the power of two >= 2 x flows).
@@ -29,7 +33,7 @@ use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use enilab_switch::{
-    AclEntry, Cidr, Egress, NetworkAclConfig, PacketMeta, Peer, PortConfig, PortId, PortMatch,
+    AclEntry, CardConfig, CardLimits, Cidr, Egress, PortLimits, NetworkAclConfig, PacketMeta, Peer, PortConfig, PortId, PortMatch,
     Protocol, Route, RouteTableConfig, RouteTarget, SecurityGroupConfig, SgRule, SubnetConfig,
     Switch, SwitchOptions, SwitchWorker, Topology, Verdict, VpcConfig, GATEWAY_MAC,
 };
@@ -456,6 +460,23 @@ fn main() {
     }
     report(&format!("hot-{}", short(hot_n)), hot.len(), &mut secs);
 
+    // The same and new flows, metered.
+    switch.publish(
+        enilab_switch::Snapshot::compile(with_allowances(topology()))
+            .expect("bench topology with allowances compiles"),
+    );
+    let mut secs = Vec::new();
+    for _ in 0..passes {
+        secs.push(run(&mut worker, &mut hot, "hot+limits", 0));
+    }
+    report(&format!("hot-{}+lim", short(hot_n)), hot.len(), &mut secs);
+    let mut secs = Vec::new();
+    for _ in 0..passes {
+        switch.clear_conntrack();
+        secs.push(run(&mut worker, &mut fwd, "new-flow+limits", 0));
+    }
+    report("new-flow+lim", flows, &mut secs);
+
     let (stats, _) = switch.conntrack_census();
     let bytes = stats.capacity as usize * Switch::CONNTRACK_SLOT_BYTES;
     println!(
@@ -480,6 +501,34 @@ fn main() {
             fail(format!("port {} counted drops: {s:?}", port_id(i)));
         }
     }
+}
+
+/// `topo` with every ENI metered: allowances no bench run reaches, and one
+/// card aggregate per two ENIs (an "instance").
+fn with_allowances(mut topo: Topology) -> Topology {
+    for p in &mut topo.ports {
+        p.limits = PortLimits {
+            pps: 1_000_000_000,
+            bw_out_bps: 1_000_000_000_000,
+            bw_in_bps: 1_000_000_000_000,
+            linklocal_pps: 1024,
+            conntrack: 1 << 30,
+        };
+        p.card = Some((format!("i-{}", (p.id - 1) / 2), 0));
+    }
+    topo.cards = (0..ENIS.div_ceil(2))
+        .map(|i| CardConfig {
+            instance: format!("i-{i}"),
+            card: 0,
+            limits: CardLimits {
+                pps: 1_000_000_000,
+                bw_out_bps: 1_000_000_000_000,
+                bw_in_bps: 1_000_000_000_000,
+            },
+        })
+        .collect();
+    topo.generation += 1;
+    topo
 }
 
 fn short(n: usize) -> String {

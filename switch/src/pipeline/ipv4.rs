@@ -494,7 +494,9 @@ pub(super) fn admit(
             }
             if let Some(c) = counter(to) {
                 if !c.track(cap(to)) {
-                    super::untrack(work.counters, from.port, PortId::MAX);
+                    if let Some(c) = counter(from) {
+                        c.untrack();
+                    }
                     blame.set(Some(to.port));
                     return Err(DropReason::ConntrackFull);
                 }
