@@ -9,7 +9,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use crate::limits::{CardConfig, CardLimits, CardMeters, PortLimits};
+use crate::limits::{CardConfig, CardLimits, CardMeters, MeterClock, PortLimits};
 use crate::policy::{
     Cidr, CompiledAcl, CompiledPeer, CompiledRule, ElasticIp, FlowLogConfig, FlowLogScope,
     NetworkAclConfig, Peer, RouteTableConfig, RouteTarget, SecurityGroupConfig,
@@ -834,9 +834,10 @@ impl Snapshot {
         out: bool,
         packets: u64,
         bytes: usize,
+        clock: &MeterClock,
     ) -> bool {
         match info.card.and_then(|i| self.cards.get(i)) {
-            Some(c) => c.meters.allow(&c.limits, out, packets, bytes),
+            Some(c) => c.meters.allow(&c.limits, out, packets, bytes, clock),
             None => true,
         }
     }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 use serde::Serializer;
 
-use crate::limits::{Allowance, PortLimits, PortMeters};
+use crate::limits::{Allowance, MeterClock, PortLimits, PortMeters};
 
 /// Why the switch dropped a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -164,7 +164,14 @@ impl PortCounters {
     /// arriving at it against `limits`. False when over, with the allowance
     /// counted (the caller counts the `RateLimit` drop).
     #[inline]
-    pub(crate) fn allow(&self, limits: &PortLimits, out: bool, packets: u64, bytes: usize) -> bool {
+    pub(crate) fn allow(
+        &self,
+        limits: &PortLimits,
+        out: bool,
+        packets: u64,
+        bytes: usize,
+        clock: &MeterClock,
+    ) -> bool {
         if limits.rates_unlimited() {
             return true;
         }
@@ -172,7 +179,7 @@ impl PortCounters {
         let over = crate::limits::charge(
             [&m.pps, &m.out, &m.inb],
             [limits.pps, limits.bw_out_bps, limits.bw_in_bps],
-            crate::limits::now_ns(),
+            clock.now(),
             out,
             packets,
             bytes,

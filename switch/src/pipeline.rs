@@ -43,7 +43,7 @@ use crate::config::{PortConfig, PortInfo, Snapshot, SubnetConfig};
 use crate::conntrack::{Conntrack, ConntrackStats, Timeouts};
 use crate::counters::{DropReason, PortCounters, PortStats};
 use crate::flowlog::{FlowLogWriter, LocalLog};
-use crate::limits::wire_packets;
+use crate::limits::{wire_packets, MeterClock};
 use crate::wire::ethernet::{self, ethertype};
 use crate::{Egress, PacketMeta, PortId, Verdict, MAX_PORTS};
 
@@ -399,14 +399,15 @@ impl SwitchWorker {
         let snap: &Snapshot = snapshot.load();
         let counters: &[PortCounters] = &switch.counters;
         let ingress_counters = counters.get(ingress as usize);
+        let clock = MeterClock::default();
         if let Some(c) = ingress_counters {
             c.add_tx(frame.len());
             // The sender's allowances (its own, then its card's), before
             // any work is spent on it.
             if let Some(info) = snap.info(ingress) {
                 let packets = wire_packets(frame.len(), meta.gso.map(|g| g.size));
-                if !c.allow(&info.limits, true, packets, frame.len())
-                    || !snap.card_allows(info, true, packets, frame.len())
+                if !c.allow(&info.limits, true, packets, frame.len(), &clock)
+                    || !snap.card_allows(info, true, packets, frame.len(), &clock)
                 {
                     c.count_drop(DropReason::RateLimit);
                     return Verdict::Dropped(DropReason::RateLimit);
@@ -434,6 +435,7 @@ impl SwitchWorker {
                 counters,
                 snap,
                 capture,
+                clock: &clock,
             };
             uplink::handle(snap, &blame, frame, meta, &mut work, &mut tx)
         } else if snap.metadata.is_some_and(|m| m.port == ingress) {
@@ -442,6 +444,7 @@ impl SwitchWorker {
                 counters,
                 snap,
                 capture,
+                clock: &clock,
             };
             metadata::handle(snap, frame, meta, &mut work, &mut tx)
         } else {
@@ -452,6 +455,7 @@ impl SwitchWorker {
                         counters,
                         snap,
                         capture,
+                        clock: &clock,
                     };
                     ctx.dispatch(frame, meta, &mut work, &mut tx)
                 }
@@ -551,6 +555,8 @@ pub(crate) struct Tx<'a, E: Egress + ?Sized> {
     counters: &'a [PortCounters],
     snap: &'a Snapshot,
     capture: &'a CaptureTable,
+    /// The frame's meter clock, shared with the sender's checks.
+    clock: &'a MeterClock,
 }
 
 impl<E: Egress + ?Sized> Tx<'_, E> {
@@ -560,8 +566,10 @@ impl<E: Egress + ?Sized> Tx<'_, E> {
     fn send(&mut self, port: PortId, flow_hash: u32, frame: &[u8], meta: &PacketMeta) -> bool {
         if let (Some(c), Some(info)) = (self.counters.get(port as usize), self.snap.info(port)) {
             let packets = wire_packets(frame.len(), meta.gso.map(|g| g.size));
-            if !c.allow(&info.limits, false, packets, frame.len())
-                || !self.snap.card_allows(info, false, packets, frame.len())
+            if !c.allow(&info.limits, false, packets, frame.len(), self.clock)
+                || !self
+                    .snap
+                    .card_allows(info, false, packets, frame.len(), self.clock)
             {
                 c.count_drop(DropReason::RateLimit);
                 return false;
