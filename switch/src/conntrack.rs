@@ -46,6 +46,30 @@ pub(crate) mod flag {
     pub const FIN_A: u32 = 4;
     pub const FIN_B: u32 = 8;
     pub const RST: u32 = 16;
+    /// The entry holds one of the canonical `a` (`b`) side's allowance of
+    /// tracked connections, to give back when it goes.
+    pub const CHARGED_A: u32 = 32;
+    pub const CHARGED_B: u32 = 64;
+}
+
+/// The switch port whose allowance an entry (its `k1` and state words)
+/// holds, if any.
+#[inline]
+fn charged(k1: u64, state: u64) -> Option<PortId> {
+    let flags = (state >> 32) as u32;
+    let key = Key {
+        k0: 0,
+        k1,
+        from_b: false,
+    };
+    let (a, b) = key.ports();
+    if flags & flag::CHARGED_A != 0 {
+        Some(a)
+    } else if flags & flag::CHARGED_B != 0 {
+        Some(b)
+    } else {
+        None
+    }
 }
 
 /// Idle timeouts in seconds. The defaults are AWS's documented ones where it
@@ -337,13 +361,8 @@ impl Conntrack {
     /// window, in the less occupied of its two buckets first (two-choice
     /// hashing: filling the first bucket first would refuse flows at under
     /// half load); `Full` if there is none. When an expired entry was
-    /// reclaimed, its two switch ports (so their tracked counts can drop).
-    pub fn insert(
-        &self,
-        key: &Key,
-        now: u32,
-        flags: u32,
-    ) -> Result<Option<(PortId, PortId)>, Full> {
+    /// reclaimed, the port whose allowance it held (to give it back).
+    pub fn insert(&self, key: &Key, now: u32, flags: u32) -> Result<Option<PortId>, Full> {
         let [b1, b2] = self.buckets(key);
         let used = |b: usize| (b..b + BUCKET).filter(|&i| self.occupied(i, now)).count();
         let buckets = if b1 != b2 && used(b2) < used(b1) {
@@ -367,15 +386,8 @@ impl Conntrack {
                     continue;
                 }
                 // Consistent with `c`: the CAS below fails if a writer
-                // touched the slot since.
-                evicted = Some(
-                    Key {
-                        k0: 0,
-                        k1,
-                        from_b: false,
-                    }
-                    .ports(),
-                );
+                // rewrote the slot since.
+                evicted = charged(k1, state);
             }
             let version = (c & !(BUSY | VALID)).wrapping_add(VERSION_ONE);
             if slot
@@ -399,37 +411,37 @@ impl Conntrack {
     }
 
     /// Invalidate every entry that involves `port`; call before a port id is
-    /// given to another ENI. Walks the whole table; `removed` gets the two
-    /// ports of each entry invalidated.
-    pub fn forget_port(&self, port: PortId, removed: impl FnMut(PortId, PortId)) -> usize {
+    /// given to another ENI. Walks the whole table; `release` gets the port
+    /// whose allowance each invalidated entry held.
+    pub fn forget_port(&self, port: PortId, release: impl FnMut(PortId)) -> usize {
         self.retain(
             0..self.slots.len(),
             |key, _| {
                 let (a, b) = key.ports();
                 a != (port & 0xfff) && b != (port & 0xfff)
             },
-            removed,
+            release,
         )
     }
 
     /// Drop every entry.
-    pub fn clear(&self, removed: impl FnMut(PortId, PortId)) -> usize {
-        self.retain(0..self.slots.len(), |_, _| false, removed)
+    pub fn clear(&self, release: impl FnMut(PortId)) -> usize {
+        self.retain(0..self.slots.len(), |_, _| false, release)
     }
 
     /// Invalidate the expired entries among slots `range` (clamped to the
-    /// table), so the tracked counts of their ports drop even when no new
+    /// table), so the allowances they held come back even when no new
     /// flow happens to probe their slots.
     pub fn sweep(
         &self,
         range: std::ops::Range<usize>,
         now: u32,
-        removed: impl FnMut(PortId, PortId),
+        release: impl FnMut(PortId),
     ) -> usize {
         self.retain(
             range,
             |key, state| !self.expired(key.protocol(), state, now),
-            removed,
+            release,
         )
     }
 
@@ -442,7 +454,7 @@ impl Conntrack {
         &self,
         range: std::ops::Range<usize>,
         keep: impl Fn(&Key, u64) -> bool,
-        mut removed_ports: impl FnMut(PortId, PortId),
+        mut release: impl FnMut(PortId),
     ) -> usize {
         let mut removed = 0;
         let end = range.end.min(self.slots.len());
@@ -467,8 +479,9 @@ impl Conntrack {
                 .is_ok()
             {
                 removed += 1;
-                let (a, b) = key.ports();
-                removed_ports(a, b);
+                if let Some(p) = charged(key.k1, state) {
+                    release(p);
+                }
             }
         }
         removed
@@ -766,43 +779,56 @@ mod tests {
         }
         assert_eq!(refused, BUCKET);
         assert_eq!(ct.census(1, &mut []).full, BUCKET as u64);
-        let mut released = Vec::new();
-        assert_eq!(ct.forget_port(2, |a, b| released.push((a, b))), BUCKET);
-        assert_eq!(released, vec![(1, 2); BUCKET]);
+        // Nothing was charged to anyone: nothing to give back.
+        assert_eq!(ct.forget_port(2, |p| panic!("released {p}")), BUCKET);
         assert_eq!(ct.census(1, &mut []).tracked, 0);
     }
 
-    /// Every way an entry leaves the table reports its two ports exactly
-    /// once: reclaimed by an insert, swept once expired, cleared.
+    /// Every way an entry leaves the table gives back the allowance it
+    /// holds exactly once, to the side its flags name: reclaimed by an
+    /// insert, swept once expired, cleared.
     #[test]
-    fn removals_report_their_ports() {
+    fn removals_release_the_charged_port() {
         // One bucket, so an insert must reclaim an expired entry.
         let ct = Conntrack::new(BUCKET, Timeouts::default());
         let udp = |sp: u16, from: PortId, to: PortId| {
             t([10, 0, 1, 10], sp, [10, 0, 1, 20], 53, 17, from, to).key()
         };
+        // Port 1 sends from the lower address: it is the canonical `a`.
         for p in 0..BUCKET as u16 {
-            assert_eq!(ct.insert(&udp(p, 1, 2), 100, 0), Ok(None));
+            let k = udp(p, 1, 2);
+            assert!(!k.from_b);
+            let side = if p % 2 == 0 {
+                flag::CHARGED_A
+            } else {
+                flag::CHARGED_B
+            };
+            assert_eq!(ct.insert(&k, 100, side), Ok(None));
         }
         // Full and live: refused.
         assert_eq!(ct.insert(&udp(99, 3, 4), 100, 0), Err(Full));
         // 31 s later the one-way UDP entries have expired: the insert
-        // reclaims one and says whose it was.
-        assert_eq!(ct.insert(&udp(99, 3, 4), 131, 0), Ok(Some((1, 2))));
-        // A sweep over part of the table, then the rest, reports each
+        // reclaims one and names the port it was charged to.
+        let reclaimed = ct.insert(&udp(99, 3, 4), 131, 0).expect("room");
+        assert!(matches!(reclaimed, Some(1) | Some(2)), "{reclaimed:?}");
+        // A sweep over part of the table, then the rest, gives back each
         // remaining expired entry once and keeps the live one.
-        let mut swept = Vec::new();
-        let n = ct.sweep(0..3, 131, |a, b| swept.push((a, b)))
-            + ct.sweep(3..1000, 131, |a, b| swept.push((a, b)));
+        let mut released = Vec::new();
+        let n = ct.sweep(0..3, 131, |p| released.push(p))
+            + ct.sweep(3..1000, 131, |p| released.push(p));
         assert_eq!(n, BUCKET - 1);
-        assert_eq!(swept, vec![(1, 2); BUCKET - 1]);
-        assert_eq!(ct.sweep(0..BUCKET, 131, |_, _| panic!("twice")), 0);
+        released.extend(reclaimed);
+        released.sort_unstable();
+        assert_eq!(
+            released,
+            [vec![1; BUCKET / 2], vec![2; BUCKET / 2]].concat()
+        );
+        assert_eq!(ct.sweep(0..BUCKET, 131, |_| panic!("twice")), 0);
         assert!(ct.lookup(&udp(99, 3, 4), 131).is_some());
-        let mut cleared = Vec::new();
-        assert_eq!(ct.clear(|a, b| cleared.push((a, b))), 1);
-        assert_eq!(cleared, vec![(3, 4)]);
+        // The live entry was charged to nobody.
+        assert_eq!(ct.clear(|p| panic!("released {p}")), 1);
         // Ranges past the end are clamped.
-        assert_eq!(ct.sweep(5000..6000, 131, |_, _| {}), 0);
+        assert_eq!(ct.sweep(5000..6000, 131, |_| {}), 0);
     }
 
     #[test]

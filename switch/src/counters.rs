@@ -124,9 +124,10 @@ pub struct PortCounters {
     /// New flows refused because this ENI tracked its allowance of
     /// connections already (also counted as `ConntrackFull` drops).
     pub conntrack_allowance_exceeded: AtomicU64,
-    /// Connections tracked now with this port as one end (a gauge: up on
+    /// Connections charged to this port's allowance now: flows it opened,
+    /// and flows toward it from ends without an allowance (a gauge: up on
     /// insert, down when the entry is reclaimed, swept or forgotten;
-    /// expired entries count until then).
+    /// expired entries count until then; 0 without an allowance).
     pub(crate) conntrack_tracked: AtomicU64,
     pub(crate) meters: PortMeters,
     drops: [AtomicU64; DropReason::COUNT],
@@ -323,8 +324,8 @@ pub struct PortStats {
     pub bw_in_allowance_exceeded: u64,
     pub linklocal_allowance_exceeded: u64,
     pub conntrack_allowance_exceeded: u64,
-    /// Connections tracked with this ENI as one end (expired ones count
-    /// until they are swept).
+    /// Connections charged to this ENI's allowance (expired ones count until
+    /// they are swept).
     pub conntrack_tracked: u64,
     /// How many more it may track, when it has an allowance (ENA's
     /// `conntrack_allowance_available`); filled by `Switch::stats`.

@@ -33,8 +33,9 @@ pub struct PortLimits {
     pub bw_in_bps: u64,
     /// Packets per second to link-local services (EC2: 1024).
     pub linklocal_pps: u64,
-    /// Connections tracked at once with this ENI as one end; a new flow
-    /// beyond it is dropped, established ones are not.
+    /// Connections this ENI may have tracked at once: the flows it opens,
+    /// and those toward it from ends without an allowance (the internet).
+    /// A new flow beyond it is dropped, established ones are not.
     pub conntrack: u64,
 }
 

@@ -197,15 +197,15 @@ impl Switch {
     /// Zero a port's counters and forget its tracked flows; call it before
     /// a port id is given to another ENI.
     pub fn reset_counters(&self, port: PortId) {
-        self.conntrack.forget_port(port, |a, b| self.untrack(a, b));
+        self.conntrack.forget_port(port, |p| self.untrack(p));
         if let Some(c) = self.counters(port) {
             c.reset();
         }
     }
 
-    /// Give back the tracked connection of an entry between `a` and `b`.
-    fn untrack(&self, a: PortId, b: PortId) {
-        untrack(&self.counters, a, b);
+    /// Give back one tracked connection of `port`'s allowance.
+    fn untrack(&self, port: PortId) {
+        untrack(&self.counters, port);
     }
 
     /// Invalidate every expired connection-tracking entry now (the
@@ -213,7 +213,7 @@ impl Switch {
     pub fn sweep_conntrack(&self) -> usize {
         let now = self.clock.now();
         self.conntrack
-            .sweep(0..self.conntrack.capacity(), now, |a, b| self.untrack(a, b))
+            .sweep(0..self.conntrack.capacity(), now, |p| self.untrack(p))
     }
 
     /// Once per second of the switch clock (whichever worker gets here
@@ -234,7 +234,7 @@ impl Switch {
         let chunk = (cap / 16).clamp(4096, 1 << 16).min(cap);
         let start = self.sweep_next.fetch_add(chunk, Ordering::Relaxed) % cap;
         self.conntrack
-            .sweep(start..start + chunk, now, |a, b| self.untrack(a, b));
+            .sweep(start..start + chunk, now, |p| self.untrack(p));
     }
 
     /// Tracked flows in total and per port id (an entry counts for both of
@@ -247,7 +247,7 @@ impl Switch {
 
     /// Forget every tracked flow.
     pub fn clear_conntrack(&self) -> usize {
-        self.conntrack.clear(|a, b| self.untrack(a, b))
+        self.conntrack.clear(|p| self.untrack(p))
     }
 
     /// Bytes of memory per connection-tracking slot.
@@ -476,12 +476,10 @@ impl SwitchWorker {
     }
 }
 
-/// Give back one tracked connection on each of an entry's two ports.
-pub(crate) fn untrack(counters: &[PortCounters], a: PortId, b: PortId) {
-    for p in [a, b] {
-        if let Some(c) = counters.get(p as usize) {
-            c.untrack();
-        }
+/// Give back one tracked connection of `port`'s allowance.
+pub(crate) fn untrack(counters: &[PortCounters], port: PortId) {
+    if let Some(c) = counters.get(port as usize) {
+        c.untrack();
     }
 }
 

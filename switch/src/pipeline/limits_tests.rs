@@ -517,81 +517,82 @@ fn ct_rows() -> Vec<(&'static str, Ct, Gauges)> {
     use Ct::*;
     use DropReason::ConntrackFull as Full;
     let fwd = Verdict::Forwarded;
+    let none = (0, 0, None);
     vec![
         (
-            "first flow of port 1",
+            "first flow of port 1, charged to it",
             Send(1, 3, (1001, 53), fwd(3)),
-            [(1, 0, Some(2)), (0, 0, Some(2)), (1, 0, None)],
+            [(1, 0, Some(2)), (0, 0, Some(2)), none],
         ),
         (
             "second",
             Send(1, 3, (1002, 53), fwd(3)),
-            [(2, 0, Some(1)), (0, 0, Some(2)), (2, 0, None)],
+            [(2, 0, Some(1)), (0, 0, Some(2)), none],
         ),
         (
             "third: port 1 is at its allowance",
             Send(1, 3, (1003, 53), fwd(3)),
-            [(3, 0, Some(0)), (0, 0, Some(2)), (3, 0, None)],
+            [(3, 0, Some(0)), (0, 0, Some(2)), none],
         ),
         (
             "a fourth is refused and counted on port 1",
             Send(1, 3, (1004, 53), Verdict::Dropped(Full)),
-            [(3, 1, Some(0)), (0, 0, Some(2)), (3, 0, None)],
+            [(3, 1, Some(0)), (0, 0, Some(2)), none],
         ),
         (
             "an established flow keeps going",
             Send(1, 3, (1001, 53), fwd(3)),
-            [(3, 1, Some(0)), (0, 0, Some(2)), (3, 0, None)],
+            [(3, 1, Some(0)), (0, 0, Some(2)), none],
         ),
         (
             "and its replies too (it becomes a stream)",
             Send(3, 1, (53, 1001), fwd(1)),
-            [(3, 1, Some(0)), (0, 0, Some(2)), (3, 0, None)],
+            [(3, 1, Some(0)), (0, 0, Some(2)), none],
         ),
         (
-            "a new flow toward the full port is refused on it",
+            "port 3 has no allowance: its new flow is charged to the full port 1, refused there",
             Send(3, 1, (53, 2000), Verdict::Dropped(Full)),
-            [(3, 2, Some(0)), (0, 0, Some(2)), (3, 0, None)],
+            [(3, 2, Some(0)), (0, 0, Some(2)), none],
         ),
         (
-            "port 2 has its own allowance",
-            Send(3, 2, (53, 3001), fwd(2)),
-            [(3, 2, Some(0)), (1, 0, Some(1)), (4, 0, None)],
+            "port 2 opens a flow to the full port 1: port 2 pays, port 1 is not asked",
+            Send(2, 1, (3001, 80), fwd(1)),
+            [(3, 2, Some(0)), (1, 0, Some(1)), none],
         ),
         (
-            "its second",
+            "port 3's flow to port 2 is charged to port 2",
             Send(3, 2, (53, 3002), fwd(2)),
-            [(3, 2, Some(0)), (2, 0, Some(0)), (5, 0, None)],
+            [(3, 2, Some(0)), (2, 0, Some(0)), none],
         ),
         (
-            "its third is refused on it; the sender's count is given back",
+            "and the next is refused on port 2",
             Send(3, 2, (53, 3003), Verdict::Dropped(Full)),
-            [(3, 2, Some(0)), (2, 1, Some(0)), (5, 0, None)],
+            [(3, 2, Some(0)), (2, 1, Some(0)), none],
         ),
         (
             "31 s on, the one-way flows have expired but are not swept yet",
             Wait(31),
-            [(3, 2, Some(0)), (2, 1, Some(0)), (5, 0, None)],
+            [(3, 2, Some(0)), (2, 1, Some(0)), none],
         ),
         (
             "so port 1 is still held",
             Send(1, 3, (1005, 53), Verdict::Dropped(Full)),
-            [(3, 3, Some(0)), (2, 1, Some(0)), (5, 0, None)],
+            [(3, 3, Some(0)), (2, 1, Some(0)), none],
         ),
         (
-            "the sweep leaves only the stream",
+            "the sweep gives back all but port 1's stream",
             Housekeeping,
-            [(1, 3, Some(2)), (0, 1, Some(2)), (1, 0, None)],
+            [(1, 3, Some(2)), (0, 1, Some(2)), none],
         ),
         (
             "room again",
             Send(1, 3, (1005, 53), fwd(3)),
-            [(2, 3, Some(1)), (0, 1, Some(2)), (2, 0, None)],
+            [(2, 3, Some(1)), (0, 1, Some(2)), none],
         ),
         (
-            "resetting port 3 forgets its flows on both ends",
+            "resetting port 3 forgets its flows, and port 1 gets its allowance back",
             Reset(3),
-            [(0, 3, Some(3)), (0, 1, Some(2)), (0, 0, None)],
+            [(0, 3, Some(3)), (0, 1, Some(2)), none],
         ),
     ]
 }
@@ -652,8 +653,9 @@ fn conntrack_allowance_table() {
 }
 
 /// Without a sweep, a full table's expired entries are reclaimed by the
-/// inserts that probe them, and the reclaimed entry's ports get their
-/// count back; `clear_conntrack` empties every count.
+/// inserts that probe them, and the port each was charged to gets its
+/// allowance back; a flow the full table refuses gives its back at once;
+/// `clear_conntrack` empties every count.
 #[test]
 fn reclaimed_and_cleared_entries_give_their_allowance_back() {
     let clock = Arc::new(AtomicU32::new(1000));
@@ -667,6 +669,7 @@ fn reclaimed_and_cleared_entries_give_their_allowance_back() {
     topo.security_groups = vec![SecurityGroupConfig::default_for("sg-a", "vpc-a")];
     for p in &mut topo.ports {
         p.security_groups = vec!["sg-a".into()];
+        p.limits.conntrack = if p.id == 3 { 0 } else { 100 };
     }
     sw.publish(Snapshot::compile(topo).expect("compiles"));
     let mut w = sw.worker();
@@ -698,7 +701,7 @@ fn reclaimed_and_cleared_entries_give_their_allowance_back() {
     }
     assert_eq!(sw.stats(1).conntrack_tracked, 4);
     assert_eq!(sw.stats(2).conntrack_tracked, 4);
-    assert_eq!(sw.stats(3).conntrack_tracked, 8);
+    assert_eq!(sw.stats(3).conntrack_tracked, 0, "port 3 has no allowance");
     assert_eq!(sw.clear_conntrack(), 8);
     for p in 1..=3 {
         assert_eq!(sw.stats(p).conntrack_tracked, 0, "port {p}");
