@@ -279,7 +279,7 @@ pub fn render(status: &Value) -> String {
     let mut f = Family::new(
         "enilab_eni_conntrack_tracked",
         Kind::Gauge,
-        "Connections tracked with this interface as one end (expired ones until swept).",
+        "Connections charged to the interface's conntrack allowance (flows it opened, and flows to it from ends without one; expired ones until swept).",
     );
     for d in devices {
         f.add(eni_labels(d), num(&d["stats"]["conntrack_tracked"]));
