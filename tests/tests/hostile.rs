@@ -124,6 +124,18 @@ fn hostile(tag: &str, attacks: &[Attack]) {
             .as_f64()
             .unwrap_or(0.0)
     };
+    // Every instance's card 0 is an aggregate of its one interface, with
+    // the type's bandwidth (status lists what the switch enforces).
+    let st = d.status();
+    for (id, _) in &guests {
+        let card = st["card_allowances"]
+            .as_array()
+            .and_then(|v| v.iter().find(|c| c["instance"] == id.as_str()))
+            .unwrap_or_else(|| panic!("no card aggregate of {id}: {}", st["card_allowances"]));
+        assert_eq!(card["card"], 0, "{card}");
+        assert_eq!(card["ports"].as_array().map(Vec::len), Some(1), "{card}");
+        assert!(card["limits"]["bw_out_bps"].as_u64() > Some(0), "{card}");
+    }
     let baseline = iperf(ATTACK_S);
     eprintln!("[{tag}] victims' TCP baseline {:.0} Mbit/s", baseline / 1e6);
     assert!(baseline > 0.0, "no baseline traffic");
