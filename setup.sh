@@ -71,6 +71,12 @@ if ! python3 -c 'import prometheus_client' >/dev/null 2>&1 && ! .venv-api/bin/py
     .venv-api/bin/pip install -q prometheus_client
 fi
 
+# --- cargo-fuzz for the bounded fuzz runs in CI (scripts/fuzz-ci) ---
+if cargo +nightly --version >/dev/null 2>&1 && ! cargo fuzz --version >/dev/null 2>&1; then
+    step "installing cargo-fuzz from crates.io"
+    cargo install --locked cargo-fuzz || echo "setup: cargo-fuzz did not install; scripts/fuzz-ci will skip"
+fi
+
 # --- the release binary ---
 step "building target/release/enilab"
 cargo build --release --locked -p enilab-control --bin enilab

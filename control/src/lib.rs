@@ -5,6 +5,7 @@ pub mod agent;
 pub mod api;
 pub mod bench;
 pub mod demo;
+pub mod fuzzing;
 pub mod graph;
 pub mod image;
 pub mod imds;

@@ -19,6 +19,12 @@
 //!   frame four places ahead before each `process` (what a backend holding
 //!   a burst of descriptors can do).
 //! * `hot-1k`: the same path with a working set of 1,000 flows (cache-hot).
+//! * `hot-1k+eni`: `hot-1k` with every ENI under the allowances the daemon
+//!   gives an instance interface (bandwidth both ways, link-local, a
+//!   conntrack cap; no pps, as the built-in types), far above what the bench
+//!   sends: the cost of metering, not of dropping.
+//! * `hot-1k+card`, `new-flow+card`: the same plus a card aggregate
+//!   (bandwidth both ways) per two ENIs, as the daemon sets them now.
 //!
 //! Environment: `BENCH_FLOWS` (default 1000000), `BENCH_PASSES` (default 7),
 //! `BENCH_SLOTS` (conntrack slots; default the power of two >= 2 x flows).
@@ -29,9 +35,10 @@ use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use enilab_switch::{
-    AclEntry, Cidr, Egress, NetworkAclConfig, PacketMeta, Peer, PortConfig, PortId, PortMatch,
-    Protocol, Route, RouteTableConfig, RouteTarget, SecurityGroupConfig, SgRule, SubnetConfig,
-    Switch, SwitchOptions, SwitchWorker, Topology, Verdict, VpcConfig, GATEWAY_MAC,
+    AclEntry, CardConfig, CardLimits, Cidr, Egress, NetworkAclConfig, PacketMeta, Peer, PortConfig,
+    PortId, PortLimits, PortMatch, Protocol, Route, RouteTableConfig, RouteTarget,
+    SecurityGroupConfig, SgRule, SubnetConfig, Switch, SwitchOptions, SwitchWorker, Topology,
+    Verdict, VpcConfig, GATEWAY_MAC,
 };
 
 const ENIS: usize = 100;
@@ -244,6 +251,10 @@ fn flow(k: usize) -> Flow {
 #[derive(Clone, Copy)]
 struct Frame {
     bytes: [u8; 64],
+    /// The Ethernet addresses as the guest sent them: the switch rewrites
+    /// them in place, and a replayed frame must carry its sender's MAC
+    /// again (else it is `spoofed_mac`).
+    macs: [u8; 12],
     ingress: PortId,
     dest: PortId,
 }
@@ -286,8 +297,11 @@ fn frame(f: &Flow, reverse: bool) -> Frame {
     t[12] = 5 << 4;
     t[13] = 0x10; // ACK
     t[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    let mut macs = [0u8; 12];
+    macs.copy_from_slice(&b[..12]);
     Frame {
         bytes: b,
+        macs,
         ingress: port_id(s),
         dest: port_id(d),
     }
@@ -327,6 +341,7 @@ fn run(worker: &mut SwitchWorker, frames: &mut [Frame], label: &str, ahead: usiz
             }
         }
         let f = &mut frames[i];
+        f.bytes[..12].copy_from_slice(&f.macs);
         let v = worker.process(f.ingress, &mut f.bytes[..FRAME_LEN], &meta, &mut out);
         if let Verdict::Forwarded(p) = v {
             forwarded += 1;
@@ -340,6 +355,7 @@ fn run(worker: &mut SwitchWorker, frames: &mut [Frame], label: &str, ahead: usiz
         // Find the first offender for the message.
         let bad = frames.iter_mut().find_map(|f| {
             let mut c = Count::default();
+            f.bytes[..12].copy_from_slice(&f.macs);
             let v = worker.process(f.ingress, &mut f.bytes[..FRAME_LEN], &meta, &mut c);
             (v != Verdict::Forwarded(f.dest)).then(|| format!("{} -> {}: {v:?}", f.ingress, f.dest))
         });
@@ -456,6 +472,29 @@ fn main() {
     }
     report(&format!("hot-{}", short(hot_n)), hot.len(), &mut secs);
 
+    // The same, metered per ENI, then per ENI and card; new flows too.
+    for (cards, label) in [(false, "eni"), (true, "card")] {
+        switch.publish(
+            enilab_switch::Snapshot::compile(with_allowances(topology(), cards))
+                .expect("bench topology with allowances compiles"),
+        );
+        let mut secs = Vec::new();
+        for _ in 0..passes {
+            secs.push(run(&mut worker, &mut hot, label, 0));
+        }
+        report(
+            &format!("hot-{}+{label}", short(hot_n)),
+            hot.len(),
+            &mut secs,
+        );
+    }
+    let mut secs = Vec::new();
+    for _ in 0..passes {
+        switch.clear_conntrack();
+        secs.push(run(&mut worker, &mut fwd, "new-flow+card", 0));
+    }
+    report("new-flow+card", flows, &mut secs);
+
     let (stats, _) = switch.conntrack_census();
     let bytes = stats.capacity as usize * Switch::CONNTRACK_SLOT_BYTES;
     println!(
@@ -480,6 +519,39 @@ fn main() {
             fail(format!("port {} counted drops: {s:?}", port_id(i)));
         }
     }
+}
+
+/// `topo` with every ENI metered as the daemon meters an instance
+/// interface (with allowances no bench run reaches), and with `cards` one
+/// card aggregate per two ENIs (an "instance").
+fn with_allowances(mut topo: Topology, cards: bool) -> Topology {
+    for p in &mut topo.ports {
+        p.limits = PortLimits {
+            pps: 0,
+            bw_out_bps: 1_000_000_000_000,
+            bw_in_bps: 1_000_000_000_000,
+            linklocal_pps: 1024,
+            conntrack: 1 << 30,
+        };
+        if cards {
+            p.card = Some((format!("i-{}", (p.id - 1) / 2), 0));
+        }
+    }
+    if cards {
+        topo.cards = (0..ENIS.div_ceil(2))
+            .map(|i| CardConfig {
+                instance: format!("i-{i}"),
+                card: 0,
+                limits: CardLimits {
+                    pps: 0,
+                    bw_out_bps: 1_000_000_000_000,
+                    bw_in_bps: 1_000_000_000_000,
+                },
+            })
+            .collect();
+    }
+    topo.generation += 1;
+    topo
 }
 
 fn short(n: usize) -> String {

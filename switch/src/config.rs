@@ -9,7 +9,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use crate::limits::PortLimits;
+use crate::limits::{CardConfig, CardLimits, CardMeters, MeterClock, PortLimits};
 use crate::policy::{
     Cidr, CompiledAcl, CompiledPeer, CompiledRule, ElasticIp, FlowLogConfig, FlowLogScope,
     NetworkAclConfig, Peer, RouteTableConfig, RouteTarget, SecurityGroupConfig,
@@ -72,6 +72,9 @@ pub enum SnapshotError {
     /// out of range.
     #[error("metadata port {0} is out of range or used by an ENI or the uplink")]
     BadMetadata(PortId),
+    /// Two card aggregates for one (instance, network card).
+    #[error("network card {1} of {0} is stated twice")]
+    DuplicateCard(String, u32),
 }
 
 /// One VPC.
@@ -192,6 +195,10 @@ pub struct PortConfig {
     pub service: Option<String>,
     /// EC2-style allowances (default: unlimited).
     pub limits: PortLimits,
+    /// The (instance, network card) aggregate whose allowances this ENI
+    /// shares with the instance's other ENIs on that card: an entry of
+    /// [`Topology::cards`]. `None`: no aggregate.
+    pub card: Option<(String, u32)>,
 }
 
 impl Default for PortConfig {
@@ -209,6 +216,7 @@ impl Default for PortConfig {
             source_dest_check: true,
             service: None,
             limits: PortLimits::default(),
+            card: None,
         }
     }
 }
@@ -259,6 +267,8 @@ pub struct Topology {
     pub metadata: Option<MetadataConfig>,
     /// Load-balancer targets whose replies go back through the balancer.
     pub service_returns: Vec<ServiceReturn>,
+    /// Per (instance, network card) aggregate allowances.
+    pub cards: Vec<CardConfig>,
 }
 
 /// A load balancer preserves the client's address, so its target answers
@@ -352,6 +362,20 @@ pub(crate) struct PortInfo {
     pub flow_logs: Vec<Arc<FlowLogSpec>>,
     pub eni: Arc<str>,
     pub limits: PortLimits,
+    /// Index into `Snapshot::cards`.
+    pub card: Option<usize>,
+}
+
+/// A compiled card aggregate.
+#[derive(Debug)]
+pub(crate) struct CardInfo {
+    pub instance: String,
+    pub card: u32,
+    pub limits: CardLimits,
+    pub ports: Vec<PortId>,
+    /// Replaced at publish by the previous snapshot's meters for the same
+    /// card, so they persist across configuration changes.
+    pub meters: Arc<CardMeters>,
 }
 
 /// Per-VPC compiled state.
@@ -395,6 +419,8 @@ pub struct Snapshot {
     pub(crate) any_filtered: bool,
     /// (target's ENI port, L4 source port, protocol) -> balancer port.
     pub(crate) returns: FxMap<(PortId, u16, u8), PortId>,
+    /// Card aggregates, in `Topology::cards` order.
+    pub(crate) cards: Vec<CardInfo>,
 }
 
 impl Snapshot {
@@ -665,9 +691,38 @@ impl Snapshot {
             subnet_info.push(SubnetInfo { routes, acl });
         }
 
+        // Card aggregates.
+        let mut cards: Vec<CardInfo> = Vec::with_capacity(topo.cards.len());
+        let mut card_index: HashMap<(&str, u32), usize> = HashMap::new();
+        for c in &topo.cards {
+            if card_index
+                .insert((c.instance.as_str(), c.card), cards.len())
+                .is_some()
+            {
+                return Err(SnapshotError::DuplicateCard(c.instance.clone(), c.card));
+            }
+            cards.push(CardInfo {
+                instance: c.instance.clone(),
+                card: c.card,
+                limits: c.limits,
+                ports: Vec::new(),
+                meters: Arc::default(),
+            });
+        }
+
         // Ports: groups, rules, flow logs.
         let mut port_info = vec![PortInfo::default(); slots.len()];
         for port in &topo.ports {
+            let card = match &port.card {
+                Some((inst, n)) => {
+                    let i = *card_index.get(&(inst.as_str(), *n)).ok_or_else(|| {
+                        SnapshotError::Unknown("network card", format!("{inst}/{n}"))
+                    })?;
+                    cards[i].ports.push(port.id);
+                    Some(i)
+                }
+                None => None,
+            };
             let vpc_id = &subnets[port.subnet].vpc_id;
             let mut groups = Vec::with_capacity(port.security_groups.len());
             let mut ingress = Vec::new();
@@ -705,6 +760,7 @@ impl Snapshot {
                 flow_logs,
                 eni: Arc::from(port.eni_id.as_str()),
                 limits: port.limits,
+                card,
             };
         }
 
@@ -763,8 +819,65 @@ impl Snapshot {
             has_flow_logs,
             any_filtered,
             returns,
+            cards,
             topology: topo,
         })
+    }
+
+    /// Charge a frame of port `info` against its card aggregate, if it has
+    /// one: `out` for frames the guest sends. False when over (counted on
+    /// the card).
+    #[inline]
+    pub(crate) fn card_allows(
+        &self,
+        info: &PortInfo,
+        out: bool,
+        packets: u64,
+        bytes: usize,
+        clock: &MeterClock,
+    ) -> bool {
+        match info.card.and_then(|i| self.cards.get(i)) {
+            Some(c) => c.meters.allow(&c.limits, out, packets, bytes, clock),
+            None => true,
+        }
+    }
+
+    /// Take over `old`'s card meters and counters for every card both
+    /// hold, so a new configuration neither refills a card's allowance nor
+    /// restarts its counters.
+    pub(crate) fn adopt_card_meters(&mut self, old: &Snapshot) {
+        if self.cards.is_empty() || old.cards.is_empty() {
+            return;
+        }
+        let by_key: HashMap<(&str, u32), &Arc<CardMeters>> = old
+            .cards
+            .iter()
+            .map(|c| ((c.instance.as_str(), c.card), &c.meters))
+            .collect();
+        for c in &mut self.cards {
+            if let Some(m) = by_key.get(&(c.instance.as_str(), c.card)) {
+                c.meters = Arc::clone(m);
+            }
+        }
+    }
+
+    /// Every card aggregate with its counters.
+    pub fn card_stats(&self) -> Vec<crate::limits::CardStats> {
+        self.cards
+            .iter()
+            .map(|c| {
+                let [pps, out, inb] = c.meters.exceeded();
+                crate::limits::CardStats {
+                    instance: c.instance.clone(),
+                    card: c.card,
+                    limits: c.limits,
+                    ports: c.ports.clone(),
+                    pps_allowance_exceeded: pps,
+                    bw_out_allowance_exceeded: out,
+                    bw_in_allowance_exceeded: inb,
+                }
+            })
+            .collect()
     }
 
     /// The port with this id, if it is in the snapshot.

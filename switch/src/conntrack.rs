@@ -46,6 +46,30 @@ pub(crate) mod flag {
     pub const FIN_A: u32 = 4;
     pub const FIN_B: u32 = 8;
     pub const RST: u32 = 16;
+    /// The entry holds one of the canonical `a` (`b`) side's allowance of
+    /// tracked connections, to give back when it goes.
+    pub const CHARGED_A: u32 = 32;
+    pub const CHARGED_B: u32 = 64;
+}
+
+/// The switch port whose allowance an entry (its `k1` and state words)
+/// holds, if any.
+#[inline]
+fn charged(k1: u64, state: u64) -> Option<PortId> {
+    let flags = (state >> 32) as u32;
+    let key = Key {
+        k0: 0,
+        k1,
+        from_b: false,
+    };
+    let (a, b) = key.ports();
+    if flags & flag::CHARGED_A != 0 {
+        Some(a)
+    } else if flags & flag::CHARGED_B != 0 {
+        Some(b)
+    } else {
+        None
+    }
 }
 
 /// Idle timeouts in seconds. The defaults are AWS's documented ones where it
@@ -336,8 +360,9 @@ impl Conntrack {
     /// Track a new flow. Reuses a free or expired slot in the key's probe
     /// window, in the less occupied of its two buckets first (two-choice
     /// hashing: filling the first bucket first would refuse flows at under
-    /// half load); `Full` if there is none.
-    pub fn insert(&self, key: &Key, now: u32, flags: u32) -> Result<(), Full> {
+    /// half load); `Full` if there is none. When an expired entry was
+    /// reclaimed, the port whose allowance it held (to give it back).
+    pub fn insert(&self, key: &Key, now: u32, flags: u32) -> Result<Option<PortId>, Full> {
         let [b1, b2] = self.buckets(key);
         let used = |b: usize| (b..b + BUCKET).filter(|&i| self.occupied(i, now)).count();
         let buckets = if b1 != b2 && used(b2) < used(b1) {
@@ -353,12 +378,16 @@ impl Conntrack {
             if c & BUSY != 0 {
                 continue;
             }
+            let mut evicted = None;
             if c & VALID != 0 {
                 let k1 = slot.k1.load(Ordering::Relaxed);
                 let state = slot.state.load(Ordering::Relaxed);
                 if !self.expired((k1 >> 24) as u8, state, now) {
                     continue;
                 }
+                // Consistent with `c`: the CAS below fails if a writer
+                // rewrote the slot since.
+                evicted = charged(k1, state);
             }
             let version = (c & !(BUSY | VALID)).wrapping_add(VERSION_ONE);
             if slot
@@ -375,29 +404,61 @@ impl Conntrack {
                 .store((u64::from(flags) << 32) | u64::from(now), Ordering::Relaxed);
             slot.ctl.store(version | VALID, Ordering::Release);
             self.inserted.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+            return Ok(evicted);
         }
         self.full.fetch_add(1, Ordering::Relaxed);
         Err(Full)
     }
 
     /// Invalidate every entry that involves `port`; call before a port id is
-    /// given to another ENI. Walks the whole table.
-    pub fn forget_port(&self, port: PortId) -> usize {
-        self.retain(|key| {
-            let (a, b) = key.ports();
-            a != (port & 0xfff) && b != (port & 0xfff)
-        })
+    /// given to another ENI. Walks the whole table; `release` gets the port
+    /// whose allowance each invalidated entry held.
+    pub fn forget_port(&self, port: PortId, release: impl FnMut(PortId)) -> usize {
+        self.retain(
+            0..self.slots.len(),
+            |key, _| {
+                let (a, b) = key.ports();
+                a != (port & 0xfff) && b != (port & 0xfff)
+            },
+            release,
+        )
     }
 
     /// Drop every entry.
-    pub fn clear(&self) -> usize {
-        self.retain(|_| false)
+    pub fn clear(&self, release: impl FnMut(PortId)) -> usize {
+        self.retain(0..self.slots.len(), |_, _| false, release)
     }
 
-    fn retain(&self, keep: impl Fn(&Key) -> bool) -> usize {
+    /// Invalidate the expired entries among slots `range` (clamped to the
+    /// table), so the allowances they held come back even when no new
+    /// flow happens to probe their slots.
+    pub fn sweep(
+        &self,
+        range: std::ops::Range<usize>,
+        now: u32,
+        release: impl FnMut(PortId),
+    ) -> usize {
+        self.retain(
+            range,
+            |key, state| !self.expired(key.protocol(), state, now),
+            release,
+        )
+    }
+
+    /// Slots in the table.
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn retain(
+        &self,
+        range: std::ops::Range<usize>,
+        keep: impl Fn(&Key, u64) -> bool,
+        mut release: impl FnMut(PortId),
+    ) -> usize {
         let mut removed = 0;
-        for slot in self.slots.iter() {
+        let end = range.end.min(self.slots.len());
+        for slot in self.slots.get(range.start.min(end)..end).unwrap_or(&[]) {
             let c = slot.ctl.load(Ordering::Acquire);
             if c & (BUSY | VALID) != VALID {
                 continue;
@@ -407,7 +468,8 @@ impl Conntrack {
                 k1: slot.k1.load(Ordering::Relaxed),
                 from_b: false,
             };
-            if keep(&key) {
+            let state = slot.state.load(Ordering::Relaxed);
+            if keep(&key, state) {
                 continue;
             }
             let version = (c & !(BUSY | VALID)).wrapping_add(VERSION_ONE);
@@ -417,6 +479,9 @@ impl Conntrack {
                 .is_ok()
             {
                 removed += 1;
+                if let Some(p) = charged(key.k1, state) {
+                    release(p);
+                }
             }
         }
         removed
@@ -683,7 +748,7 @@ mod tests {
                 2,
             )
             .key();
-            assert_eq!(ct.insert(&k, 1, 0), Ok(()), "flow {i}");
+            assert_eq!(ct.insert(&k, 1, 0), Ok(None), "flow {i}");
         }
         assert_eq!(ct.census(1, &mut []).tracked, u64::from(n));
         for i in 0..n {
@@ -714,8 +779,56 @@ mod tests {
         }
         assert_eq!(refused, BUCKET);
         assert_eq!(ct.census(1, &mut []).full, BUCKET as u64);
-        assert_eq!(ct.forget_port(2), BUCKET);
+        // Nothing was charged to anyone: nothing to give back.
+        assert_eq!(ct.forget_port(2, |p| panic!("released {p}")), BUCKET);
         assert_eq!(ct.census(1, &mut []).tracked, 0);
+    }
+
+    /// Every way an entry leaves the table gives back the allowance it
+    /// holds exactly once, to the side its flags name: reclaimed by an
+    /// insert, swept once expired, cleared.
+    #[test]
+    fn removals_release_the_charged_port() {
+        // One bucket, so an insert must reclaim an expired entry.
+        let ct = Conntrack::new(BUCKET, Timeouts::default());
+        let udp = |sp: u16, from: PortId, to: PortId| {
+            t([10, 0, 1, 10], sp, [10, 0, 1, 20], 53, 17, from, to).key()
+        };
+        // Port 1 sends from the lower address: it is the canonical `a`.
+        for p in 0..BUCKET as u16 {
+            let k = udp(p, 1, 2);
+            assert!(!k.from_b);
+            let side = if p % 2 == 0 {
+                flag::CHARGED_A
+            } else {
+                flag::CHARGED_B
+            };
+            assert_eq!(ct.insert(&k, 100, side), Ok(None));
+        }
+        // Full and live: refused.
+        assert_eq!(ct.insert(&udp(99, 3, 4), 100, 0), Err(Full));
+        // 31 s later the one-way UDP entries have expired: the insert
+        // reclaims one and names the port it was charged to.
+        let reclaimed = ct.insert(&udp(99, 3, 4), 131, 0).expect("room");
+        assert!(matches!(reclaimed, Some(1) | Some(2)), "{reclaimed:?}");
+        // A sweep over part of the table, then the rest, gives back each
+        // remaining expired entry once and keeps the live one.
+        let mut released = Vec::new();
+        let n = ct.sweep(0..3, 131, |p| released.push(p))
+            + ct.sweep(3..1000, 131, |p| released.push(p));
+        assert_eq!(n, BUCKET - 1);
+        released.extend(reclaimed);
+        released.sort_unstable();
+        assert_eq!(
+            released,
+            [vec![1; BUCKET / 2], vec![2; BUCKET / 2]].concat()
+        );
+        assert_eq!(ct.sweep(0..BUCKET, 131, |_| panic!("twice")), 0);
+        assert!(ct.lookup(&udp(99, 3, 4), 131).is_some());
+        // The live entry was charged to nobody.
+        assert_eq!(ct.clear(|p| panic!("released {p}")), 1);
+        // Ranges past the end are clamped.
+        assert_eq!(ct.sweep(5000..6000, 131, |_| {}), 0);
     }
 
     #[test]

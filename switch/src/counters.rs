@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 use serde::Serializer;
 
-use crate::limits::{Allowance, PortLimits, PortMeters};
+use crate::limits::{Allowance, MeterClock, PortLimits, PortMeters};
 
 /// Why the switch dropped a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -121,6 +121,14 @@ pub struct PortCounters {
     pub bw_out_allowance_exceeded: AtomicU64,
     pub bw_in_allowance_exceeded: AtomicU64,
     pub linklocal_allowance_exceeded: AtomicU64,
+    /// New flows refused because this ENI tracked its allowance of
+    /// connections already (also counted as `ConntrackFull` drops).
+    pub conntrack_allowance_exceeded: AtomicU64,
+    /// Connections charged to this port's allowance now: flows it opened,
+    /// and flows toward it from ends without an allowance (a gauge: up on
+    /// insert, down when the entry is reclaimed, swept or forgotten;
+    /// expired entries count until then; 0 without an allowance).
+    pub(crate) conntrack_tracked: AtomicU64,
     pub(crate) meters: PortMeters,
     drops: [AtomicU64; DropReason::COUNT],
 }
@@ -157,21 +165,26 @@ impl PortCounters {
     /// arriving at it against `limits`. False when over, with the allowance
     /// counted (the caller counts the `RateLimit` drop).
     #[inline]
-    pub(crate) fn allow(&self, limits: &PortLimits, out: bool, packets: u64, bytes: usize) -> bool {
-        if limits.is_unlimited() {
+    pub(crate) fn allow(
+        &self,
+        limits: &PortLimits,
+        out: bool,
+        packets: u64,
+        bytes: usize,
+        clock: &MeterClock,
+    ) -> bool {
+        if limits.rates_unlimited() {
             return true;
         }
-        let now = crate::limits::now_ns();
-        let bits = bytes as u64 * 8;
-        let over = if !self.meters.pps.admit(now, packets, limits.pps) {
-            Some(Allowance::Pps)
-        } else if out && !self.meters.out.admit(now, bits, limits.bw_out_bps) {
-            Some(Allowance::BwOut)
-        } else if !out && !self.meters.inb.admit(now, bits, limits.bw_in_bps) {
-            Some(Allowance::BwIn)
-        } else {
-            None
-        };
+        let m = &self.meters;
+        let over = crate::limits::charge(
+            [&m.pps, &m.out, &m.inb],
+            [limits.pps, limits.bw_out_bps, limits.bw_in_bps],
+            clock.now(),
+            out,
+            packets,
+            bytes,
+        );
         match over {
             None => true,
             Some(a) => {
@@ -195,6 +208,30 @@ impl PortCounters {
             self.exceeded(Allowance::LinkLocal);
         }
         ok
+    }
+
+    /// Take one tracked connection against `cap` (0: unlimited). False,
+    /// with nothing taken and the excess counted, when the port holds its
+    /// allowance already.
+    #[inline]
+    pub(crate) fn track(&self, cap: u64) -> bool {
+        let before = self.conntrack_tracked.fetch_add(1, Ordering::Relaxed);
+        if cap != 0 && before >= cap {
+            self.untrack();
+            self.conntrack_allowance_exceeded
+                .fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Give back one tracked connection (never below zero: a port reset
+    /// may have zeroed the gauge first).
+    #[inline]
+    pub(crate) fn untrack(&self) {
+        let _ = self
+            .conntrack_tracked
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
     fn exceeded(&self, a: Allowance) {
@@ -230,6 +267,9 @@ impl PortCounters {
             bw_out_allowance_exceeded: self.bw_out_allowance_exceeded.load(Ordering::Relaxed),
             bw_in_allowance_exceeded: self.bw_in_allowance_exceeded.load(Ordering::Relaxed),
             linklocal_allowance_exceeded: self.linklocal_allowance_exceeded.load(Ordering::Relaxed),
+            conntrack_allowance_exceeded: self.conntrack_allowance_exceeded.load(Ordering::Relaxed),
+            conntrack_tracked: self.conntrack_tracked.load(Ordering::Relaxed),
+            conntrack_allowance_available: None,
             drops,
         }
     }
@@ -249,6 +289,8 @@ impl PortCounters {
             &self.bw_out_allowance_exceeded,
             &self.bw_in_allowance_exceeded,
             &self.linklocal_allowance_exceeded,
+            &self.conntrack_allowance_exceeded,
+            &self.conntrack_tracked,
         ]
         .into_iter()
         .chain(&self.drops)
@@ -281,6 +323,13 @@ pub struct PortStats {
     pub bw_out_allowance_exceeded: u64,
     pub bw_in_allowance_exceeded: u64,
     pub linklocal_allowance_exceeded: u64,
+    pub conntrack_allowance_exceeded: u64,
+    /// Connections charged to this ENI's allowance (expired ones count until
+    /// they are swept).
+    pub conntrack_tracked: u64,
+    /// How many more it may track, when it has an allowance (ENA's
+    /// `conntrack_allowance_available`); filled by `Switch::stats`.
+    pub conntrack_allowance_available: Option<u64>,
     #[serde(serialize_with = "serialize_drops")]
     pub drops: [u64; DropReason::COUNT],
 }

@@ -29,7 +29,7 @@ pub use config::{
 pub use conntrack::{ConntrackStats, Timeouts};
 pub use counters::{DropReason, PortCounters, PortStats};
 pub use flowlog::HEADER as FLOW_LOG_HEADER;
-pub use limits::PortLimits;
+pub use limits::{CardConfig, CardLimits, CardStats, PortLimits};
 pub use metadata::{
     decode_metadata_client, metadata_client_addr, IMDS_ADDR, METADATA_CLIENT_NET, METADATA_GATEWAY,
     METADATA_MAC,

@@ -19,6 +19,8 @@ mod arp;
 mod dhcp;
 mod flow;
 mod ipv4;
+#[cfg(test)]
+mod limits_tests;
 mod metadata;
 #[cfg(test)]
 mod metadata_tests;
@@ -30,7 +32,7 @@ mod uplink;
 
 use std::cell::Cell;
 use std::fmt;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -41,7 +43,7 @@ use crate::config::{PortConfig, PortInfo, Snapshot, SubnetConfig};
 use crate::conntrack::{Conntrack, ConntrackStats, Timeouts};
 use crate::counters::{DropReason, PortCounters, PortStats};
 use crate::flowlog::{FlowLogWriter, LocalLog};
-use crate::limits::wire_packets;
+use crate::limits::{wire_packets, MeterClock};
 use crate::wire::ethernet::{self, ethertype};
 use crate::{Egress, PacketMeta, PortId, Verdict, MAX_PORTS};
 
@@ -103,6 +105,9 @@ pub struct Switch {
     clock: Clock,
     flowlog: FlowLogWriter,
     capture: Arc<CaptureTable>,
+    /// The next conntrack slot the sweep visits, and the second it last ran.
+    sweep_next: AtomicUsize,
+    swept_at: AtomicU32,
 }
 
 impl fmt::Debug for Switch {
@@ -138,18 +143,27 @@ impl Switch {
             flowlog: FlowLogWriter::start(Arc::new(move || c2.unix(c2.now()))),
             clock,
             capture: Arc::new(CaptureTable::default()),
+            sweep_next: AtomicUsize::new(0),
+            swept_at: AtomicU32::new(0),
         })
     }
 
     /// Replace the configuration. Workers pick it up on their next frame;
     /// a frame already being processed finishes on the old one. Tracked
     /// connections are kept: a rule change never cuts a tracked flow.
-    pub fn publish(&self, snapshot: Snapshot) {
+    pub fn publish(&self, mut snapshot: Snapshot) {
+        snapshot.adopt_card_meters(&self.snapshot.load());
         tracing::debug!(
             generation = snapshot.generation,
             "switch snapshot published"
         );
         self.snapshot.store(Arc::new(snapshot));
+    }
+
+    /// Every (instance, network card) aggregate of the current snapshot
+    /// with its allowance counters.
+    pub fn card_stats(&self) -> Vec<crate::CardStats> {
+        self.snapshot.load().card_stats()
     }
 
     /// The current configuration.
@@ -162,20 +176,65 @@ impl Switch {
         self.counters.get(port as usize)
     }
 
-    /// A copy of a port's counters (zeros for an id out of range).
+    /// A copy of a port's counters (zeros for an id out of range), with
+    /// its connection-tracking allowance left from the current snapshot.
     pub fn stats(&self, port: PortId) -> PortStats {
-        self.counters(port)
+        let mut s = self
+            .counters(port)
             .map(PortCounters::stats)
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let cap = self
+            .snapshot
+            .load()
+            .info(port)
+            .map_or(0, |i| i.limits.conntrack);
+        if cap != 0 {
+            s.conntrack_allowance_available = Some(cap.saturating_sub(s.conntrack_tracked));
+        }
+        s
     }
 
     /// Zero a port's counters and forget its tracked flows; call it before
     /// a port id is given to another ENI.
     pub fn reset_counters(&self, port: PortId) {
+        self.conntrack.forget_port(port, |p| self.untrack(p));
         if let Some(c) = self.counters(port) {
             c.reset();
         }
-        self.conntrack.forget_port(port);
+    }
+
+    /// Give back one tracked connection of `port`'s allowance.
+    fn untrack(&self, port: PortId) {
+        untrack(&self.counters, port);
+    }
+
+    /// Invalidate every expired connection-tracking entry now (the
+    /// workers' housekeeping does it a slice at a time). Returns how many.
+    pub fn sweep_conntrack(&self) -> usize {
+        let now = self.clock.now();
+        self.conntrack
+            .sweep(0..self.conntrack.capacity(), now, |p| self.untrack(p))
+    }
+
+    /// Once per second of the switch clock (whichever worker gets here
+    /// first): sweep the next slice of the table, a sixteenth of it (at
+    /// most 2 MiB, at least all of a small table), so every expired entry
+    /// leaves within about 16 s and its ports' tracked counts drop.
+    fn sweep_step(&self, now: u32) {
+        let last = self.swept_at.load(Ordering::Relaxed);
+        if last == now
+            || self
+                .swept_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let cap = self.conntrack.capacity();
+        let chunk = (cap / 16).clamp(4096, 1 << 16).min(cap);
+        let start = self.sweep_next.fetch_add(chunk, Ordering::Relaxed) % cap;
+        self.conntrack
+            .sweep(start..start + chunk, now, |p| self.untrack(p));
     }
 
     /// Tracked flows in total and per port id (an entry counts for both of
@@ -188,7 +247,7 @@ impl Switch {
 
     /// Forget every tracked flow.
     pub fn clear_conntrack(&self) -> usize {
-        self.conntrack.clear()
+        self.conntrack.clear(|p| self.untrack(p))
     }
 
     /// Bytes of memory per connection-tracking slot.
@@ -267,6 +326,7 @@ impl SwitchWorker {
     /// hands aggregated flow-log records to the writer.
     pub fn housekeeping(&mut self) {
         self.now = self.switch.clock.now();
+        self.switch.sweep_step(self.now);
         let unix = self.switch.clock.unix(self.now);
         self.log.handoff(unix, false);
     }
@@ -339,12 +399,16 @@ impl SwitchWorker {
         let snap: &Snapshot = snapshot.load();
         let counters: &[PortCounters] = &switch.counters;
         let ingress_counters = counters.get(ingress as usize);
+        let clock = MeterClock::default();
         if let Some(c) = ingress_counters {
             c.add_tx(frame.len());
-            // The sender's allowances, before any work is spent on it.
+            // The sender's allowances (its own, then its card's), before
+            // any work is spent on it.
             if let Some(info) = snap.info(ingress) {
                 let packets = wire_packets(frame.len(), meta.gso.map(|g| g.size));
-                if !c.allow(&info.limits, true, packets, frame.len()) {
+                if !c.allow(&info.limits, true, packets, frame.len(), &clock)
+                    || !snap.card_allows(info, true, packets, frame.len(), &clock)
+                {
                     c.count_drop(DropReason::RateLimit);
                     return Verdict::Dropped(DropReason::RateLimit);
                 }
@@ -371,6 +435,7 @@ impl SwitchWorker {
                 counters,
                 snap,
                 capture,
+                clock: &clock,
             };
             uplink::handle(snap, &blame, frame, meta, &mut work, &mut tx)
         } else if snap.metadata.is_some_and(|m| m.port == ingress) {
@@ -379,6 +444,7 @@ impl SwitchWorker {
                 counters,
                 snap,
                 capture,
+                clock: &clock,
             };
             metadata::handle(snap, frame, meta, &mut work, &mut tx)
         } else {
@@ -389,6 +455,7 @@ impl SwitchWorker {
                         counters,
                         snap,
                         capture,
+                        clock: &clock,
                     };
                     ctx.dispatch(frame, meta, &mut work, &mut tx)
                 }
@@ -406,6 +473,13 @@ impl SwitchWorker {
             tracing::trace!(ingress, reason = reason.as_str(), "switch drop");
         }
         verdict
+    }
+}
+
+/// Give back one tracked connection of `port`'s allowance.
+pub(crate) fn untrack(counters: &[PortCounters], port: PortId) {
+    if let Some(c) = counters.get(port as usize) {
+        c.untrack();
     }
 }
 
@@ -479,6 +553,8 @@ pub(crate) struct Tx<'a, E: Egress + ?Sized> {
     counters: &'a [PortCounters],
     snap: &'a Snapshot,
     capture: &'a CaptureTable,
+    /// The frame's meter clock, shared with the sender's checks.
+    clock: &'a MeterClock,
 }
 
 impl<E: Egress + ?Sized> Tx<'_, E> {
@@ -488,7 +564,11 @@ impl<E: Egress + ?Sized> Tx<'_, E> {
     fn send(&mut self, port: PortId, flow_hash: u32, frame: &[u8], meta: &PacketMeta) -> bool {
         if let (Some(c), Some(info)) = (self.counters.get(port as usize), self.snap.info(port)) {
             let packets = wire_packets(frame.len(), meta.gso.map(|g| g.size));
-            if !c.allow(&info.limits, false, packets, frame.len()) {
+            if !c.allow(&info.limits, false, packets, frame.len(), self.clock)
+                || !self
+                    .snap
+                    .card_allows(info, false, packets, frame.len(), self.clock)
+            {
                 c.count_drop(DropReason::RateLimit);
                 return false;
             }

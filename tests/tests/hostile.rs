@@ -110,7 +110,7 @@ fn hostile(tag: &str, attacks: &[Attack]) {
 
     let guests = d.boot(&subnet, 3, BOOT);
     let (attacker, attacker_ip) = &guests[0];
-    let (sender, _) = &guests[1];
+    let (sender, sender_ip) = &guests[1];
     let (receiver, receiver_ip) = &guests[2];
     d.sh_ok(receiver, "iperf3 -s -D -p 5201", SHORT);
     let iperf = |secs: u64| -> f64 {
@@ -124,10 +124,25 @@ fn hostile(tag: &str, attacks: &[Attack]) {
             .as_f64()
             .unwrap_or(0.0)
     };
+    // Every instance's card 0 is an aggregate of its one interface, with
+    // the type's bandwidth (status lists what the switch enforces).
+    let st = d.status();
+    for (id, _) in &guests {
+        let card = st["card_allowances"]
+            .as_array()
+            .and_then(|v| v.iter().find(|c| c["instance"] == id.as_str()))
+            .unwrap_or_else(|| panic!("no card aggregate of {id}: {}", st["card_allowances"]));
+        assert_eq!(card["card"], 0, "{card}");
+        assert_eq!(card["ports"].as_array().map(Vec::len), Some(1), "{card}");
+        assert!(card["limits"]["bw_out_bps"].as_u64() > Some(0), "{card}");
+    }
     let baseline = iperf(ATTACK_S);
     eprintln!("[{tag}] victims' TCP baseline {:.0} Mbit/s", baseline / 1e6);
     assert!(baseline > 0.0, "no baseline traffic");
 
+    // Whether the attacker used up its connection-tracking allowance: its
+    // own new flows then wait for the flood's entries to expire.
+    let mut exhausted = false;
     for &attack in attacks {
         let dst = match attack {
             Attack::ImdsAsAnother => "169.254.169.254".to_string(),
@@ -198,6 +213,32 @@ fn hostile(tag: &str, attacks: &[Attack]) {
                     flows > 0 && flows <= tx,
                     "{attack:?}: {flows} flows of {tx}"
                 );
+                // The flood is charged to the attacker's allowance, never
+                // beyond it, and not to the victim's: the victim still
+                // opens new flows of its own.
+                let tracked = num(&after, &["conntrack_tracked"]);
+                let available = num(&after, &["conntrack_allowance_available"]);
+                let over = num(&after, &["conntrack_allowance_exceeded"])
+                    - num(&before, &["conntrack_allowance_exceeded"]);
+                eprintln!(
+                    "[{tag}] {attack:?}: attacker tracks {tracked}, {available} left, \
+                     {over} new flows over its allowance"
+                );
+                assert!(
+                    after["conntrack_allowance_available"].is_u64(),
+                    "{attack:?}: the attacker has no conntrack allowance: {after}"
+                );
+                exhausted |= over > 0;
+                let victim = port_stats(&d, receiver);
+                assert_eq!(
+                    num(&victim, &["conntrack_allowance_exceeded"]),
+                    0,
+                    "{attack:?}: the victim's allowance was charged: {victim}"
+                );
+                assert!(
+                    wait_until(Duration::from_secs(15), || d.pings(receiver, sender_ip)),
+                    "{attack:?}: the victim cannot open a new flow: {victim}"
+                );
             }
             Attack::ArpFlood => assert!(
                 dropped + arp >= tx * 9 / 10,
@@ -211,7 +252,10 @@ fn hostile(tag: &str, attacks: &[Attack]) {
         }
     }
     // The attacker itself still works normally: its queues did not stall.
-    let ok = wait_until(Duration::from_secs(15), || d.pings(attacker, receiver_ip));
+    // After using up its conntrack allowance, its new flows wait until the
+    // flood's one-way UDP entries expire (30 s) and are swept (<= 16 s).
+    let patience = Duration::from_secs(if exhausted { 75 } else { 15 });
+    let ok = wait_until(patience, || d.pings(attacker, receiver_ip));
     assert!(
         ok,
         "the attacker's own traffic stopped; in the guest:\n{}\nits interface: {}",

@@ -42,6 +42,20 @@ pub struct InstanceType {
     /// publish one; set it to study pps_allowance_exceeded); 0: unlimited.
     #[serde(default)]
     pub pps: u64,
+    /// Bandwidth each way shared by an instance's interfaces on one network
+    /// card, in Mbit/s; default: `bandwidth_mbps` split evenly over the
+    /// cards (EC2's figure for the instance is the sum over its cards).
+    #[serde(default)]
+    pub card_bandwidth_mbps: Option<u64>,
+    /// Packets per second shared by an instance's interfaces on one card;
+    /// default: `pps`.
+    #[serde(default)]
+    pub card_pps: Option<u64>,
+    /// Connections each interface may have tracked at once (EC2's
+    /// conntrack allowance, which it does not publish; enilab's choice);
+    /// 0: unlimited.
+    #[serde(default = "default_conntrack")]
+    pub conntrack: u64,
 }
 
 /// EC2's fixed allowance for link-local services (instance metadata, DNS,
@@ -51,13 +65,36 @@ pub const LINKLOCAL_PPS: u64 = 1024;
 impl InstanceType {
     /// The allowances of one interface of this type.
     pub fn limits(&self) -> enilab_switch::PortLimits {
+        let bps = self.bandwidth_mbps.saturating_mul(1_000_000);
         enilab_switch::PortLimits {
             pps: self.pps,
-            bw_out_bps: self.bandwidth_mbps * 1_000_000,
-            bw_in_bps: self.bandwidth_mbps * 1_000_000,
+            bw_out_bps: bps,
+            bw_in_bps: bps,
             linklocal_pps: LINKLOCAL_PPS,
+            conntrack: self.conntrack,
         }
     }
+
+    /// The aggregate allowances of one network card of an instance of this
+    /// type, shared by the instance's interfaces on that card.
+    pub fn card_limits(&self) -> enilab_switch::CardLimits {
+        let mbps = self
+            .card_bandwidth_mbps
+            .unwrap_or(self.bandwidth_mbps / u64::from(self.cards.max(1)));
+        let bps = mbps.saturating_mul(1_000_000);
+        enilab_switch::CardLimits {
+            pps: self.card_pps.unwrap_or(self.pps),
+            bw_out_bps: bps,
+            bw_in_bps: bps,
+        }
+    }
+}
+
+/// Tracked connections per interface when the configuration names none.
+pub const DEFAULT_CONNTRACK: u64 = 65_536;
+
+fn default_conntrack() -> u64 {
+    DEFAULT_CONNTRACK
 }
 
 fn default_vcpus() -> u32 {
@@ -111,6 +148,11 @@ fn t(enis: u32, cards: u32, ipv4: u32, vcpus: u32, memory_mib: u32, gbps: u64) -
         memory_mib,
         bandwidth_mbps: gbps * 1000,
         pps: 0,
+        card_bandwidth_mbps: None,
+        card_pps: None,
+        // Bigger instances track more (EC2 scales it with the size too):
+        // 32 Ki per vCPU, between 64 Ki and 1 Mi per interface.
+        conntrack: (u64::from(vcpus) * 32_768).clamp(DEFAULT_CONNTRACK, 1 << 20),
     }
 }
 
@@ -223,5 +265,58 @@ mod tests {
         assert!(Config::load(&dir).is_err());
         std::fs::remove_dir_all(&dir).ok();
         assert_eq!(Config::default().types["p4d.24xlarge"].enis_per_card(), 15);
+    }
+
+    /// (type, per-interface bandwidth, card bandwidth, card pps, conntrack)
+    /// from the built-in table and a configuration file.
+    #[test]
+    fn allowances_per_interface_and_card() {
+        let dir =
+            std::env::temp_dir().join(format!("enilab-cfg-{}", crate::store::ids::random_u64()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"instance_types":{
+                "lab.split":{"enis":4,"cards":2,"ipv4_per_eni":3,"bandwidth_mbps":1000,"pps":5000},
+                "lab.set":{"enis":4,"cards":2,"ipv4_per_eni":3,"bandwidth_mbps":1000,"pps":5000,
+                           "card_bandwidth_mbps":300,"card_pps":7000,"conntrack":10}}}"#,
+        )
+        .unwrap();
+        let c = Config::load(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        let table: [(&str, u64, u64, u64, u64); 5] = [
+            ("t3.micro", 5_000_000_000, 5_000_000_000, 0, 65_536),
+            (
+                "c6in.32xlarge",
+                200_000_000_000,
+                100_000_000_000,
+                0,
+                1 << 20,
+            ),
+            (
+                "trn1.32xlarge",
+                800_000_000_000,
+                100_000_000_000,
+                0,
+                1 << 20,
+            ),
+            (
+                "lab.split",
+                1_000_000_000,
+                500_000_000,
+                5000,
+                DEFAULT_CONNTRACK,
+            ),
+            ("lab.set", 1_000_000_000, 300_000_000, 7000, 10),
+        ];
+        for (name, eni_bps, card_bps, card_pps, conntrack) in table {
+            let t = &c.types[name];
+            let (l, k) = (t.limits(), t.card_limits());
+            assert_eq!((l.bw_in_bps, l.bw_out_bps), (eni_bps, eni_bps), "{name}");
+            assert_eq!((k.bw_in_bps, k.bw_out_bps), (card_bps, card_bps), "{name}");
+            assert_eq!(k.pps, card_pps, "{name}");
+            assert_eq!(l.conntrack, conntrack, "{name}");
+            assert_eq!(l.linklocal_pps, LINKLOCAL_PPS, "{name}");
+        }
     }
 }

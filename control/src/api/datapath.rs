@@ -305,6 +305,46 @@ fn acl_entry(e: &AclEntry) -> Option<SwAclEntry> {
     })
 }
 
+/// Give every instance interface among `topo`'s ports its type's
+/// allowances (`InstanceType::limits`), and every (instance, network card)
+/// that has at least one of them an aggregate (`InstanceType::card_limits`)
+/// that its interfaces there share. Interfaces of unknown types, and ports
+/// that are no instance's (NAT gateways, load balancers), are left alone.
+pub fn apply_allowances(
+    state: &State,
+    types: &std::collections::BTreeMap<String, super::config::InstanceType>,
+    topo: &mut Topology,
+) {
+    let mut cards: std::collections::BTreeMap<(String, u32), enilab_switch::CardLimits> =
+        std::collections::BTreeMap::new();
+    for p in &mut topo.ports {
+        let Some(a) = state
+            .get::<Eni>(&p.eni_id)
+            .and_then(|e| e.attachment.as_ref())
+        else {
+            continue;
+        };
+        let Some(t) = state
+            .get::<Instance>(&a.instance_id)
+            .and_then(|i| types.get(&i.instance_type))
+        else {
+            continue;
+        };
+        p.limits = t.limits();
+        let key = (a.instance_id.clone(), a.card_index);
+        cards.entry(key.clone()).or_insert_with(|| t.card_limits());
+        p.card = Some(key);
+    }
+    topo.cards = cards
+        .into_iter()
+        .map(|((instance, card), limits)| enilab_switch::CardConfig {
+            instance,
+            card,
+            limits,
+        })
+        .collect();
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -649,6 +689,87 @@ mod tests {
         assert!(topo.ports.is_empty());
         assert_eq!(topo.elastic_ips.len(), 1, "only the Elastic IP is left");
         Snapshot::compile(topo).expect("compiles without ports");
+    }
+
+    /// Interfaces get their type's allowances; each (instance, card) with
+    /// interfaces gets one aggregate they share; the snapshot compiles.
+    #[test]
+    fn allowances_per_interface_and_per_card() {
+        let lab = Lab::new("allowances");
+        let vpc = field(
+            &lab.call("CreateVpc", &[("CidrBlock", "10.8.0.0/16")]),
+            "vpcId",
+        );
+        let subnet = field(
+            &lab.call(
+                "CreateSubnet",
+                &[("VpcId", &vpc), ("CidrBlock", "10.8.1.0/24")],
+            ),
+            "subnetId",
+        );
+        let run = |ty: &str| {
+            field(
+                &lab.call(
+                    "RunInstances",
+                    &[
+                        ("ImageId", crate::api::instance::IMAGE_ID),
+                        ("InstanceType", ty),
+                        ("MinCount", "1"),
+                        ("MaxCount", "1"),
+                        ("SubnetId", &subnet),
+                    ],
+                ),
+                "instanceId",
+            )
+        };
+        let big = run("c6in.32xlarge");
+        let small = run("t3.micro");
+        // (instance, device, card) for three more interfaces.
+        for (inst, device, card) in [(&big, "1", "0"), (&big, "2", "1"), (&small, "1", "0")] {
+            let eni = field(
+                &lab.call("CreateNetworkInterface", &[("SubnetId", &subnet)]),
+                "networkInterfaceId",
+            );
+            lab.call(
+                "AttachNetworkInterface",
+                &[
+                    ("NetworkInterfaceId", &eni),
+                    ("InstanceId", inst),
+                    ("DeviceIndex", device),
+                    ("NetworkCardIndex", card),
+                ],
+            );
+        }
+        let mut topo = lab.topology();
+        assert_eq!(topo.ports.len(), 5);
+        let types = &Config::default().types;
+        lab.api
+            .store
+            .read(|st| apply_allowances(st, types, &mut topo));
+        let cards: Vec<(String, u32, u64)> = topo
+            .cards
+            .iter()
+            .map(|c| (c.instance.clone(), c.card, c.limits.bw_out_bps))
+            .collect();
+        let mut want = vec![
+            (big.clone(), 0, 100_000_000_000),
+            (big.clone(), 1, 100_000_000_000),
+            (small.clone(), 0, 5_000_000_000),
+        ];
+        want.sort();
+        assert_eq!(cards, want);
+        // Ports per card: the big instance has two on card 0, one on 1.
+        let on = |inst: &str, card: u32| {
+            topo.ports
+                .iter()
+                .filter(|p| p.card == Some((inst.to_string(), card)))
+                .map(|p| p.limits)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(on(&big, 0), vec![types["c6in.32xlarge"].limits(); 2]);
+        assert_eq!(on(&big, 1), vec![types["c6in.32xlarge"].limits()]);
+        assert_eq!(on(&small, 0), vec![types["t3.micro"].limits(); 2]);
+        Snapshot::compile(topo).expect("compiles with cards");
     }
 
     #[test]

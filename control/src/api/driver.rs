@@ -157,6 +157,13 @@ pub trait InstanceDriver: Send + Sync + 'static {
         ))
     }
 
+    /// Every (instance, network card) aggregate with its allowances and
+    /// `*_allowance_exceeded` counters (`CardStats` as JSON), for status
+    /// and metrics.
+    fn card_allowances(&self) -> serde_json::Value {
+        serde_json::Value::Array(Vec::new())
+    }
+
     /// What the driver runs, for `enilab status` (JSON; `null`: nothing).
     fn status(&self) -> serde_json::Value {
         serde_json::Value::Null

@@ -1,8 +1,15 @@
 //! Runs [`Job`]s on worker threads after their change is committed, and
 //! commits the outcome.
+//!
+//! The queue owns its threads: dropping it (with the `Api`) or calling
+//! [`JobQueue::shutdown`] stops the timer, discards what is queued (every
+//! job's intent is in the store; the next `Api::open` recovers it), lets
+//! running jobs finish, and joins every thread.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use crate::store::model::*;
 use crate::store::{Store, Txn};
@@ -17,9 +24,12 @@ use super::ApiError;
 const WORKERS: usize = 4;
 
 pub struct JobQueue {
-    senders: Arc<Vec<Mutex<Sender<Job>>>>,
+    /// `None` once shut down (the workers' channels are closed).
+    senders: Arc<Vec<Mutex<Option<Sender<Job>>>>>,
     idle: Arc<(Mutex<usize>, std::sync::Condvar)>,
     timer: Arc<Timer>,
+    stopping: Arc<AtomicBool>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// Jobs due later (deregistration delays), by due time: one thread sleeps
@@ -33,16 +43,27 @@ struct Timer {
 impl JobQueue {
     pub fn start(store: Arc<Store>, driver: Arc<dyn InstanceDriver>) -> JobQueue {
         let idle = Arc::new((Mutex::new(0usize), std::sync::Condvar::new()));
+        let stopping = Arc::new(AtomicBool::new(false));
         let mut senders = Vec::new();
+        let mut threads = Vec::new();
         for n in 0..WORKERS {
             let (tx, rx) = channel::<Job>();
             let store = store.clone();
             let driver = driver.clone();
             let idle = idle.clone();
+            let stop = stopping.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("enilab-job-{n}"))
                 .spawn(move || {
                     while let Ok(job) = rx.recv() {
+                        if stop.load(Ordering::Acquire) {
+                            // Shutting down: the store keeps the intent.
+                            let (m, cv) = &*idle;
+                            let mut pending = m.lock().unwrap_or_else(|e| e.into_inner());
+                            *pending = pending.saturating_sub(1);
+                            cv.notify_all();
+                            continue;
+                        }
                         let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                             run(&store, driver.as_ref(), &job)
                         }));
@@ -57,24 +78,68 @@ impl JobQueue {
                         cv.notify_all();
                     }
                 });
-            if let Err(e) = spawned {
-                tracing::error!("cannot start job worker: {e}");
+            match spawned {
+                Ok(h) => threads.push(h),
+                Err(e) => tracing::error!("cannot start job worker: {e}"),
             }
-            senders.push(Mutex::new(tx));
+            senders.push(Mutex::new(Some(tx)));
         }
         let q = JobQueue {
             senders: Arc::new(senders),
             idle,
             timer: Arc::new(Timer::default()),
+            stopping,
+            threads: Mutex::new(threads),
         };
-        let (senders, idle, timer) = (q.senders.clone(), q.idle.clone(), q.timer.clone());
+        let (senders, idle, timer, stop) = (
+            q.senders.clone(),
+            q.idle.clone(),
+            q.timer.clone(),
+            q.stopping.clone(),
+        );
         let spawned = std::thread::Builder::new()
             .name("enilab-job-timer".into())
-            .spawn(move || timer_loop(&timer, &senders, &idle));
-        if let Err(e) = spawned {
-            tracing::error!("cannot start the job timer: {e}");
+            .spawn(move || timer_loop(&timer, &senders, &idle, &stop));
+        match spawned {
+            Ok(h) => q.lock_threads().push(h),
+            Err(e) => tracing::error!("cannot start the job timer: {e}"),
         }
         q
+    }
+
+    fn lock_threads(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.threads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stop the timer and the workers and join them: queued and delayed
+    /// jobs are discarded (the store keeps their intent for the next
+    /// `Api::open`), running ones finish first. Idempotent; `Drop` calls
+    /// it. Called from one of the queue's own threads, it does not wait for
+    /// that thread.
+    pub fn shutdown(&self) {
+        if self.stopping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        {
+            // Under the timer's lock, so it cannot miss the wake-up between
+            // its check of `stopping` and its wait.
+            let mut due = self.timer.due.lock().unwrap_or_else(|e| e.into_inner());
+            if !due.is_empty() {
+                tracing::debug!(jobs = due.len(), "job queue stopped with delayed jobs");
+            }
+            due.clear();
+            self.timer.cv.notify_all();
+        }
+        for s in self.senders.iter() {
+            s.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
+        let me = std::thread::current().id();
+        let handles = std::mem::take(&mut *self.lock_threads());
+        for h in handles {
+            if h.thread().id() != me && h.join().is_err() {
+                tracing::error!("a job thread panicked");
+            }
+        }
     }
 
     /// Queue `job` to run once `delay` has passed.
@@ -94,13 +159,23 @@ impl JobQueue {
     }
 }
 
+impl Drop for JobQueue {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
 fn timer_loop(
     timer: &Timer,
-    senders: &[Mutex<Sender<Job>>],
+    senders: &[Mutex<Option<Sender<Job>>>],
     idle: &Arc<(Mutex<usize>, std::sync::Condvar)>,
+    stopping: &AtomicBool,
 ) {
     let mut due = timer.due.lock().unwrap_or_else(|e| e.into_inner());
     loop {
+        if stopping.load(Ordering::Acquire) {
+            return;
+        }
         let now = std::time::Instant::now();
         let ready: Vec<(std::time::Instant, u64)> =
             due.range(..(now, u64::MAX)).map(|(k, _)| *k).collect();
@@ -123,7 +198,7 @@ fn timer_loop(
 }
 
 fn push_to(
-    senders: &[Mutex<Sender<Job>>],
+    senders: &[Mutex<Option<Sender<Job>>>],
     idle: &Arc<(Mutex<usize>, std::sync::Condvar)>,
     job: Job,
 ) {
@@ -138,9 +213,12 @@ fn push_to(
         let (m, _) = &**idle;
         *m.lock().unwrap_or_else(|e| e.into_inner()) += 1;
     }
-    let sent = sender.lock().unwrap_or_else(|e| e.into_inner()).send(job);
-    if let Err(e) = sent {
-        tracing::error!("job worker gone; job {:?} dropped", e.0);
+    let sent = match &*sender.lock().unwrap_or_else(|e| e.into_inner()) {
+        Some(s) => s.send(job).map_err(|e| e.0),
+        None => Err(job),
+    };
+    if let Err(job) = sent {
+        tracing::warn!("job queue stopped; job {job:?} dropped");
         let (m, _) = &**idle;
         let mut p = m.lock().unwrap_or_else(|e| e.into_inner());
         *p = p.saturating_sub(1);

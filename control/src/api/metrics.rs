@@ -5,8 +5,12 @@
 //! disagree) plus the daemon's own API request counters:
 //!
 //! * per ENI: `enilab_eni_{rx,tx}_{packets,bytes}_total`,
-//!   `enilab_eni_new_flows_total`, `enilab_eni_drops_total{reason=…}`;
-//! * per network card: `enilab_card_{forwarded,dropped,wakeups}_total`;
+//!   `enilab_eni_new_flows_total`, `enilab_eni_drops_total{reason=…}`, the
+//!   ENA-named `enilab_eni_{pps,bw_in,bw_out,linklocal,conntrack}_allowance_exceeded_total`,
+//!   `enilab_eni_conntrack_tracked` and `enilab_eni_conntrack_allowance_available`;
+//! * per network card (worker group): `enilab_card_{forwarded,dropped,wakeups}_total`;
+//! * per (instance, network card) aggregate:
+//!   `enilab_card_{pps,bw_in,bw_out}_allowance_exceeded_total{instance=…,card=…}`;
 //! * per hyperplane node: flows, own flows, replication lag, port
 //!   allocation failures, `enilab_hyperplane_drops_total{reason=…}`;
 //! * `enilab_api_requests_total{action=…,code=…}`.
@@ -195,7 +199,7 @@ pub fn render(status: &Value) -> String {
     fams.push(f);
 
     // Per ENI, from the switch port counters.
-    const ENI: [(&str, &str, &str); 7] = [
+    const ENI: [(&str, &str, &str); 12] = [
         (
             "enilab_eni_rx_packets_total",
             "rx_packets",
@@ -231,6 +235,31 @@ pub fn render(status: &Value) -> String {
             "dhcp_replies",
             "DHCP replies the switch sent to this interface.",
         ),
+        (
+            "enilab_eni_pps_allowance_exceeded_total",
+            "pps_allowance_exceeded",
+            "Frames dropped over the interface's packets-per-second allowance.",
+        ),
+        (
+            "enilab_eni_bw_in_allowance_exceeded_total",
+            "bw_in_allowance_exceeded",
+            "Frames toward the interface dropped over its inbound bandwidth allowance.",
+        ),
+        (
+            "enilab_eni_bw_out_allowance_exceeded_total",
+            "bw_out_allowance_exceeded",
+            "Frames from the interface dropped over its outbound bandwidth allowance.",
+        ),
+        (
+            "enilab_eni_linklocal_allowance_exceeded_total",
+            "linklocal_allowance_exceeded",
+            "Frames to link-local services dropped over the interface's allowance.",
+        ),
+        (
+            "enilab_eni_conntrack_allowance_exceeded_total",
+            "conntrack_allowance_exceeded",
+            "New flows dropped because the interface tracked its allowance of connections.",
+        ),
     ];
     let devices = arr(&driver["devices"]);
     let eni_labels = |d: &Value| {
@@ -247,6 +276,27 @@ pub fn render(status: &Value) -> String {
         }
         fams.push(f);
     }
+    let mut f = Family::new(
+        "enilab_eni_conntrack_tracked",
+        Kind::Gauge,
+        "Connections charged to the interface's conntrack allowance (flows it opened, and flows to it from ends without one; expired ones until swept).",
+    );
+    for d in devices {
+        f.add(eni_labels(d), num(&d["stats"]["conntrack_tracked"]));
+    }
+    fams.push(f);
+    let mut f = Family::new(
+        "enilab_eni_conntrack_allowance_available",
+        Kind::Gauge,
+        "Connections the interface may still track (interfaces with an allowance).",
+    );
+    for d in devices {
+        let v = &d["stats"]["conntrack_allowance_available"];
+        if !v.is_null() {
+            f.add(eni_labels(d), num(v));
+        }
+    }
+    fams.push(f);
     let mut f = Family::new(
         "enilab_eni_drops_total",
         Kind::Counter,
@@ -295,6 +345,39 @@ pub fn render(status: &Value) -> String {
         let mut f = Family::new(name, kind, help);
         for c in cards {
             f.add(vec![("card", text(&c["card"]))], num(&c[key]));
+        }
+        fams.push(f);
+    }
+
+    // Per (instance, network card) aggregate allowance.
+    const CARD_ALLOWANCE: [(&str, &str, &str); 3] = [
+        (
+            "enilab_card_pps_allowance_exceeded_total",
+            "pps_allowance_exceeded",
+            "Frames dropped over the packets-per-second allowance an instance's interfaces on one card share.",
+        ),
+        (
+            "enilab_card_bw_in_allowance_exceeded_total",
+            "bw_in_allowance_exceeded",
+            "Frames dropped over the inbound bandwidth an instance's interfaces on one card share.",
+        ),
+        (
+            "enilab_card_bw_out_allowance_exceeded_total",
+            "bw_out_allowance_exceeded",
+            "Frames dropped over the outbound bandwidth an instance's interfaces on one card share.",
+        ),
+    ];
+    let aggregates = arr(&status["card_allowances"]);
+    for (name, key, help) in CARD_ALLOWANCE {
+        let mut f = Family::new(name, Kind::Counter, help);
+        for c in aggregates {
+            f.add(
+                vec![
+                    ("instance", text(&c["instance"])),
+                    ("card", text(&c["card"])),
+                ],
+                num(&c[key]),
+            );
         }
         fams.push(f);
     }
@@ -408,12 +491,22 @@ mod tests {
                 {"id": "i-3", "state": "stopped"}
             ],
             "enis": [{"id": "eni-1"}, {"id": "eni-2"}],
+            "card_allowances": [{"instance": "i-1", "card": 1, "ports": [3],
+                                 "pps_allowance_exceeded": 21, "bw_in_allowance_exceeded": 22,
+                                 "bw_out_allowance_exceeded": 23}],
             "driver": {
                 "devices": [{
                     "eni": "eni-1", "instance": "i-1", "card": 1, "port": 3,
                     "stats": {"rx_packets": 7, "rx_bytes": 700, "tx_packets": 5, "tx_bytes": 500,
                               "new_flows": 2, "arp_replies": 1, "dhcp_replies": 1,
+                              "pps_allowance_exceeded": 11, "bw_in_allowance_exceeded": 12,
+                              "bw_out_allowance_exceeded": 13, "linklocal_allowance_exceeded": 14,
+                              "conntrack_allowance_exceeded": 15, "conntrack_tracked": 16,
+                              "conntrack_allowance_available": 17,
                               "drops": {"no_route": 4, "security_group": 0}}
+                }, {
+                    "eni": "eni-2", "instance": "i-2", "card": 0, "port": 4,
+                    "stats": {"conntrack_allowance_available": null}
                 }],
                 "cards": [{"card": 1, "workers": 2, "forwarded": 12, "dropped": 3, "wakeups": 9}],
                 "hyperplane": {"nodes": [
@@ -447,6 +540,46 @@ mod tests {
                 "4",
             ),
             ("enilab_card_forwarded_total{card=\"1\"}", "12"),
+            (
+                "enilab_eni_pps_allowance_exceeded_total{eni=\"eni-1\",instance=\"i-1\",card=\"1\"}",
+                "11",
+            ),
+            (
+                "enilab_eni_bw_in_allowance_exceeded_total{eni=\"eni-1\",instance=\"i-1\",card=\"1\"}",
+                "12",
+            ),
+            (
+                "enilab_eni_bw_out_allowance_exceeded_total{eni=\"eni-1\",instance=\"i-1\",card=\"1\"}",
+                "13",
+            ),
+            (
+                "enilab_eni_linklocal_allowance_exceeded_total{eni=\"eni-1\",instance=\"i-1\",card=\"1\"}",
+                "14",
+            ),
+            (
+                "enilab_eni_conntrack_allowance_exceeded_total{eni=\"eni-1\",instance=\"i-1\",card=\"1\"}",
+                "15",
+            ),
+            (
+                "enilab_eni_conntrack_tracked{eni=\"eni-1\",instance=\"i-1\",card=\"1\"}",
+                "16",
+            ),
+            (
+                "enilab_eni_conntrack_allowance_available{eni=\"eni-1\",instance=\"i-1\",card=\"1\"}",
+                "17",
+            ),
+            (
+                "enilab_card_pps_allowance_exceeded_total{instance=\"i-1\",card=\"1\"}",
+                "21",
+            ),
+            (
+                "enilab_card_bw_in_allowance_exceeded_total{instance=\"i-1\",card=\"1\"}",
+                "22",
+            ),
+            (
+                "enilab_card_bw_out_allowance_exceeded_total{instance=\"i-1\",card=\"1\"}",
+                "23",
+            ),
             ("enilab_card_workers{card=\"1\"}", "2"),
             ("enilab_hyperplane_own_flows{node=\"0\"}", "6"),
             ("enilab_hyperplane_node_running{node=\"0\"}", "1"),
@@ -468,6 +601,17 @@ mod tests {
             let want = format!("{series} {value}");
             assert!(s.contains(&want.as_str()), "missing {want:?} in\n{t}");
         }
+        // An interface without a conntrack allowance has no "available".
+        assert!(
+            !t.contains("enilab_eni_conntrack_allowance_available{eni=\"eni-2\""),
+            "{t}"
+        );
+        assert!(
+            s.contains(
+                &"enilab_eni_conntrack_tracked{eni=\"eni-2\",instance=\"i-2\",card=\"0\"} 0"
+            ),
+            "{t}"
+        );
     }
 
     #[test]

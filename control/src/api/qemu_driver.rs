@@ -558,17 +558,8 @@ impl QemuDriver {
         );
         topo.uplink = self.internet.as_ref().map(|i| i.uplink_config());
         topo.metadata = self.metadata;
-        // Each instance interface gets its type's allowances.
-        for p in &mut topo.ports {
-            let itype = state
-                .get::<Eni>(&p.eni_id)
-                .and_then(|e| e.attachment.as_ref())
-                .and_then(|a| state.get::<Instance>(&a.instance_id))
-                .and_then(|i| self.config.types.get(&i.instance_type));
-            if let Some(t) = itype {
-                p.limits = t.limits();
-            }
-        }
+        // Each instance interface and network card gets its type's allowances.
+        super::datapath::apply_allowances(state, &self.config.types, &mut topo);
         if let Some(t) = &self.tier {
             let tr = hyperplane::translate(state, &services);
             for p in &mut topo.ports {
@@ -870,6 +861,10 @@ impl InstanceDriver for QemuDriver {
             "cards": cards,
             "hyperplane": self.tier.as_ref().map(|t| t.status()),
         })
+    }
+
+    fn card_allowances(&self) -> serde_json::Value {
+        serde_json::to_value(self.switch.card_stats()).unwrap_or_default()
     }
 
     fn stop(&self, inst: &Instance) -> Result<(), DriverError> {

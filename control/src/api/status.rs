@@ -57,6 +57,7 @@ pub fn collect(api: &Api) -> Value {
         "instances": instances,
         "enis": enis,
         "gateways": gateways(api),
+        "card_allowances": api.driver.card_allowances(),
         "names": names(api),
         "driver": api.driver.status(),
     })
@@ -277,6 +278,43 @@ pub fn render(v: &Value) -> String {
             &rows,
         );
     }
+    // Per (instance, card) aggregate allowances: limits and excess.
+    let mbps = |v: &Value| match v.as_u64() {
+        Some(0) | None => "-".to_string(),
+        Some(b) => (b / 1_000_000).to_string(),
+    };
+    let rows: Vec<Vec<String>> = arr(&v["card_allowances"])
+        .iter()
+        .map(|c| {
+            let l = &c["limits"];
+            vec![
+                cell(&c["instance"]),
+                cell(&c["card"]),
+                arr(&c["ports"]).len().to_string(),
+                if l["pps"].as_u64().unwrap_or(0) == 0 {
+                    "-".into()
+                } else {
+                    cell(&l["pps"])
+                },
+                mbps(&l["bw_out_bps"]),
+                mbps(&l["bw_in_bps"]),
+                cell(&c["pps_allowance_exceeded"]),
+                cell(&c["bw_out_allowance_exceeded"]),
+                cell(&c["bw_in_allowance_exceeded"]),
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        out.push_str("\nCARD ALLOWANCES\n");
+        table(
+            &mut out,
+            &[
+                "INSTANCE", "CARD", "ENIS", "PPS", "OUT_MBPS", "IN_MBPS", "PPS_EXC", "OUT_EXC",
+                "IN_EXC",
+            ],
+            &rows,
+        );
+    }
     let rows: Vec<Vec<String>> = arr(&v["subnets"])
         .iter()
         .map(|s| {
@@ -315,7 +353,11 @@ mod tests {
                 "devices": [{"eni": "eni-1", "port": 3, "card": 0,
                              "stats": {"rx_packets": 7, "tx_packets": 5, "drops": {"malformed": 2, "no_route": 1}}}],
                 "cards": [{"card": 0, "workers": 1, "forwarded": 12, "dropped": 3, "wakeups": 4}]
-            }
+            },
+            "card_allowances": [{"instance": "i-1", "card": 0, "ports": [3, 4],
+                                 "limits": {"pps": 0, "bw_out_bps": 5_000_000_000u64, "bw_in_bps": 2_000_000},
+                                 "pps_allowance_exceeded": 6, "bw_out_allowance_exceeded": 7,
+                                 "bw_in_allowance_exceeded": 8}]
         });
         let t = render(&v);
         assert!(t.starts_with("guests: tcg (forced)"), "{t}");
@@ -360,5 +402,13 @@ mod tests {
             "columns aligned"
         );
         assert!(t.contains("NETWORK CARDS"));
+        let (_, allowances) = t.split_once("CARD ALLOWANCES\n").expect("card allowances");
+        let row: Vec<&str> = allowances
+            .lines()
+            .nth(1)
+            .expect("a card row")
+            .split_whitespace()
+            .collect();
+        assert_eq!(row, ["i-1", "0", "2", "-", "5000", "2", "6", "7", "8"]);
     }
 }

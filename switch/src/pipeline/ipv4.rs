@@ -483,8 +483,47 @@ pub(super) fn admit(
             if flow.tcp_flags & TCP_RST != 0 {
                 flags |= flag::RST;
             }
-            if work.conntrack.insert(&key, work.now, flags).is_err() {
-                return Err(DropReason::ConntrackFull);
+            // The connection-tracking allowance of the end that opens the
+            // flow (so a guest's flood uses up its own, not its victim's),
+            // or, when the opener has none (the internet, a service port),
+            // of the destination. Taken before the insert (so concurrent
+            // workers cannot overshoot), given back if the insert fails; the
+            // entry's flags say whose it holds.
+            let cap = |e: &End<'_>| e.info.map_or(0, |i| i.limits.conntrack);
+            let payer = if cap(from) != 0 {
+                Some((from, key.from_b))
+            } else if cap(to) != 0 {
+                Some((to, !key.from_b))
+            } else {
+                None
+            };
+            if let Some((e, canonical_b)) = payer {
+                if let Some(c) = work.counters.get(e.port as usize) {
+                    if !c.track(cap(e)) {
+                        if e.port != from.port {
+                            blame.set(Some(e.port));
+                        }
+                        return Err(DropReason::ConntrackFull);
+                    }
+                }
+                flags |= if canonical_b {
+                    flag::CHARGED_B
+                } else {
+                    flag::CHARGED_A
+                };
+            }
+            match work.conntrack.insert(&key, work.now, flags) {
+                Ok(reclaimed) => {
+                    if let Some(p) = reclaimed {
+                        super::untrack(work.counters, p);
+                    }
+                }
+                Err(_) => {
+                    if let Some((e, _)) = payer {
+                        super::untrack(work.counters, e.port);
+                    }
+                    return Err(DropReason::ConntrackFull);
+                }
             }
             for e in [from, to] {
                 if let Some(c) = work.counters.get(e.port as usize) {

@@ -231,6 +231,7 @@ pub(super) fn topology() -> Topology {
         }),
         metadata: None,
         service_returns: Vec::new(),
+        cards: Vec::new(),
     }
 }
 

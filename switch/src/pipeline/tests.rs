@@ -474,6 +474,10 @@ fn sub(a: &PortStats, b: &PortStats) -> PortStats {
         bw_in_allowance_exceeded: a.bw_in_allowance_exceeded - b.bw_in_allowance_exceeded,
         linklocal_allowance_exceeded: a.linklocal_allowance_exceeded
             - b.linklocal_allowance_exceeded,
+        conntrack_allowance_exceeded: a.conntrack_allowance_exceeded
+            - b.conntrack_allowance_exceeded,
+        conntrack_tracked: a.conntrack_tracked.wrapping_sub(b.conntrack_tracked),
+        conntrack_allowance_available: None,
         drops,
     }
 }
