@@ -510,9 +510,6 @@ fn tick(api: &Api, ds: &mut DetectorState) {
                 };
                 record(api, &eni, &what, true);
                 api.driver.refresh_guest(&m.to);
-                if let Some((inst, f)) = &failure {
-                    mark_failed_holder(api, inst, f);
-                }
             }
             Err(e) => {
                 ds.retry_at.insert(eni.clone(), now + RETRY_INTERVAL);
@@ -523,14 +520,19 @@ fn tick(api: &Api, ds: &mut DetectorState) {
                 record(api, &eni, &what, false);
             }
         }
+        // Moved or not (no standby qualified), a dead holder is dead.
+        if let Some((inst, f)) = &failure {
+            mark_failed_holder(api, inst, f);
+        }
     }
 }
 
-/// After a failover away from `inst`: if its QEMU is gone, record it as
-/// EC2 records an instance whose host failed: `stopping` then `stopped`
-/// (through the ordinary stop job, which also releases its public
-/// address), reason `Server.InternalError`. A hung guest whose QEMU runs
-/// stays `running`: DescribeInstanceStatus shows it impaired.
+/// After a failover away from `inst` (or a failed attempt): if its QEMU
+/// is gone, record it as EC2 records an instance whose host failed:
+/// `stopping` then `stopped` (through the ordinary stop job, which also
+/// releases its public address), reason `Server.InternalError`. A hung
+/// guest whose QEMU runs stays `running`: DescribeInstanceStatus shows it
+/// impaired.
 fn mark_failed_holder(api: &Api, inst: &Instance, why: &str) {
     if api.driver.is_running(inst) {
         return;
@@ -915,5 +917,19 @@ mod tests {
             &[("InstanceId.1", &b), ("IncludeAllInstances", "true")],
         );
         assert!(all.contains("not-applicable"), "{all}");
+
+        // A dies too and no standby qualifies (B is stopped): the ENI is
+        // attached nowhere, and A is recorded stopped all the same.
+        lab.driver.set(
+            &a,
+            Guest {
+                health: Health::Failed("QEMU (pid 8) exited".into()),
+                running: false,
+                confirm: None,
+            },
+        );
+        lab.wait("A stopped", || lab.instance_field(&a, "name") == "stopped");
+        assert_eq!(lab.holder(&eni), "", "attached nowhere");
+        assert!(event().0.contains("exited"), "{:?}", event());
     }
 }
