@@ -308,7 +308,20 @@ fn scenario_failover(mode: Mode) {
         );
         assert_eq!(p.last, standby, "run {run}: the standby answers at the end");
         gaps.push(p.gap);
+        if mode == Mode::AutoKill {
+            // Recorded as EC2 records a failed host: stopped, InternalError.
+            d.wait(&format!("{holder} stopped"), SHORT, || {
+                d.instance_state(&holder) == "stopped"
+            });
+            let xml = d.ok("DescribeInstances", &[("InstanceId.1", &holder)]);
+            let reason = extract(&xml, "stateReason").unwrap_or("");
+            assert!(reason.contains("Server.InternalError"), "{xml}");
+        }
         if mode == Mode::AutoHang {
+            // Still running, but its instance status check fails.
+            assert_eq!(d.instance_state(&holder), "running");
+            assert_eq!(status_check(d, &holder), "impaired");
+            assert_eq!(status_check(d, &standby), "ok");
             // The hung guest comes back and is a standby again.
             d.pause(&holder, false);
             let h = holder.clone();
@@ -457,6 +470,8 @@ fn scenario_restart(daemon: bool) {
     let pid = l.d.qemu_pid(&l.a);
     let mut gaps = Vec::new();
     let a_ip = l.a_ip.clone();
+    let flaps = |l: &Lab| [&l.a, &l.c].map(|id| carrier_changes(&l.d, id));
+    let before = flaps(&l);
     for run in 0..runs() {
         let p = probe_while(&mut l, &a_ip, 8, Duration::from_secs(2), |d| {
             if daemon {
@@ -477,6 +492,9 @@ fn scenario_restart(daemon: bool) {
             "run {run}: traffic resumes: {p:?}"
         );
         assert_eq!(p.last, l.a, "run {run}: {p:?}");
+        // NICs have no status bit: the guests' carriers never dropped (a
+        // flap flushes their ARP caches and cost a second, see failover.md).
+        assert_eq!(flaps(&l), before, "run {run}: the guests saw a link flap");
         gaps.push(p.gap);
     }
     assert_eq!(l.d.qemu_pid(&l.a), pid, "the guest was not restarted");
@@ -488,6 +506,76 @@ fn scenario_restart(daemon: bool) {
         },
         gaps,
     );
+}
+
+/// The instance status check of `id` (DescribeInstanceStatus).
+fn status_check(d: &ApiDaemon, id: &str) -> String {
+    let xml = d.ok("DescribeInstanceStatus", &[("InstanceId.1", id)]);
+    let check = extract(&xml, "instanceStatus").unwrap_or("");
+    extract(check, "status").unwrap_or("").to_string()
+}
+
+/// A holder whose agent is silent for ~1.8 s while its vCPUs run (the
+/// agent is SIGSTOPped: what a loaded host looks like to the detector)
+/// keeps its ENI: the silence is suspected, QEMU says the guest runs, and
+/// the detector waits for RUNNING_SILENCE_TIMEOUT rather than 1.2 s.
+fn scenario_slow_holder() {
+    let Some(l) = lab("slow-holder") else { return };
+    let d = &l.d;
+    let g = d.get(
+        "CreateFailoverGroup",
+        &[
+            ("NetworkInterfaceId", &l.eni),
+            ("StandbyInstanceId.1", &l.a),
+            ("StandbyInstanceId.2", &l.b),
+        ],
+        "failoverGroupId",
+    );
+    // The supervised agent is the one started without arguments.
+    d.sh_ok(
+        &l.a,
+        "for p in $(pidof enilab-agent); do \
+           [ \"$(tr '\\0' ' ' </proc/$p/cmdline)\" = '/sbin/enilab-agent ' ] && A=$p; done; \
+         [ -n \"$A\" ] || exit 1; \
+         (sleep 0.3; kill -STOP $A; sleep 1.8; kill -CONT $A) </dev/null >/dev/null 2>&1 &",
+        SHORT,
+    );
+    let group = || d.ok("DescribeFailoverGroups", &[("FailoverGroupId.1", &g)]);
+    d.wait("the silence suspected", SHORT, || {
+        extract(&group(), "lastEvent").is_some_and(|e| e.contains("suspected"))
+    });
+    d.wait(&format!("{}'s heartbeat back", l.a), SHORT, || {
+        status_check(d, &l.a) == "ok"
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let xml = group();
+    assert_eq!(extract(&xml, "failoverCount"), Some("0"), "{xml}");
+    assert_eq!(attachment(d, &l.eni).1, l.a, "the ENI stayed on A: {xml}");
+}
+
+#[test]
+fn slow_holder_keeps_its_eni() {
+    scenario_slow_holder();
+}
+
+/// Every interface's carrier-change count in guest `id` (`eth0=2 eth1=2`).
+fn carrier_changes(d: &ApiDaemon, id: &str) -> String {
+    let out = d
+        .sh(
+            id,
+            "for f in /sys/class/net/eth*/carrier_changes; do echo $f $(cat $f); done",
+            SHORT,
+        )
+        .stdout_str();
+    let v: Vec<String> = out
+        .lines()
+        .filter_map(|l| {
+            let (path, n) = l.split_once(' ')?;
+            Some(format!("{}={}", path.split('/').nth(4)?, n.trim()))
+        })
+        .collect();
+    assert!(!v.is_empty(), "no carrier counters in {id}: {out:?}");
+    v.join(" ")
 }
 
 #[test]

@@ -34,6 +34,16 @@ pub enum Health {
     Failed(String),
 }
 
+/// The second look at a holder that [`InstanceDriver::health`] judged
+/// failed (see [`InstanceDriver::confirm_failure`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Confirm {
+    /// Act: the reason.
+    Failed(String),
+    /// Not yet: why the evidence is not enough (a busy host, not a hang).
+    Suspect(String),
+}
+
 /// Work to do after a commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Job {
@@ -178,6 +188,13 @@ pub trait InstanceDriver: Send + Sync + 'static {
     /// always says yes).
     fn health(&self, _inst: &Instance) -> Health {
         Health::Healthy
+    }
+
+    /// Confirm a failure [`InstanceDriver::health`] reported (`why`)
+    /// before the ENI is moved: a late heartbeat may only mean a loaded
+    /// host. Called with nothing locked; may ask QEMU (bounded, ~1 s).
+    fn confirm_failure(&self, _inst: &Instance, why: &str) -> Confirm {
+        Confirm::Failed(why.to_string())
     }
 
     /// Ask the guest of `inst` to reconcile its ENIs with instance

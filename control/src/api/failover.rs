@@ -18,7 +18,7 @@ use crate::store::model::*;
 use crate::store::{State, Txn};
 
 use super::common::*;
-use super::driver::Health;
+use super::driver::{Confirm, Health};
 use super::eni::{check_attach, instance_type};
 use super::query::Params;
 use super::vpc::fresh;
@@ -394,9 +394,15 @@ pub fn delete_failover_group(api: &Api, p: &Params) -> Result<String, ApiError> 
 }
 
 /// Watches the holders of every group's ENI and moves the ENI when its
-/// holder fails (QEMU exited, or no heartbeat for
-/// [`super::qemu_driver::HEARTBEAT_TIMEOUT`]). One thread; it stops when
-/// the API is dropped.
+/// holder fails: QEMU exited, or no heartbeat for
+/// [`super::qemu_driver::HEARTBEAT_TIMEOUT`] *confirmed* by the driver
+/// ([`super::driver::InstanceDriver::confirm_failure`]: QEMU says the
+/// vCPUs do not run, or the silence lasted
+/// [`super::qemu_driver::RUNNING_SILENCE_TIMEOUT`]), so a loaded host's
+/// late heartbeats do not move an ENI. A holder whose QEMU died is then
+/// stopped the way EC2 records a crashed host (`Server.InternalError`); a
+/// hung one stays `running` and fails its status check
+/// (DescribeInstanceStatus). One thread; it stops when the API is dropped.
 pub struct Detector;
 
 impl Detector {
@@ -405,12 +411,12 @@ impl Detector {
         let spawned = std::thread::Builder::new()
             .name("enilab-failover".into())
             .spawn(move || {
-                let mut retry_at: std::collections::BTreeMap<String, Instant> = Default::default();
+                let mut st = DetectorState::default();
                 loop {
                     std::thread::sleep(DETECT_INTERVAL);
                     let Some(api) = weak.upgrade() else { return };
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        tick(&api, &mut retry_at)
+                        tick(&api, &mut st)
                     }));
                     if r.is_err() {
                         tracing::error!("failover detector tick panicked");
@@ -423,9 +429,19 @@ impl Detector {
     }
 }
 
+/// What the detector remembers between ticks.
+#[derive(Default)]
+struct DetectorState {
+    /// Groups whose ENI is attached nowhere: when to try again.
+    retry_at: std::collections::BTreeMap<String, Instant>,
+    /// Holders suspected but not confirmed failed (reported once each).
+    suspects: std::collections::BTreeSet<String>,
+}
+
 /// One look at every group.
-fn tick(api: &Api, retry_at: &mut std::collections::BTreeMap<String, Instant>) {
-    let work: Vec<(String, Vec<String>, Option<String>)> = api.store.read(|st| {
+fn tick(api: &Api, ds: &mut DetectorState) {
+    type Work = (String, Vec<String>, Option<(Instance, String)>);
+    let work: Vec<Work> = api.store.read(|st| {
         st.iter::<FailoverGroup>()
             .filter_map(|g| {
                 let eni = st.get::<Eni>(&g.eni_id)?;
@@ -439,7 +455,7 @@ fn tick(api: &Api, retry_at: &mut std::collections::BTreeMap<String, Instant>) {
                             Health::Failed(why) => Some((
                                 g.eni_id.clone(),
                                 g.standbys.clone(),
-                                Some(format!("{} failed: {why}", inst.id)),
+                                Some((inst.clone(), why)),
                             )),
                             _ => None,
                         }
@@ -450,32 +466,99 @@ fn tick(api: &Api, retry_at: &mut std::collections::BTreeMap<String, Instant>) {
             })
             .collect()
     });
+    let failing: std::collections::BTreeSet<String> = work
+        .iter()
+        .filter_map(|(_, _, f)| f.as_ref().map(|(i, _)| i.id.clone()))
+        .collect();
+    // A suspect that is healthy again starts a fresh episode next time.
+    ds.suspects.retain(|id| failing.contains(id));
     let now = Instant::now();
     for (eni, standbys, failure) in work {
-        if failure.is_none() && retry_at.get(&eni).is_some_and(|t| now < *t) {
+        let failure = match failure {
+            // Confirmed with nothing locked: the driver may ask QEMU.
+            Some((inst, why)) => match api.driver.confirm_failure(&inst, &why) {
+                Confirm::Failed(why) => {
+                    ds.suspects.remove(&inst.id);
+                    let f = format!("{} failed: {why}", inst.id);
+                    Some((inst, f))
+                }
+                Confirm::Suspect(why) => {
+                    if ds.suspects.insert(inst.id.clone()) {
+                        let what = format!("{} suspected, not moved: {why}", inst.id);
+                        tracing::warn!(%eni, "{what}");
+                        record(api, &eni, &what, false);
+                    }
+                    continue;
+                }
+            },
+            None => None,
+        };
+        if failure.is_none() && ds.retry_at.get(&eni).is_some_and(|t| now < *t) {
             continue;
         }
-        if let Some(f) = &failure {
+        if let Some((_, f)) = &failure {
             tracing::warn!(eni = %eni, "{f}; failing over");
         }
         match move_eni(api, &eni, &standbys) {
             Ok(m) => {
-                retry_at.remove(&eni);
+                ds.retry_at.remove(&eni);
                 let what = match &failure {
-                    Some(f) => format!("{f}; moved to {} in {} ms", m.to, m.elapsed.as_millis()),
+                    Some((_, f)) => {
+                        format!("{f}; moved to {} in {} ms", m.to, m.elapsed.as_millis())
+                    }
                     None => format!("attached to standby {}", m.to),
                 };
                 record(api, &eni, &what, true);
                 api.driver.refresh_guest(&m.to);
             }
             Err(e) => {
-                retry_at.insert(eni.clone(), now + RETRY_INTERVAL);
+                ds.retry_at.insert(eni.clone(), now + RETRY_INTERVAL);
                 let what = match &failure {
-                    Some(f) => format!("{f}; {}", e.message()),
+                    Some((_, f)) => format!("{f}; {}", e.message()),
                     None => e.message(),
                 };
                 record(api, &eni, &what, false);
             }
+        }
+        // Moved or not (no standby qualified), a dead holder is dead.
+        if let Some((inst, f)) = &failure {
+            mark_failed_holder(api, inst, f);
+        }
+    }
+}
+
+/// After a failover away from `inst` (or a failed attempt): if its QEMU
+/// is gone, record it as EC2 records an instance whose host failed:
+/// `stopping` then `stopped` (through the ordinary stop job, which also
+/// releases its public address), reason `Server.InternalError`. A hung
+/// guest whose QEMU runs stays `running`: DescribeInstanceStatus shows it
+/// impaired.
+fn mark_failed_holder(api: &Api, inst: &Instance, why: &str) {
+    if api.driver.is_running(inst) {
+        return;
+    }
+    let stopping = api.store.write(|t: &mut Txn<'_>| {
+        let Some(mut i) = t.get::<Instance>(&inst.id).cloned() else {
+            return Ok(false);
+        };
+        if i.state != InstanceState::Running {
+            return Ok(false);
+        }
+        i.state = InstanceState::Stopping;
+        i.transition_reason = format!("Service initiated ({})", iso8601(now_ms()));
+        i.state_reason = Some((
+            "Server.InternalError".into(),
+            format!("Server.InternalError: {why}"),
+        ));
+        t.put(i);
+        super::pubip::sync_instance(t, Some(api.config.public_pool), &inst.id)?;
+        Ok::<_, ApiError>(true)
+    });
+    match stopping {
+        Ok(true) => api.jobs.push(super::driver::Job::Stop(inst.id.clone())),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(instance = %inst.id, "cannot record the failed holder: {}", e.message())
         }
     }
 }
@@ -566,4 +649,287 @@ pub fn post_live(
         .ok_or(FailoverError::Answer(addr))?;
     let v = serde_json::from_str(body).map_err(|_| FailoverError::Answer(addr))?;
     Ok((status, v))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+    use std::sync::Mutex;
+
+    use super::super::driver::InstanceDriver;
+    use super::super::Config;
+    use super::*;
+
+    /// What the fake driver says about one instance: health, whether its
+    /// QEMU runs, and the confirmation of a failure.
+    #[derive(Clone)]
+    struct Guest {
+        health: Health,
+        running: bool,
+        confirm: Option<Confirm>,
+    }
+
+    /// Instances are healthy and running unless a test scripts otherwise.
+    #[derive(Default)]
+    struct FakeDriver(Mutex<BTreeMap<String, Guest>>);
+
+    impl FakeDriver {
+        fn set(&self, id: &str, g: Guest) {
+            self.0.lock().unwrap().insert(id.to_string(), g);
+        }
+        fn get(&self, id: &str) -> Guest {
+            self.0.lock().unwrap().get(id).cloned().unwrap_or(Guest {
+                health: Health::Healthy,
+                running: true,
+                confirm: None,
+            })
+        }
+    }
+
+    impl InstanceDriver for FakeDriver {
+        fn is_running(&self, inst: &Instance) -> bool {
+            self.get(&inst.id).running
+        }
+        fn health(&self, inst: &Instance) -> Health {
+            self.get(&inst.id).health
+        }
+        fn confirm_failure(&self, inst: &Instance, why: &str) -> Confirm {
+            self.get(&inst.id)
+                .confirm
+                .unwrap_or_else(|| Confirm::Failed(why.to_string()))
+        }
+    }
+
+    struct Lab {
+        api: Arc<Api>,
+        driver: Arc<FakeDriver>,
+        dir: PathBuf,
+    }
+
+    impl Drop for Lab {
+        fn drop(&mut self) {
+            std::fs::remove_dir_all(&self.dir).ok();
+        }
+    }
+
+    impl Lab {
+        fn new() -> Lab {
+            let dir = std::env::temp_dir().join(format!(
+                "enilab-failover-{}",
+                crate::store::ids::random_u64()
+            ));
+            let driver = Arc::new(FakeDriver::default());
+            let api = Api::open(&dir, Config::default(), driver.clone()).expect("open api");
+            Lab { api, driver, dir }
+        }
+
+        fn ec2(&self, action: &str, args: &[(&str, &str)]) -> String {
+            let mut pairs = vec![("Action", action), ("Version", "2016-11-15")];
+            pairs.extend_from_slice(args);
+            let r = self.api.call(&Params::from_pairs(pairs));
+            assert_eq!(r.status, 200, "{action}: {}", r.body);
+            r.body
+        }
+
+        /// Poll `f` every 20 ms for up to 5 s.
+        fn wait(&self, what: &str, mut f: impl FnMut() -> bool) {
+            for _ in 0..250 {
+                if f() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            panic!("timed out waiting for {what}");
+        }
+
+        fn holder(&self, eni: &str) -> String {
+            let body = self.ec2(
+                "DescribeNetworkInterfaces",
+                &[("NetworkInterfaceId.1", eni)],
+            );
+            crate::api::bench::extract(&body, "instanceId")
+                .unwrap_or("")
+                .to_string()
+        }
+
+        fn instance_field(&self, id: &str, name: &str) -> String {
+            let body = self.ec2("DescribeInstances", &[("InstanceId.1", id)]);
+            crate::api::bench::extract(&body, name)
+                .unwrap_or("")
+                .to_string()
+        }
+
+        /// (instance check, system check) of `id`.
+        fn status_checks(&self, id: &str) -> (String, String) {
+            let body = self.ec2("DescribeInstanceStatus", &[("InstanceId.1", id)]);
+            let get = |k: &str| {
+                let part = crate::api::bench::extract(&body, k).unwrap_or("");
+                crate::api::bench::extract(part, "status")
+                    .unwrap_or("")
+                    .to_string()
+            };
+            (get("instanceStatus"), get("systemStatus"))
+        }
+    }
+
+    fn field(body: &str, name: &str) -> String {
+        crate::api::bench::extract(body, name)
+            .unwrap_or_else(|| panic!("no <{name}> in {body}"))
+            .to_string()
+    }
+
+    /// A silent holder that QEMU says is running is only a suspect; once
+    /// confirmed (hung) the ENI moves and the holder stays running with a
+    /// failed instance check; a holder whose QEMU died is stopped with
+    /// Server.InternalError after the move.
+    #[test]
+    fn confirmed_failures_move_the_eni_and_mark_the_holder() {
+        let lab = Lab::new();
+        let vpc = field(
+            &lab.ec2("CreateVpc", &[("CidrBlock", "10.9.0.0/16")]),
+            "vpcId",
+        );
+        let sub = field(
+            &lab.ec2(
+                "CreateSubnet",
+                &[("VpcId", &vpc), ("CidrBlock", "10.9.1.0/24")],
+            ),
+            "subnetId",
+        );
+        let launch = || {
+            field(
+                &lab.ec2(
+                    "RunInstances",
+                    &[
+                        ("ImageId", "ami-0e1ab000000000001"),
+                        ("InstanceType", "t3.micro"),
+                        ("MinCount", "1"),
+                        ("MaxCount", "1"),
+                        ("SubnetId", &sub),
+                    ],
+                ),
+                "instanceId",
+            )
+        };
+        let (a, b) = (launch(), launch());
+        for id in [&a, &b] {
+            lab.wait("running", || lab.instance_field(id, "name") == "running");
+        }
+        let eni = field(
+            &lab.ec2("CreateNetworkInterface", &[("SubnetId", &sub)]),
+            "networkInterfaceId",
+        );
+        lab.ec2(
+            "AttachNetworkInterface",
+            &[
+                ("NetworkInterfaceId", &eni),
+                ("InstanceId", &a),
+                ("DeviceIndex", "1"),
+            ],
+        );
+        lab.wait("attached to A", || lab.holder(&eni) == a);
+        let group = field(
+            &lab.ec2(
+                "CreateFailoverGroup",
+                &[
+                    ("NetworkInterfaceId", &eni),
+                    ("StandbyInstanceId.1", &a),
+                    ("StandbyInstanceId.2", &b),
+                ],
+            ),
+            "failoverGroupId",
+        );
+        let event = || {
+            let body = lab.ec2("DescribeFailoverGroups", &[("FailoverGroupId.1", &group)]);
+            (field(&body, "lastEvent"), field(&body, "failoverCount"))
+        };
+        assert_eq!(lab.status_checks(&a), ("ok".to_string(), "ok".to_string()));
+
+        // A loaded host: silent, but QEMU says the vCPUs run.
+        let silent = |confirm: Confirm, running: bool| Guest {
+            health: Health::Failed("no agent heartbeat for 1300 ms".into()),
+            running,
+            confirm: Some(confirm),
+        };
+        lab.driver.set(
+            &a,
+            silent(Confirm::Suspect("QEMU reports it running".into()), true),
+        );
+        lab.wait("the suspicion recorded", || event().0.contains("suspected"));
+        std::thread::sleep(DETECT_INTERVAL * 5);
+        assert_eq!(lab.holder(&eni), a, "a suspect keeps its ENI");
+        assert_eq!(event().1, "0");
+
+        // Confirmed hung: the ENI moves; A stays running, impaired.
+        lab.driver.set(
+            &a,
+            silent(
+                Confirm::Failed("QEMU reports the guest paused".into()),
+                true,
+            ),
+        );
+        lab.wait("moved to B", || lab.holder(&eni) == b);
+        assert!(event().0.contains("paused"), "{:?}", event());
+        assert_eq!(event().1, "1");
+        assert_eq!(lab.instance_field(&a, "name"), "running");
+        assert_eq!(
+            lab.status_checks(&a),
+            ("impaired".to_string(), "ok".to_string())
+        );
+        assert_eq!(lab.status_checks(&b), ("ok".to_string(), "ok".to_string()));
+
+        // A recovers; B's QEMU dies: back to A, B stopped by the service.
+        lab.driver.set(
+            &a,
+            Guest {
+                health: Health::Healthy,
+                running: true,
+                confirm: None,
+            },
+        );
+        lab.driver.set(
+            &b,
+            Guest {
+                health: Health::Failed("QEMU (pid 7) exited".into()),
+                running: false,
+                confirm: None,
+            },
+        );
+        lab.wait("moved back to A", || lab.holder(&eni) == a);
+        lab.wait("B stopped", || lab.instance_field(&b, "name") == "stopped");
+        let reason = lab.ec2("DescribeInstances", &[("InstanceId.1", &b)]);
+        assert_eq!(field(&reason, "code").as_str(), "80", "stopped: {reason}");
+        let sr = field(&reason, "stateReason");
+        assert!(
+            sr.contains("Server.InternalError") && sr.contains("exited"),
+            "{sr}"
+        );
+        assert!(
+            field(&reason, "reason").starts_with("Service initiated"),
+            "{reason}"
+        );
+        // Stopped instances are listed only on request.
+        let none = lab.ec2("DescribeInstanceStatus", &[("InstanceId.1", &b)]);
+        assert!(!none.contains(&b), "{none}");
+        let all = lab.ec2(
+            "DescribeInstanceStatus",
+            &[("InstanceId.1", &b), ("IncludeAllInstances", "true")],
+        );
+        assert!(all.contains("not-applicable"), "{all}");
+
+        // A dies too and no standby qualifies (B is stopped): the ENI is
+        // attached nowhere, and A is recorded stopped all the same.
+        lab.driver.set(
+            &a,
+            Guest {
+                health: Health::Failed("QEMU (pid 8) exited".into()),
+                running: false,
+                confirm: None,
+            },
+        );
+        lab.wait("A stopped", || lab.instance_field(&a, "name") == "stopped");
+        assert_eq!(lab.holder(&eni), "", "attached nowhere");
+        assert!(event().0.contains("exited"), "{:?}", event());
+    }
 }

@@ -8,7 +8,7 @@ use crate::store::model::*;
 use crate::store::State;
 
 use super::common::*;
-use super::driver::Job;
+use super::driver::{Health, Job};
 use super::eni::{self, build_eni, check_attach, EniSpec};
 use super::pubip;
 use super::query::Params;
@@ -650,6 +650,65 @@ pub fn describe_instances(api: &Api, p: &Params) -> Result<String, ApiError> {
         x.opt("nextToken", token.as_deref());
         Ok(x.finish())
     })
+}
+
+/// `DescribeInstanceStatus`: InstanceId.N, IncludeAllInstances. The
+/// status checks are live, from the driver's health of each guest: the
+/// instance check is `ok` while the agent's heartbeat is fresh,
+/// `initializing` before the first one and `impaired` (reachability
+/// `failed`) when the guest is hung or gone; the system check is
+/// `impaired` when the instance's QEMU is not running. Instances that are
+/// not running are listed only with IncludeAllInstances=true, with
+/// `not-applicable` checks.
+pub fn describe_instance_status(api: &Api, p: &Params) -> Result<String, ApiError> {
+    let ids = list(p, "InstanceId")?;
+    let all = opt_bool(p, "IncludeAllInstances")?.unwrap_or(false);
+    api.store.read(|st| {
+        let sel: Vec<&Instance> = INSTANCE
+            .get_many::<Instance>(st, &ids)?
+            .into_iter()
+            .filter(|i| all || i.state == InstanceState::Running)
+            .collect();
+        let mut x = Xml::new();
+        x.set("instanceStatusSet", sel, |x, i| {
+            x.text("instanceId", &i.id).text("availabilityZone", &i.az);
+            write_state(x, "instanceState", i.state);
+            let (system, instance) = if i.state == InstanceState::Running {
+                let system = if api.driver.is_running(i) {
+                    "ok"
+                } else {
+                    "impaired"
+                };
+                let instance = match api.driver.health(i) {
+                    Health::Healthy => "ok",
+                    Health::Unknown => "initializing",
+                    Health::Failed(_) => "impaired",
+                };
+                (system, instance)
+            } else {
+                ("not-applicable", "not-applicable")
+            };
+            write_check(x, "systemStatus", system);
+            write_check(x, "instanceStatus", instance);
+        });
+        Ok(x.finish())
+    })
+}
+
+/// A status check: its summary and its one detail (reachability).
+fn write_check(x: &mut Xml, name: &str, status: &str) {
+    let detail = match status {
+        "ok" => "passed",
+        "impaired" => "failed",
+        "initializing" => "initializing",
+        _ => "insufficient-data",
+    };
+    x.elem(name, |x| {
+        x.text("status", status);
+        x.set("details", [detail], |x, d| {
+            x.text("name", "reachability").text("status", d);
+        });
+    });
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

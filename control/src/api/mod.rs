@@ -223,6 +223,7 @@ pub const ACTIONS: &[(&str, Handler)] = &[
     ("DescribeImages", instance::describe_images),
     ("RunInstances", instance::run_instances),
     ("DescribeInstances", instance::describe_instances),
+    ("DescribeInstanceStatus", instance::describe_instance_status),
     ("StopInstances", instance::stop_instances),
     ("StartInstances", instance::start_instances),
     ("TerminateInstances", instance::terminate_instances),

@@ -39,7 +39,7 @@ use crate::store::{State, Store};
 use super::config::Config;
 use super::datapath::topology_for_account;
 
-use super::driver::{DriverError, Health, InstanceDriver};
+use super::driver::{Confirm, DriverError, Health, InstanceDriver};
 use super::hyperplane::{self, Tier};
 
 /// The guest never gets more vCPUs than this, whatever the type says: the
@@ -54,8 +54,52 @@ pub const FORCED_UNPLUG_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the background half of a forced detach waits for the guest.
 pub const BACKGROUND_UNPLUG_TIMEOUT: Duration = Duration::from_secs(120);
 /// A guest whose agent has sent heartbeats (every 200 ms) but none for this
-/// long is hung.
+/// long (6 missed in a row) is suspected hung; see [`judge_silence`].
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(1200);
+/// A silent guest whose vCPUs QEMU reports running is judged hung only
+/// after this long: a loaded host delays a TCG guest's heartbeats by more
+/// than a second, and a false failover costs more than a late one.
+pub const RUNNING_SILENCE_TIMEOUT: Duration = Duration::from_millis(2500);
+/// Bound on the QMP `query-status` that confirms a silent guest.
+const CONFIRM_QMP_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// What QMP said when asked to confirm a silent guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QmpAnswer {
+    /// `query-status`: (status, vCPUs running).
+    Status(String, bool),
+    /// No answer in time, or an error.
+    Error(String),
+    /// Another thread holds the QMP session.
+    Busy,
+}
+
+/// The decision on a guest whose heartbeat has been silent for `silent`
+/// (already over [`HEARTBEAT_TIMEOUT`]): QEMU saying the vCPUs do not run
+/// (paused, internal-error, guest-panicked, shutdown...) confirms it at
+/// once; otherwise (running, or QMP unavailable) only a silence over
+/// [`RUNNING_SILENCE_TIMEOUT`] does.
+pub fn judge_silence(silent: Duration, qmp: &QmpAnswer) -> Confirm {
+    let ms = silent.as_millis();
+    if let QmpAnswer::Status(status, false) = qmp {
+        return Confirm::Failed(format!(
+            "no agent heartbeat for {ms} ms and QEMU reports the guest {status}"
+        ));
+    }
+    let seen = match qmp {
+        QmpAnswer::Status(s, _) => format!("QEMU reports it {s}"),
+        QmpAnswer::Error(e) => format!("QMP did not answer ({e})"),
+        QmpAnswer::Busy => "QMP is busy".to_string(),
+    };
+    if silent >= RUNNING_SILENCE_TIMEOUT {
+        Confirm::Failed(format!("no agent heartbeat for {ms} ms ({seen})"))
+    } else {
+        Confirm::Suspect(format!(
+            "no agent heartbeat for {ms} ms but {seen}: waiting up to {} ms",
+            RUNNING_SILENCE_TIMEOUT.as_millis()
+        ))
+    }
+}
 /// Port ids stay below this (the metadata service encodes them in 14 bits).
 /// Instance ENIs take ports below the hyperplane's interfaces.
 const MAX_PORT: PortId = hyperplane::SERVICE_PORT_BASE;
@@ -1001,6 +1045,27 @@ impl InstanceDriver for QemuDriver {
         }
     }
 
+    fn confirm_failure(&self, inst: &Instance, why: &str) -> Confirm {
+        let Some(vm) = self.vm(&inst.id) else {
+            return Confirm::Failed(why.to_string());
+        };
+        if !vm.qemu.is_running() {
+            return Confirm::Failed(format!("QEMU (pid {}) exited", vm.qemu.pid()));
+        }
+        let Some(silent) = vm.agent.last_heartbeat().map(|t| t.elapsed()) else {
+            return Confirm::Suspect("no heartbeat yet".to_string());
+        };
+        if silent <= HEARTBEAT_TIMEOUT {
+            return Confirm::Suspect(format!("the heartbeat is back ({} ms)", silent.as_millis()));
+        }
+        let qmp = match vm.qemu.try_query_status(CONFIRM_QMP_TIMEOUT) {
+            Some(Ok(st)) => QmpAnswer::Status(st.status, st.running),
+            Some(Err(e)) => QmpAnswer::Error(e.to_string()),
+            None => QmpAnswer::Busy,
+        };
+        judge_silence(silent, &qmp)
+    }
+
     fn refresh_guest(&self, inst: &str) {
         let Some(vm) = self.vm(inst) else { return };
         let sock = vm.agent.socket_path().to_path_buf();
@@ -1087,4 +1152,45 @@ fn thread_names() -> BTreeMap<String, usize> {
         }
     }
     names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_silent_guest_is_judged_by_what_qemu_says() {
+        let st = |s: &str, run: bool| QmpAnswer::Status(s.into(), run);
+        let err = QmpAnswer::Error("timed out".into());
+        // (silence ms, QMP answer, failed?, words in the reason)
+        let cases: Vec<(u64, QmpAnswer, bool, &str)> = vec![
+            (1300, st("paused", false), true, "reports the guest paused"),
+            (1300, st("internal-error", false), true, "internal-error"),
+            (1300, st("guest-panicked", false), true, "guest-panicked"),
+            (1300, st("running", true), false, "waiting up to 2500 ms"),
+            (2400, st("running", true), false, "QEMU reports it running"),
+            (
+                2600,
+                st("running", true),
+                true,
+                "no agent heartbeat for 2600 ms",
+            ),
+            (1300, err.clone(), false, "QMP did not answer"),
+            (3000, err, true, "QMP did not answer"),
+            (1300, QmpAnswer::Busy, false, "QMP is busy"),
+            (2500, QmpAnswer::Busy, true, "QMP is busy"),
+        ];
+        for (ms, qmp, failed, words) in cases {
+            let c = judge_silence(Duration::from_millis(ms), &qmp);
+            let (is_failed, why) = match &c {
+                Confirm::Failed(w) => (true, w),
+                Confirm::Suspect(w) => (false, w),
+            };
+            assert_eq!(is_failed, failed, "{ms} ms, {qmp:?}: {c:?}");
+            assert!(
+                why.contains(words),
+                "{ms} ms, {qmp:?}: {why:?} lacks {words:?}"
+            );
+        }
+    }
 }

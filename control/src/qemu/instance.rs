@@ -316,6 +316,18 @@ impl Instance {
         self.qmp().query_status()
     }
 
+    /// `query-status` bounded by `timeout`, or `None` at once when another
+    /// thread holds the QMP session (a background unplug may hold it for
+    /// minutes): for a health check that must not wait.
+    pub fn try_query_status(&self, timeout: Duration) -> Option<Result<QmpStatus>> {
+        let mut q = match self.qmp.try_lock() {
+            Ok(q) => q,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(q.query_status_timeout(timeout))
+    }
+
     /// Hard reset (`system_reset`); vhost-user devices renegotiate.
     pub fn system_reset(&self) -> Result<()> {
         self.qmp().system_reset()

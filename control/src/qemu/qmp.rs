@@ -362,7 +362,12 @@ impl Qmp {
 
     /// `query-status`.
     pub fn query_status(&mut self) -> Result<QmpStatus> {
-        let v = self.execute("query-status", Value::Null)?;
+        self.query_status_timeout(self.timeout)
+    }
+
+    /// `query-status` with its own timeout.
+    pub fn query_status_timeout(&mut self, timeout: Duration) -> Result<QmpStatus> {
+        let v = self.execute_timeout("query-status", Value::Null, timeout)?;
         Ok(QmpStatus {
             status: v
                 .get("status")
