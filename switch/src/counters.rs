@@ -134,6 +134,20 @@ pub struct PortCounters {
 }
 
 impl PortCounters {
+    /// Add a worker's running totals (see `pipeline::Tally`): each add is
+    /// a locked instruction, so zeros are skipped.
+    #[inline]
+    pub(crate) fn add_totals(&self, tx_p: u64, tx_b: u64, rx_p: u64, rx_b: u64) {
+        if tx_p > 0 {
+            self.tx_packets.fetch_add(tx_p, Ordering::Relaxed);
+            self.tx_bytes.fetch_add(tx_b, Ordering::Relaxed);
+        }
+        if rx_p > 0 {
+            self.rx_packets.fetch_add(rx_p, Ordering::Relaxed);
+            self.rx_bytes.fetch_add(rx_b, Ordering::Relaxed);
+        }
+    }
+
     /// Count one frame from the guest.
     #[inline]
     pub fn add_tx(&self, bytes: usize) {

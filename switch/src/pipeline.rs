@@ -279,6 +279,7 @@ impl Switch {
             log: LocalLog::new(&self.flowlog),
             now: self.clock.now(),
             tick: 0,
+            tally: Tally::default(),
         }
     }
 }
@@ -292,6 +293,82 @@ pub struct SwitchWorker {
     /// The switch clock, refreshed every 64 frames and by `housekeeping`.
     now: u32,
     tick: u32,
+    tally: Tally,
+}
+
+/// Slots of a worker's [`Tally`]: the ports one batch touches.
+const TALLY: usize = 8;
+
+/// A worker's running totals of the counters every frame bumps (tx/rx
+/// packets and bytes per port). An atomic add is a locked instruction,
+/// which waits for the CPU's store buffer to drain; on a worker that has
+/// just copied frames into guest memory that wait is long. Inside a batch
+/// ([`SwitchWorker::begin_batch`]) the totals are added once at its end;
+/// outside one, after every frame, so readers see exact counts.
+#[derive(Default)]
+struct Tally {
+    e: [TallyEntry; TALLY],
+    n: usize,
+    batching: bool,
+}
+
+#[derive(Default, Clone, Copy)]
+struct TallyEntry {
+    port: PortId,
+    tx_p: u64,
+    tx_b: u64,
+    rx_p: u64,
+    rx_b: u64,
+}
+
+impl Tally {
+    #[inline]
+    fn entry(&mut self, port: PortId, counters: &[PortCounters]) -> &mut TallyEntry {
+        let i = match self.e[..self.n].iter().position(|t| t.port == port) {
+            Some(i) => i,
+            None => {
+                if self.n == TALLY {
+                    self.flush(counters);
+                }
+                self.e[self.n] = TallyEntry {
+                    port,
+                    ..Default::default()
+                };
+                self.n += 1;
+                self.n - 1
+            }
+        };
+        &mut self.e[i]
+    }
+
+    #[inline]
+    fn tx(&mut self, port: PortId, bytes: usize, counters: &[PortCounters]) {
+        let t = self.entry(port, counters);
+        t.tx_p += 1;
+        t.tx_b += bytes as u64;
+    }
+
+    #[inline]
+    fn rx(&mut self, port: PortId, bytes: usize, counters: &[PortCounters]) {
+        let t = self.entry(port, counters);
+        t.rx_p += 1;
+        t.rx_b += bytes as u64;
+    }
+
+    fn flush(&mut self, counters: &[PortCounters]) {
+        for t in &self.e[..self.n] {
+            if let Some(c) = counters.get(t.port as usize) {
+                c.add_totals(t.tx_p, t.tx_b, t.rx_p, t.rx_b);
+            }
+        }
+        self.n = 0;
+    }
+}
+
+impl Drop for SwitchWorker {
+    fn drop(&mut self) {
+        self.tally.flush(&self.switch.counters);
+    }
 }
 
 impl fmt::Debug for SwitchWorker {
@@ -325,6 +402,7 @@ impl SwitchWorker {
     /// Call when idle (at least once a second): refreshes the clock and
     /// hands aggregated flow-log records to the writer.
     pub fn housekeeping(&mut self) {
+        self.tally.flush(&self.switch.counters);
         self.now = self.switch.clock.now();
         self.switch.sweep_step(self.now);
         let unix = self.switch.clock.unix(self.now);
@@ -380,6 +458,34 @@ impl SwitchWorker {
         meta: &PacketMeta,
         out: &mut E,
     ) -> Verdict {
+        let v = self.process_frame(ingress, frame, meta, out);
+        if !self.tally.batching {
+            self.tally.flush(&self.switch.counters);
+        }
+        v
+    }
+
+    /// Frames processed until [`end_batch`](Self::end_batch) add their
+    /// tx/rx packet and byte counts to the shared counters once, at the
+    /// end, instead of per frame. Drops and allowances are still counted
+    /// at once.
+    pub fn begin_batch(&mut self) {
+        self.tally.batching = true;
+    }
+
+    /// Add the batch's counts to the shared counters.
+    pub fn end_batch(&mut self) {
+        self.tally.batching = false;
+        self.tally.flush(&self.switch.counters);
+    }
+
+    fn process_frame<E: Egress + ?Sized>(
+        &mut self,
+        ingress: PortId,
+        frame: &mut [u8],
+        meta: &PacketMeta,
+        out: &mut E,
+    ) -> Verdict {
         self.tick = self.tick.wrapping_add(1);
         if self.tick & 63 == 0 || self.switch.clock.manual.is_some() {
             self.now = self.switch.clock.now();
@@ -394,6 +500,7 @@ impl SwitchWorker {
             scratch,
             log,
             now,
+            tally,
             ..
         } = self;
         let snap: &Snapshot = snapshot.load();
@@ -401,7 +508,7 @@ impl SwitchWorker {
         let ingress_counters = counters.get(ingress as usize);
         let clock = MeterClock::default();
         if let Some(c) = ingress_counters {
-            c.add_tx(frame.len());
+            tally.tx(ingress, frame.len(), counters);
             // The sender's allowances (its own, then its card's), before
             // any work is spent on it.
             if let Some(info) = snap.info(ingress) {
@@ -436,6 +543,7 @@ impl SwitchWorker {
                 snap,
                 capture,
                 clock: &clock,
+                tally,
             };
             uplink::handle(snap, &blame, frame, meta, &mut work, &mut tx)
         } else if snap.metadata.is_some_and(|m| m.port == ingress) {
@@ -445,6 +553,7 @@ impl SwitchWorker {
                 snap,
                 capture,
                 clock: &clock,
+                tally,
             };
             metadata::handle(snap, frame, meta, &mut work, &mut tx)
         } else {
@@ -456,6 +565,7 @@ impl SwitchWorker {
                         snap,
                         capture,
                         clock: &clock,
+                        tally,
                     };
                     ctx.dispatch(frame, meta, &mut work, &mut tx)
                 }
@@ -555,6 +665,7 @@ pub(crate) struct Tx<'a, E: Egress + ?Sized> {
     capture: &'a CaptureTable,
     /// The frame's meter clock, shared with the sender's checks.
     clock: &'a MeterClock,
+    tally: &'a mut Tally,
 }
 
 impl<E: Egress + ?Sized> Tx<'_, E> {
@@ -576,7 +687,7 @@ impl<E: Egress + ?Sized> Tx<'_, E> {
         let ok = self.out.emit(port, flow_hash, frame, meta);
         if let Some(c) = self.counters.get(port as usize) {
             if ok {
-                c.add_rx(frame.len());
+                self.tally.rx(port, frame.len(), self.counters);
                 let watching = self.capture.watching(port);
                 if watching != 0 {
                     self.capture

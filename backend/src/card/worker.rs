@@ -245,6 +245,8 @@ impl Worker {
             let port = s.dev.port();
             // Counted once per batch: the counters are shared cache lines.
             let (mut fwd, mut rep, mut drop, mut late) = (0u64, 0u64, 0u64, 0u64);
+            // Port packet/byte counters are added once for the batch.
+            self.switch.begin_batch();
             for i in 0..self.batch.len() {
                 // Start loading frame i+k's conntrack buckets now.
                 if let Some(ahead) = self.batch.get(i + PREFETCH_AHEAD) {
@@ -270,6 +272,7 @@ impl Worker {
                     late += 1;
                 }
             }
+            self.switch.end_batch();
             self.batch.clear();
             let c = &self.shared.counters;
             c.tx_batches.fetch_add(1, Ordering::Relaxed);

@@ -2413,3 +2413,31 @@ fn capture_taps_ingress_and_emitted_frames_of_one_port() {
     w.process(1, &mut f, &PacketMeta::default(), &mut out);
     assert_eq!(sw.capture(2, 1).expect("again").next_frame(), None);
 }
+
+#[test]
+fn batched_counts_land_at_the_end_of_the_batch() {
+    let (sw, mut w) = switch();
+    let mut cap = Capture::default();
+    let frame = udp(M1, M2, P1, P2, 64, (1, 2), b"");
+    w.begin_batch();
+    for _ in 0..5 {
+        assert_eq!(
+            w.process(1, &mut frame.clone(), &PacketMeta::default(), &mut cap),
+            Verdict::Forwarded(2)
+        );
+    }
+    assert_eq!(sw.stats(1).tx_packets, 0, "deferred inside the batch");
+    assert_eq!(sw.stats(2).rx_packets, 0);
+    w.end_batch();
+    let (s1, s2) = (sw.stats(1), sw.stats(2));
+    assert_eq!((s1.tx_packets, s1.tx_bytes), (5, 5 * frame.len() as u64));
+    assert_eq!((s2.rx_packets, s2.rx_bytes), (5, 5 * frame.len() as u64));
+    // Outside a batch every frame counts at once.
+    w.process(1, &mut frame.clone(), &PacketMeta::default(), &mut cap);
+    assert_eq!(sw.stats(1).tx_packets, 6);
+    // A worker dropped mid-batch still adds what it counted.
+    w.begin_batch();
+    w.process(1, &mut frame.clone(), &PacketMeta::default(), &mut cap);
+    drop(w);
+    assert_eq!(sw.stats(1).tx_packets, 7);
+}
