@@ -77,23 +77,9 @@ fn inbound(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, h: u64, out: 
     if !ctx.is_primary(ctx.hp.nat_in_shard(p.dport)) {
         return ctx.drop(DropReason::NotOwner);
     }
-    let k = Key {
-        src: p.src,
-        dst: p.dst,
-        sport: p.sport,
-        dport: p.dport,
-        svc: svc.port,
-        proto: p.proto,
-    };
-    let Some((idx, 1)) = ctx.table.lookup(&k, h) else {
+    let Some(idx) = ctx.live_flow(p, svc.port, h, 1) else {
         return ctx.drop(DropReason::NoFlow);
     };
-    if ctx.expired(ctx.table.get(idx)) {
-        ctx.remove_primary(idx);
-        ctx.c.flows_expired += 1;
-        return ctx.drop(DropReason::NoFlow);
-    }
-    ctx.touch(idx, p, 1);
     let f = *ctx.table.get(idx);
     ctx.buf.clear();
     ctx.buf.extend_from_slice(frame);
@@ -107,30 +93,8 @@ fn outbound(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, h: u64, out:
     if !ctx.is_primary(shard) {
         return ctx.drop(DropReason::NotOwner);
     }
-    let k = Key {
-        src: p.src,
-        dst: p.dst,
-        sport: p.sport,
-        dport: p.dport,
-        svc: svc.port,
-        proto: p.proto,
-    };
-    let mut found = match ctx.table.lookup(&k, h) {
-        Some((idx, 0)) => Some(idx),
-        _ => None,
-    };
-    if let Some(idx) = found {
-        if ctx.expired(ctx.table.get(idx)) {
-            ctx.remove_primary(idx);
-            ctx.c.flows_expired += 1;
-            found = None;
-        }
-    }
-    let idx = match found {
-        Some(idx) => {
-            ctx.touch(idx, p, 0);
-            idx
-        }
+    let idx = match ctx.live_flow(p, svc.port, h, 0) {
+        Some(idx) => idx,
         None => {
             if p.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN {
                 // Mid-connection packet with no flow (e.g. after the idle timeout): RST the sender.

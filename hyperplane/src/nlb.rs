@@ -7,9 +7,9 @@ use std::time::SystemTime;
 
 use crate::cluster::Repl;
 use crate::compile::{Compiled, Kind, Service};
-use crate::flow::{Flow, Key, F_NLB};
+use crate::flow::{Flow, F_NLB};
 use crate::maglev::mix64;
-use crate::node::Ctx;
+use crate::node::{flow_key, Ctx};
 use crate::stats::{DropReason, HealthState};
 use crate::wire::{self, Parsed, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::Sink;
@@ -48,30 +48,8 @@ fn from_client(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, h: u64, o
     if !ctx.is_primary(shard) {
         return ctx.drop(DropReason::NotOwner);
     }
-    let k = Key {
-        src: p.src,
-        dst: p.dst,
-        sport: p.sport,
-        dport: p.dport,
-        svc: svc.port,
-        proto: p.proto,
-    };
-    let mut found = match ctx.table.lookup(&k, h) {
-        Some((idx, 0)) => Some(idx),
-        _ => None,
-    };
-    if let Some(idx) = found {
-        if ctx.expired(ctx.table.get(idx)) {
-            ctx.remove_primary(idx);
-            ctx.c.flows_expired += 1;
-            found = None;
-        }
-    }
-    let idx = match found {
-        Some(idx) => {
-            ctx.touch(idx, p, 0);
-            idx
-        }
+    let idx = match ctx.live_flow(p, svc.port, h, 0) {
+        Some(idx) => idx,
         None => {
             // Only new flows need the listener: a removed one closes its flows in `reconcile`.
             let Some(l) = svc.listener(p.proto, p.dport) else {
@@ -137,14 +115,7 @@ fn from_client(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, h: u64, o
 }
 
 fn from_target(ctx: &mut Ctx, svc: &Service, frame: &[u8], p: &Parsed, h: u64, out: &mut dyn Sink) {
-    let k = Key {
-        src: p.src,
-        dst: p.dst,
-        sport: p.sport,
-        dport: p.dport,
-        svc: svc.port,
-        proto: p.proto,
-    };
+    let k = flow_key(p, svc.port);
     let shard = ctx.hp.nlb_shard(p.dst, p.dport, p.proto, svc.port);
     let hit = if ctx.is_primary(shard) {
         ctx.table.lookup(&k, h)

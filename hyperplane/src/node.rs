@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::cluster::{Hyperplane, Record, Repl, ShardMap, NONE};
 use crate::compile::{Compiled, Kind};
-use crate::flow::{Flow, FlowTable, F_FIN_FWD, F_FIN_REV, F_NLB, F_RST};
+use crate::flow::{Flow, FlowTable, Key, F_FIN_FWD, F_FIN_REV, F_NLB, F_RST};
 use crate::health::Prober;
 use crate::stats::DropReason;
 use crate::wire::{self, Parsed, PROTO_ICMP, PROTO_TCP, TCP_FIN, TCP_RST};
@@ -71,6 +71,18 @@ impl Timeouts {
             (true, PROTO_TCP) => self.nlb_tcp,
             (true, _) => self.nlb_udp,
         }
+    }
+}
+
+/// The table key of packet `p` on service `svc`, as it travels.
+pub(crate) fn flow_key(p: &Parsed, svc: u32) -> Key {
+    Key {
+        src: p.src,
+        dst: p.dst,
+        sport: p.sport,
+        dport: p.dport,
+        svc,
+        proto: p.proto,
     }
 }
 
@@ -156,6 +168,23 @@ impl Ctx {
             let copy = *f;
             self.replicate(copy.shard, Repl::Upsert(copy));
         }
+    }
+
+    /// The live flow `p` belongs to on service `svc`, if it is seen from
+    /// `dir` (0: the side that opened it, 1: the reply side), touched. An
+    /// expired entry is removed (counted) and reported as none.
+    pub fn live_flow(&mut self, p: &Parsed, svc: u32, h: u64, dir: u32) -> Option<u32> {
+        let (idx, d) = self.table.lookup(&flow_key(p, svc), h)?;
+        if d != dir {
+            return None;
+        }
+        if self.expired(self.table.get(idx)) {
+            self.remove_primary(idx);
+            self.c.flows_expired += 1;
+            return None;
+        }
+        self.touch(idx, p, dir);
+        Some(idx)
     }
 
     /// Removes a flow this node is primary for and tells the secondary.
