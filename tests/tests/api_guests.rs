@@ -200,6 +200,41 @@ fn scenario_detach_reattach() {
 
 /// One HTTP/1.0 exchange with the metadata service from inside `id`, with
 /// busybox nc (stdin stays open a second: nc drops the connection at EOF).
+/// Detach an ENI at each of `delays_ms` after its attach reported
+/// "attached", from before the guest has handled the hot-plug to after it
+/// has brought the device up (the soak's churn, made systematic). Every
+/// detach completes and the device leaves the guest; the ENI then works
+/// on the other instance. (A guest that loses the eject request under load
+/// is covered by `qmp::tests::unplug_asks_again_*`: it cannot be provoked
+/// on purpose here.)
+fn scenario_detach_soon(delays_ms: &[u64]) {
+    let Some(d) = daemon("detach-soon") else {
+        return;
+    };
+    let (_, subnet) = network(&d);
+    let v = boot(&d, &subnet, &["t3.micro", "t3.micro"]);
+    let (a, b) = (&v[0].0, &v[1].0);
+    let (eni, ip) = create_eni(&d, &subnet);
+    for &ms in delays_ms {
+        let att = attach(&d, &eni, a, 1, 0);
+        d.wait(&format!("{ms} ms round: attached"), SHORT, || {
+            d.attachment_status(&eni) == "attached"
+        });
+        std::thread::sleep(Duration::from_millis(ms));
+        let t = Instant::now();
+        detach(&d, &att, &eni, false);
+        eprintln!("detach {ms} ms after attach took {:?}", t.elapsed());
+    }
+    assert_eq!(
+        d.sh_ok(a, "ls /sys/class/net | grep -c '^eth'", SHORT)
+            .trim(),
+        "1",
+        "{a} still has the ENI's device"
+    );
+    attach(&d, &eni, b, 1, 0);
+    d.wait(&format!("{ip} on {b}"), SHORT * 2, || d.pings(a, &ip));
+}
+
 fn http(d: &ApiDaemon, id: &str, request: &str) -> String {
     let script = format!(
         "(printf '{}'; sleep 1) | nc -w 3 169.254.169.254 80",
@@ -450,6 +485,11 @@ fn hot_attach_reached_from_another_instance() {
 #[test]
 fn detach_then_reattach_to_another_instance() {
     scenario_detach_reattach();
+}
+
+#[test]
+fn detach_soon_after_attach() {
+    scenario_detach_soon(&[0, 300, 1000, 2000, 3500]);
 }
 
 #[test]

@@ -33,6 +33,11 @@ const LOG_TAIL_LINES: usize = 20;
 /// commands meanwhile.
 const WAIT_SLICE: Duration = Duration::from_millis(200);
 
+/// How long an unplug waits for `DEVICE_DELETED` before asking the guest
+/// again (see [`super::qmp::Qmp::wait_nic_removed`]): past QEMU's 5 s
+/// repeat guard for native PCIe hotplug and pciehp's 5 s cancel window.
+const REPRESS_AFTER: Duration = Duration::from_secs(7);
+
 /// A running QEMU instance. `Send + Sync`: share it in an `Arc`; QMP
 /// commands are serialised by an internal lock.
 ///
@@ -424,20 +429,22 @@ impl Instance {
         }
         if present {
             let deadline = Instant::now() + timeout;
+            let mut pressed = Instant::now();
             loop {
                 let slice = deadline
                     .saturating_duration_since(Instant::now())
                     .min(WAIT_SLICE);
-                match self.qmp().wait_device_deleted(id, slice) {
-                    Ok(()) => break,
-                    Err(QemuError::Timeout { .. }) if Instant::now() < deadline => {}
-                    Err(QemuError::Timeout { .. }) => {
-                        return Err(QemuError::Timeout {
-                            what: format!("the guest to release NIC {id} (DEVICE_DELETED)"),
-                            after: timeout,
-                        })
-                    }
-                    Err(e) => return Err(e),
+                if self
+                    .qmp()
+                    .wait_nic_removed(id, slice, &mut pressed, REPRESS_AFTER)?
+                {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(QemuError::Timeout {
+                        what: format!("the guest to release NIC {id} (DEVICE_DELETED)"),
+                        after: timeout,
+                    });
                 }
             }
         }

@@ -481,6 +481,48 @@ impl Qmp {
         }
     }
 
+    /// One slice of an unplug's wait: true once NIC `id`'s device is gone
+    /// (`DEVICE_DELETED` came, or a repeated `device_del` finds no device).
+    ///
+    /// When `repress_after` has passed since `last_press`, `device_del` is
+    /// issued again. A guest can lose the request: an ACPI eject notice
+    /// that comes while it is still handling the hot-plug before it (CI
+    /// saw this under load), or a pciehp button press while the slot is
+    /// still powering on. QEMU allows the repeat (at once for ACPI hotplug,
+    /// after 5 s for native PCIe) and refuses it with a `GenericError`
+    /// ("already in the process of unplug", "guest is busy") while the
+    /// guest is acting on the first request; both mean "keep waiting".
+    pub fn wait_nic_removed(
+        &mut self,
+        id: &str,
+        slice: Duration,
+        last_press: &mut Instant,
+        repress_after: Duration,
+    ) -> Result<bool> {
+        match self.wait_device_deleted(id, slice) {
+            Ok(()) => return Ok(true),
+            Err(QemuError::Timeout { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        if last_press.elapsed() < repress_after {
+            return Ok(false);
+        }
+        *last_press = Instant::now();
+        match self.request_nic_removal(id) {
+            Ok(present) => {
+                if present {
+                    tracing::info!(nic = %id, "the guest has not released the NIC: device_del again");
+                }
+                Ok(!present)
+            }
+            Err(QemuError::Qmp { class, desc, .. }) if class == "GenericError" => {
+                tracing::debug!(nic = %id, "device_del again refused: {desc}");
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Wait for `DEVICE_DELETED` of NIC `id`'s device.
     pub fn wait_device_deleted(&mut self, id: &str, timeout: Duration) -> Result<()> {
         let dev = device_id(id);
@@ -794,6 +836,87 @@ mod tests {
         assert_eq!(seen[3]["arguments"]["bus"], "rp3");
         assert_eq!(seen[3]["arguments"]["vectors"], 6);
         assert_eq!(seen[4]["arguments"]["id"], "nic-eni-1");
+    }
+
+    #[test]
+    fn unplug_asks_again_when_the_guest_loses_the_request() {
+        // The first device_del is lost, the second is refused while the
+        // guest is busy, the third is answered with DEVICE_DELETED.
+        let mut presses = 0;
+        let fake = FakeQmp::start(
+            "repress",
+            Box::new(move |cmd, args, id| match cmd {
+                "device_del" => {
+                    presses += 1;
+                    match presses {
+                        1 => vec![ok(id, json!({}))],
+                        2 => vec![json!({"error": {"class": "GenericError",
+                            "desc": "Device nic-eni-1 is already in the process of unplug"}, "id": id})],
+                        _ => vec![
+                            ok(id, json!({})),
+                            ev("DEVICE_DELETED", json!({"device": args["id"]})),
+                        ],
+                    }
+                }
+                _ => vec![ok(id, json!({}))],
+            }),
+        );
+        let mut q = Qmp::connect(&fake.path, Duration::from_secs(5)).unwrap();
+        assert!(q.request_nic_removal("eni-1").unwrap());
+        let mut pressed = Instant::now();
+        let slice = Duration::from_millis(20);
+        let again = Duration::from_millis(100);
+        let t = Instant::now();
+        let mut slices = 0;
+        while !q
+            .wait_nic_removed("eni-1", slice, &mut pressed, again)
+            .unwrap()
+        {
+            slices += 1;
+            assert!(slices < 100, "never removed");
+        }
+        // Two repeats, each after `again`.
+        assert!(t.elapsed() >= 2 * again, "{:?}", t.elapsed());
+        drop(q);
+        let dels = fake
+            .finish()
+            .iter()
+            .filter(|v| v["execute"] == "device_del")
+            .count();
+        assert_eq!(dels, 3);
+    }
+
+    #[test]
+    fn unplug_stops_asking_once_the_device_is_gone() {
+        // The DEVICE_DELETED event was missed; a repeat finds no device.
+        let mut presses = 0;
+        let fake = FakeQmp::start(
+            "gone",
+            Box::new(move |cmd, _args, id| match cmd {
+                "device_del" => {
+                    presses += 1;
+                    if presses == 1 {
+                        vec![ok(id, json!({}))]
+                    } else {
+                        vec![json!({"error": {"class": "DeviceNotFound",
+                            "desc": "Device 'nic-eni-2' not found"}, "id": id})]
+                    }
+                }
+                _ => vec![ok(id, json!({}))],
+            }),
+        );
+        let mut q = Qmp::connect(&fake.path, Duration::from_secs(5)).unwrap();
+        assert!(q.request_nic_removal("eni-2").unwrap());
+        let mut pressed = Instant::now();
+        let slice = Duration::from_millis(20);
+        assert!(!q
+            .wait_nic_removed("eni-2", slice, &mut pressed, Duration::from_secs(60))
+            .unwrap());
+        assert!(q
+            .wait_nic_removed("eni-2", slice, &mut pressed, Duration::ZERO)
+            .unwrap());
+        drop(q);
+        fake.finish();
     }
 
     #[test]
