@@ -92,6 +92,61 @@ impl<T> Mpsc<T> {
         }
     }
 
+    /// Move values from the front of `items` into the ring, in order, as
+    /// many as there is room for, claiming all their slots with one
+    /// compare-and-swap (a locked instruction drains the store buffer, so
+    /// a worker queues a batch's frames for one destination at once).
+    /// Returns how many were moved; the rest stay in `items`.
+    pub fn push_many(&self, items: &mut Vec<T>) -> usize {
+        let cap = self.slots.len();
+        let mut tail = self.tail.0.load(Ordering::Relaxed);
+        loop {
+            // Free slots from the tail on: stamp == index.
+            let mut k = 0;
+            while k < items.len().min(cap) {
+                let i = tail.wrapping_add(k);
+                if self.slots[i % cap].stamp.load(Ordering::Acquire) != i {
+                    break;
+                }
+                k += 1;
+            }
+            if k == 0 {
+                if items.is_empty() {
+                    return 0;
+                }
+                let stamp = self.slots[tail % cap].stamp.load(Ordering::Acquire);
+                if stamp.wrapping_add(cap) == tail.wrapping_add(1) {
+                    return 0; // full
+                }
+                std::hint::spin_loop();
+                tail = self.tail.0.load(Ordering::Relaxed);
+                continue;
+            }
+            match self.tail.0.compare_exchange_weak(
+                tail,
+                tail.wrapping_add(k),
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    for (j, value) in items.drain(..k).enumerate() {
+                        let i = tail.wrapping_add(j);
+                        let slot = &self.slots[i % cap];
+                        // SAFETY: every slot in tail..tail+k was free for
+                        // its index when looked at, and only a producer
+                        // that moved the tail past it could have taken it
+                        // since; winning the CAS from `tail` makes them
+                        // ours until their stamps are published.
+                        unsafe { (*slot.value.get()).write(value) };
+                        slot.stamp.store(i.wrapping_add(1), Ordering::Release);
+                    }
+                    return k;
+                }
+                Err(t) => tail = t,
+            }
+        }
+    }
+
     pub fn len(&self) -> usize {
         let tail = self.tail.0.load(Ordering::SeqCst);
         let head = self.head.0.load(Ordering::SeqCst);
@@ -187,6 +242,78 @@ mod tests {
             drop(c);
             assert!(q.is_empty());
         }
+    }
+
+    #[test]
+    fn push_many_fills_what_is_free_in_order() {
+        let q = Mpsc::new(5);
+        q.push(0).unwrap();
+        let mut v: Vec<i32> = (1..8).collect();
+        assert_eq!(q.push_many(&mut v), 4);
+        assert_eq!(v, [5, 6, 7], "the rest stays, in order");
+        assert_eq!(q.push_many(&mut v), 0, "full");
+        let mut c = q.consumer().unwrap();
+        assert_eq!((c.pop(), c.pop()), (Some(0), Some(1)));
+        drop(c);
+        // Across the wrap of the ring.
+        assert_eq!(q.push_many(&mut v), 2);
+        assert_eq!(v, [7]);
+        let mut c = q.consumer().unwrap();
+        let got: Vec<i32> = std::iter::from_fn(|| c.pop()).collect();
+        assert_eq!(got, [2, 3, 4, 5, 6]);
+        drop(c);
+        assert_eq!(q.push_many(&mut Vec::new()), 0);
+    }
+
+    #[test]
+    fn push_many_races_single_pushes() {
+        let q = Arc::new(Mpsc::new(32));
+        let producers: Vec<_> = (0..4u64)
+            .map(|p| {
+                let q = q.clone();
+                std::thread::spawn(move || {
+                    let mut i = 0u64;
+                    let mut batch = Vec::new();
+                    while i < 20_000 {
+                        if p % 2 == 0 {
+                            while batch.len() < 7 && i < 20_000 {
+                                batch.push(p << 32 | i);
+                                i += 1;
+                            }
+                            while !batch.is_empty() {
+                                if q.push_many(&mut batch) == 0 {
+                                    std::thread::yield_now();
+                                }
+                            }
+                        } else {
+                            let mut v = p << 32 | i;
+                            while let Err(back) = q.push(v) {
+                                v = back;
+                                std::thread::yield_now();
+                            }
+                            i += 1;
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut next = [0u64; 4];
+        let mut got = 0;
+        while got < 80_000 {
+            let mut c = q.consumer().unwrap();
+            while let Some(v) = c.pop() {
+                let (p, i) = ((v >> 32) as usize, v & 0xffff_ffff);
+                assert_eq!(i, next[p], "per-producer order");
+                next[p] += 1;
+                got += 1;
+            }
+            drop(c);
+            std::thread::yield_now();
+        }
+        for p in producers {
+            p.join().unwrap();
+        }
+        assert_eq!(next, [20_000; 4]);
     }
 
     #[test]

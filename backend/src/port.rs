@@ -151,33 +151,44 @@ impl PortHandle {
         }
     }
 
-    /// Pick the RX queue for a flow among the enabled ones.
-    pub(crate) fn pick(&self, flow_hash: u32) -> Option<&RxQueue> {
+    /// Pick the RX queue for a flow among the enabled ones (its index).
+    #[inline]
+    pub(crate) fn pick_index(&self, flow_hash: u32) -> Option<usize> {
         let mask = self.enabled_rx.load(Ordering::Relaxed);
-        let n = mask.count_ones();
-        if n == 0 {
-            return None;
+        if mask & mask.wrapping_sub(1) == 0 {
+            // None or one enabled: no division, no bit walk.
+            return (mask != 0).then(|| mask.trailing_zeros() as usize);
         }
-        let mut k = flow_hash % n;
+        let n = mask.count_ones();
+        // flow_hash * n / 2^32: an even spread over n without a division.
+        let mut k = ((u64::from(flow_hash) * u64::from(n)) >> 32) as u32;
         let mut m = mask;
         loop {
             let i = m.trailing_zeros();
             if k == 0 {
-                return self.rxq.get(i as usize);
+                return Some(i as usize);
             }
             k -= 1;
             m &= m - 1;
         }
     }
 
+    /// The queue a frame goes to: the service's lane, or the flow's pick.
+    #[inline]
+    fn queue_for(&self, flow_hash: u32, frame: &[u8]) -> Option<usize> {
+        match &self.steer {
+            Some(s) => s.steer(self.port, frame).filter(|&i| i < self.rxq.len()),
+            None => self.pick_index(flow_hash),
+        }
+    }
+
     /// Queue a frame for the guest. Gives the frame back if the queue is
     /// full or no RX queue is enabled.
     pub fn enqueue(&self, flow_hash: u32, pkt: Pkt) -> Result<&Arc<Waker>, Pkt> {
-        let q = match &self.steer {
-            Some(s) => s.steer(self.port, &pkt.buf).and_then(|i| self.rxq.get(i)),
-            None => self.pick(flow_hash),
-        };
-        let Some(q) = q else {
+        let Some(q) = self
+            .queue_for(flow_hash, &pkt.buf)
+            .and_then(|i| self.rxq.get(i))
+        else {
             return Err(pkt);
         };
         q.ring.push(pkt)?;
@@ -222,9 +233,24 @@ impl PortTable {
     }
 }
 
+/// Frames held for one destination queue until the end of the batch.
+struct Staged {
+    handle: Arc<PortHandle>,
+    queue: usize,
+    pkts: Vec<Pkt>,
+}
+
 /// The switch's view of where frames go: port RX queues. Every thread that
 /// runs the switch (card workers, uplinks) emits through one of these, then
 /// wakes the workers it queued frames for.
+///
+/// Frames the switch forwards as they came (the ingress buffer moved, see
+/// [`PortEgress::finish`]) are held per destination queue and queued
+/// together at [`flush`](PortEgress::flush) (also run by the wake calls and
+/// on drop): one compare-and-swap per destination and batch instead of one
+/// per frame. A copied frame ([`Egress::emit`] of other bytes) is queued at
+/// once, after any frames held for its queue, so a queue's order is the
+/// order the switch emitted in.
 pub(crate) struct PortEgress<'a> {
     /// The port table as of the start of this pass: one load per pass,
     /// not a reference-count round trip per frame.
@@ -235,7 +261,11 @@ pub(crate) struct PortEgress<'a> {
     /// switch emits that very frame, it is queued by moving the buffer
     /// ([`PortEgress::finish`]) instead of copying it.
     ingress: Option<(usize, usize)>,
-    moved: Option<(PortId, u32, PacketMeta)>,
+    moved: Option<(PortId, usize, PacketMeta)>,
+    staged: Vec<Staged>,
+    /// Held frames dropped by an early flush of one queue, not yet
+    /// reported by [`flush`](Self::flush).
+    late: u64,
 }
 
 impl<'a> PortEgress<'a> {
@@ -246,6 +276,8 @@ impl<'a> PortEgress<'a> {
             wake: Vec::new(),
             ingress: None,
             moved: None,
+            staged: Vec::new(),
+            late: 0,
         }
     }
 
@@ -255,12 +287,12 @@ impl<'a> PortEgress<'a> {
         self.moved = None;
     }
 
-    /// After the switch is done with the ingress frame: queue it by moving
-    /// its buffer if the switch emitted it, else give it back. False when
-    /// the queue filled up in between (another worker raced us).
+    /// After the switch is done with the ingress frame: hold it for its
+    /// queue if the switch emitted it, else give it back. False when the
+    /// destination went away in between.
     pub fn finish(&mut self, pkt: Pkt) -> bool {
         self.ingress = None;
-        let Some((port, flow_hash, meta)) = self.moved.take() else {
+        let Some((port, queue, meta)) = self.moved.take() else {
             self.pool.put(pkt.buf);
             return true;
         };
@@ -268,16 +300,63 @@ impl<'a> PortEgress<'a> {
             self.pool.put(pkt.buf);
             return false;
         };
-        match handle.enqueue(flow_hash, Pkt { buf: pkt.buf, meta }) {
-            Ok(w) => {
-                if !self.wake.iter().any(|x| Arc::ptr_eq(x, w)) {
-                    self.wake.push(w.clone());
-                }
-                true
+        let pkt = Pkt { buf: pkt.buf, meta };
+        match self
+            .staged
+            .iter_mut()
+            .find(|s| s.queue == queue && Arc::ptr_eq(&s.handle, handle))
+        {
+            Some(s) => s.pkts.push(pkt),
+            None => self.staged.push(Staged {
+                handle: handle.clone(),
+                queue,
+                pkts: vec![pkt],
+            }),
+        }
+        true
+    }
+
+    /// Frames held for `queue` of `handle` (they count against its room).
+    fn held(&self, handle: &Arc<PortHandle>, queue: usize) -> usize {
+        self.staged
+            .iter()
+            .find(|s| s.queue == queue && Arc::ptr_eq(&s.handle, handle))
+            .map_or(0, |s| s.pkts.len())
+    }
+
+    /// Queue every held frame. Returns how many found their queue full
+    /// (given back to the pool) since the last flush.
+    pub fn flush(&mut self) -> u64 {
+        let mut late = std::mem::take(&mut self.late);
+        for mut s in self.staged.drain(..) {
+            let Some(q) = s.handle.rxq.get(s.queue) else {
+                continue;
+            };
+            q.ring.push_many(&mut s.pkts);
+            if !self.wake.iter().any(|x| Arc::ptr_eq(x, &q.waker)) {
+                self.wake.push(q.waker.clone());
             }
-            Err(pkt) => {
-                self.pool.put(pkt.buf);
-                false
+            for p in s.pkts.drain(..) {
+                late += 1;
+                self.pool.put(p.buf);
+            }
+        }
+        late
+    }
+
+    fn flush_queue(&mut self, handle: &Arc<PortHandle>, queue: usize) {
+        if let Some(i) = self
+            .staged
+            .iter()
+            .position(|s| s.queue == queue && Arc::ptr_eq(&s.handle, handle))
+        {
+            let mut s = self.staged.swap_remove(i);
+            if let Some(q) = handle.rxq.get(queue) {
+                q.ring.push_many(&mut s.pkts);
+            }
+            for p in s.pkts.drain(..) {
+                self.late += 1;
+                self.pool.put(p.buf);
             }
         }
     }
@@ -285,6 +364,7 @@ impl<'a> PortEgress<'a> {
     /// Wake every worker that got frames, except `own` (the caller, which
     /// serves its queues next anyway). Returns true if `own` got frames.
     pub fn wake_others(&mut self, own: &Arc<Waker>) -> bool {
+        self.flush();
         let mut mine = false;
         for w in self.wake.drain(..) {
             if Arc::ptr_eq(&w, own) {
@@ -300,8 +380,18 @@ impl<'a> PortEgress<'a> {
 impl PortEgress<'_> {
     /// Wake every worker that got frames (for callers that are no worker).
     pub fn wake_all(&mut self) {
+        self.flush();
         for w in self.wake.drain(..) {
             w.wake();
+        }
+    }
+}
+
+impl Drop for PortEgress<'_> {
+    /// Held frames are never lost: queue them and wake their workers.
+    fn drop(&mut self) {
+        if !self.staged.is_empty() || !self.wake.is_empty() {
+            self.wake_all();
         }
     }
 }
@@ -311,23 +401,32 @@ impl Egress for PortEgress<'_> {
         let Some(handle) = self.table.get(port as usize).and_then(|h| h.as_ref()) else {
             return false;
         };
+        let Some(queue) = handle.queue_for(flow_hash, frame) else {
+            return false;
+        };
+        let Some(q) = handle.rxq.get(queue) else {
+            return false;
+        };
         if self.moved.is_none() && self.ingress == Some((frame.as_ptr() as usize, frame.len())) {
-            // The ingress frame itself: queued by `finish`, without a copy.
+            // The ingress frame itself: held by `finish`, without a copy.
             // Refuse now if there is no room, so the switch counts it.
-            return match handle.pick(flow_hash) {
-                Some(q) if !q.ring.is_full() => {
-                    self.moved = Some((port, flow_hash, *meta));
-                    true
-                }
-                _ => false,
-            };
+            if q.ring.len() + self.held(handle, queue) >= RX_QUEUE_DEPTH {
+                return false;
+            }
+            self.moved = Some((port, queue, *meta));
+            return true;
         }
+        let handle = handle.clone();
+        self.flush_queue(&handle, queue);
+        let Some(q) = handle.rxq.get(queue) else {
+            return false;
+        };
         let mut buf = self.pool.get();
         buf.extend_from_slice(frame);
-        match handle.enqueue(flow_hash, Pkt { buf, meta: *meta }) {
-            Ok(w) => {
-                if !self.wake.iter().any(|x| Arc::ptr_eq(x, w)) {
-                    self.wake.push(w.clone());
+        match q.ring.push(Pkt { buf, meta: *meta }) {
+            Ok(()) => {
+                if !self.wake.iter().any(|x| Arc::ptr_eq(x, &q.waker)) {
+                    self.wake.push(q.waker.clone());
                 }
                 true
             }

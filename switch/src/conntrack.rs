@@ -283,19 +283,15 @@ impl Conntrack {
     /// ports of the tuple do not matter.
     #[inline]
     pub fn prefetch(&self, tuple: &Tuple) {
-        for b in self.buckets(&tuple.key()) {
-            prefetch(&self.slots[b]);
-            // An entry sits in the first half of its bucket nearly always
-            // (two-choice inserts keep buckets at about half their size).
-            prefetch(&self.slots[b + BUCKET / 4]);
-        }
+        let [b, _] = self.buckets(&tuple.key());
+        prefetch(&self.slots[b]);
+        prefetch(&self.slots[b + BUCKET / 4]);
     }
 
     /// The live entry for `key`, if any.
     #[inline]
     pub fn lookup(&self, key: &Key, now: u32) -> Option<Hit> {
         let buckets = self.buckets(key);
-        prefetch(&self.slots[buckets[1]]);
         for i in 0..PROBE {
             let idx = Self::probe(&buckets, i);
             let slot = &self.slots[idx];

@@ -273,6 +273,7 @@ impl Worker {
                 }
             }
             self.switch.end_batch();
+            late += egress.flush();
             self.batch.clear();
             let c = &self.shared.counters;
             c.tx_batches.fetch_add(1, Ordering::Relaxed);

@@ -63,7 +63,10 @@ pub enum Dir {
 }
 
 /// Walk the chain at `head` of `table`, appending its buffers to `segs`
-/// (cleared first). Returns the total byte length.
+/// (not cleared: RX collects several chains for one frame in one list, and
+/// copying `Seg`s between lists stalled on store forwarding behind the
+/// frame copies to guest memory). Returns the total byte length; on error
+/// `segs` may hold part of the chain.
 pub(crate) fn walk<'m>(
     map: &MemMap<'m>,
     table: DescTable<'m>,
@@ -72,7 +75,6 @@ pub(crate) fn walk<'m>(
     dir: Dir,
     segs: &mut Vec<Seg>,
 ) -> Result<u32, ChainError> {
-    segs.clear();
     if head >= table.entries() {
         return Err(ChainError::HeadOutOfRange);
     }

@@ -114,6 +114,29 @@ impl<'m> MemMap<'m> {
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) }
     }
 
+    /// Store the little-endian `lo` (8 bytes) then the first `hi_len` (at
+    /// most 4) bytes of `hi` at guest host address `dst` (from [`translate`]
+    /// of at least `8 + hi_len` bytes in this batch). For the virtio-net
+    /// header: built in registers and stored whole, where a byte array
+    /// copied by `memcpy` made its loads wait (failed store forwarding)
+    /// for every older store, frame copies into guest memory included.
+    #[inline]
+    pub fn write_u64_u32(&self, dst: *mut u8, lo: u64, hi: u32, hi_len: usize) {
+        // SAFETY: `dst` is valid for 8 + hi_len bytes (caller, as in
+        // `write`); unaligned stores of plain integers into guest bytes.
+        unsafe {
+            std::ptr::write_unaligned(dst.cast::<u64>(), lo.to_le());
+            match hi_len {
+                4 => std::ptr::write_unaligned(dst.add(8).cast::<u32>(), hi.to_le()),
+                2 => std::ptr::write_unaligned(dst.add(8).cast::<u16>(), (hi as u16).to_le()),
+                _ => {
+                    let b = hi.to_le_bytes();
+                    std::ptr::copy_nonoverlapping(b.as_ptr(), dst.add(8), hi_len.min(4));
+                }
+            }
+        }
+    }
+
     /// Append `len` guest bytes at host address `src` to `out`, without
     /// zeroing first.
     #[inline]

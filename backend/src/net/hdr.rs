@@ -45,6 +45,18 @@ impl VirtioNetHdr {
         }
     }
 
+    /// The header as two little-endian words: bytes 0..8 and 8..12.
+    #[inline]
+    pub fn words(&self) -> (u64, u32) {
+        let lo = u64::from(self.flags)
+            | u64::from(self.gso_type) << 8
+            | u64::from(self.hdr_len) << 16
+            | u64::from(self.gso_size) << 32
+            | u64::from(self.csum_start) << 48;
+        let hi = u32::from(self.csum_offset) | u32::from(self.num_buffers) << 16;
+        (lo, hi)
+    }
+
     pub fn emit(&self) -> [u8; VNET_HDR_LEN] {
         let mut b = [0u8; VNET_HDR_LEN];
         b[0] = self.flags;
@@ -117,6 +129,23 @@ impl VirtioNetHdr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn words_are_the_emitted_bytes() {
+        let h = VirtioNetHdr {
+            flags: 0x81,
+            gso_type: 0x43,
+            hdr_len: 0x1234,
+            gso_size: 0x5678,
+            csum_start: 0x9abc,
+            csum_offset: 0xdef0,
+            num_buffers: 0x0fed,
+        };
+        let (lo, hi) = h.words();
+        let mut b = lo.to_le_bytes().to_vec();
+        b.extend_from_slice(&hi.to_le_bytes());
+        assert_eq!(b, h.emit());
+    }
 
     #[test]
     fn round_trip() {

@@ -37,7 +37,6 @@ pub struct TxCtx {
 /// Per-worker scratch for RX.
 #[derive(Default)]
 pub struct RxCtx {
-    tmp: Vec<Seg>,
     segs: Vec<Seg>,
     heads: Vec<(u16, u32, usize, usize)>,
     seg_buf: Vec<u8>,
@@ -140,6 +139,7 @@ impl NetDevice {
                     tracing::debug!(eni = %self.cfg.eni_id, qp, "TX on a disabled ring discarded");
                     counters.tx_discarded.fetch_add(1, Ordering::Relaxed);
                 } else {
+                    ctx.segs.clear();
                     match chain::walk(&map, ring.desc, head, indirect, Dir::Read, &mut ctx.segs) {
                         Err(e) => {
                             tracing::debug!(eni = %self.cfg.eni_id, qp, error = %e, "bad TX chain");
@@ -413,10 +413,9 @@ fn rx_one<'m>(
         }
         let head = ring.pop_head();
         popped += 1;
-        match chain::walk(map, ring.desc, head, p.indirect, Dir::Write, &mut ctx.tmp) {
+        let start = ctx.segs.len();
+        match chain::walk(map, ring.desc, head, p.indirect, Dir::Write, &mut ctx.segs) {
             Ok(len) => {
-                let start = ctx.segs.len();
-                ctx.segs.extend_from_slice(&ctx.tmp);
                 ctx.heads.push((head, len, start, ctx.segs.len()));
                 cap = cap.saturating_add(len as usize);
             }
@@ -443,7 +442,16 @@ fn rx_one<'m>(
     for i in 0..ctx.heads.len() {
         let (head, len, a, b) = ctx.heads[i];
         let n = (len as usize).min(need - off);
-        write_stream(map, &ctx.segs[a..b], hb, frame, off, n);
+        let segs = &ctx.segs[a..b];
+        match segs.first() {
+            // The usual layout: the whole header fits the first buffer.
+            Some(s) if off == 0 && s.len as usize >= p.hdr_len && p.hdr_len >= 8 => {
+                let (lo, hi) = hdr.words();
+                map.write_u64_u32(s.host, lo, hi, p.hdr_len - 8);
+                chain::scatter(map, segs, p.hdr_len, &frame[..n - p.hdr_len]);
+            }
+            _ => write_stream(map, segs, hb, frame, off, n),
+        }
         ring.push_used(head, n as u32);
         off += n;
     }

@@ -525,6 +525,8 @@ fn egress_moves_the_ingress_buffer() {
     );
     assert!(eg.finish(pkt));
     let q = &r.handle.rxq[0].ring;
+    assert_eq!(q.len(), 1, "the moved frame is held until the flush");
+    assert_eq!(eg.flush(), 0);
     assert_eq!(q.len(), 2);
     let first = q.pop().unwrap();
     let second = q.pop().unwrap();
@@ -548,4 +550,33 @@ fn egress_moves_the_ingress_buffer() {
     assert!(!eg.emit(1, 0, &pkt.buf, &meta));
     assert!(!eg.emit(1, 0, &frame(61), &meta));
     assert!(eg.finish(pkt), "nothing was deferred");
+    assert_eq!(eg.flush(), 0);
+    drop(eg);
+
+    // A held frame goes before a copy emitted after it, and one still held
+    // when the egress is dropped is queued, not lost.
+    while q.pop().is_some() {}
+    let mut eg = PortEgress::new(&table, &pool);
+    for len in [60, 62] {
+        let pkt = Pkt {
+            buf: frame(len),
+            meta,
+        };
+        eg.set_ingress(&pkt.buf);
+        assert!(eg.emit(1, 0, &pkt.buf, &meta));
+        assert!(eg.finish(pkt));
+    }
+    assert!(eg.emit(1, 0, &frame(61), &meta));
+    let pkt = Pkt {
+        buf: frame(63),
+        meta,
+    };
+    eg.set_ingress(&pkt.buf);
+    assert!(eg.emit(1, 0, &pkt.buf, &meta));
+    assert!(eg.finish(pkt));
+    drop(eg);
+    let lens: Vec<usize> = std::iter::from_fn(|| q.pop())
+        .map(|p| p.buf.len())
+        .collect();
+    assert_eq!(lens, [60, 62, 61, 63]);
 }

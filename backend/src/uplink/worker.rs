@@ -174,6 +174,7 @@ impl UplinkWorker {
             };
         }
         let mine = egress.wake_others(&shared.waker);
+        drop(egress);
         if let Some(e) = fatal {
             tracing::debug!(tap = self.tap.name(), error = %e, "uplink read failed");
             self.mark_gone("read failed");

@@ -242,6 +242,7 @@ const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
 
 impl Flow {
+    #[inline(always)]
     pub fn of<T: AsRef<[u8]>>(ip: &ipv4::Packet<T>, meta: &PacketMeta) -> Flow {
         let protocol = ip.protocol();
         let l4 = ip.payload();
