@@ -280,6 +280,8 @@ impl Switch {
             now: self.clock.now(),
             tick: 0,
             tally: Tally::default(),
+            hinted: [0; HINTS],
+            hint_n: 0,
         }
     }
 }
@@ -294,7 +296,15 @@ pub struct SwitchWorker {
     now: u32,
     tick: u32,
     tally: Tally,
+    /// Addresses of the last frames given to [`SwitchWorker::prefetch`]:
+    /// the IPv4 stage skips its own (later, so less useful) bucket
+    /// prefetch for them and the hash it costs.
+    hinted: [usize; HINTS],
+    hint_n: usize,
 }
+
+/// Frames a worker remembers as hinted (more than a caller looks ahead).
+const HINTS: usize = 8;
 
 /// Slots of a worker's [`Tally`]: the ports one batch touches.
 const TALLY: usize = 8;
@@ -385,6 +395,8 @@ pub(crate) struct Work<'a> {
     pub unix: u64,
     pub conntrack: &'a Conntrack,
     pub counters: &'a [PortCounters],
+    /// The caller prefetched this frame's buckets ([`SwitchWorker::prefetch`]).
+    pub hinted: bool,
 }
 
 impl SwitchWorker {
@@ -424,7 +436,7 @@ impl SwitchWorker {
     /// hides most of a cache miss per frame. Changes nothing and never
     /// panics; a frame it cannot parse is ignored.
     #[inline]
-    pub fn prefetch(&self, ingress: PortId, frame: &[u8]) {
+    pub fn prefetch(&mut self, ingress: PortId, frame: &[u8]) {
         let Ok(eth) = ethernet::Frame::new_checked(frame) else {
             return;
         };
@@ -438,6 +450,8 @@ impl SwitchWorker {
         self.switch
             .conntrack
             .prefetch(&flow.tuple(ingress, ingress));
+        self.hinted[self.hint_n % HINTS] = frame.as_ptr() as usize;
+        self.hint_n = self.hint_n.wrapping_add(1);
     }
 
     /// Decide what to do with one Ethernet frame (no virtio header) that the
@@ -526,6 +540,16 @@ impl SwitchWorker {
         if watching != 0 {
             capture.record(watching, ingress, Direction::FromGuest, frame);
         }
+        // A hinted frame's buckets are on their way already. The entry is
+        // cleared: a buffer is reused for other frames.
+        let at = frame.as_ptr() as usize;
+        let hinted = match self.hinted.iter_mut().find(|h| **h == at) {
+            Some(h) => {
+                *h = 0;
+                true
+            }
+            None => false,
+        };
         let mut work = Work {
             scratch,
             log,
@@ -533,6 +557,7 @@ impl SwitchWorker {
             unix: switch.clock.unix(*now),
             conntrack: &switch.conntrack,
             counters,
+            hinted,
         };
         let blame = Cell::new(None);
 

@@ -50,7 +50,7 @@ pub(super) fn handle<E: Egress + ?Sized>(
     let flow = Flow::of(&ip, meta);
     // Start loading the flow's connection-tracking buckets now: the checks,
     // route, address and ACL lookups below run while they arrive.
-    if ctx.snap.any_filtered {
+    if ctx.snap.any_filtered && !work.hinted {
         work.conntrack
             .prefetch(&flow.tuple(ctx.ingress, ctx.ingress));
     }

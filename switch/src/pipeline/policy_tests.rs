@@ -365,6 +365,13 @@ pub(super) fn bench(topo: Topology, slots: usize) -> Bench {
 }
 
 pub(super) fn run(b: &mut Bench, steps: Vec<Step>) {
+    run_hinted(b, steps, false)
+}
+
+/// [`run`], with `hint`: every frame is first given to
+/// `SwitchWorker::prefetch`, as the card worker does a few frames ahead.
+/// Verdicts, frames and counts must not change.
+fn run_hinted(b: &mut Bench, steps: Vec<Step>, hint: bool) {
     for step in steps {
         match step {
             Step::Publish(t) => {
@@ -384,6 +391,9 @@ pub(super) fn run(b: &mut Bench, steps: Vec<Step>) {
                 let before: Vec<PortStats> = (0..=UPLINK).map(|p| b.sw.stats(p)).collect();
                 let mut cap = Capture::default();
                 let mut f = frame.clone();
+                if hint {
+                    b.worker.prefetch(ingress, &f);
+                }
                 let got = b
                     .worker
                     .process(ingress, &mut f, &PacketMeta::default(), &mut cap);
@@ -780,6 +790,18 @@ fn isolation_steps() -> Vec<Step> {
             DropReason::NoRoute,
         ),
     ]
+}
+
+#[test]
+fn tables_with_prefetch_hints() {
+    for steps in [
+        security_group_steps(),
+        udp_and_icmp_steps(),
+        nacl_steps(),
+        source_dest_steps(),
+    ] {
+        run_hinted(&mut bench(topology(), 1 << 12), steps, true);
+    }
 }
 
 #[test]

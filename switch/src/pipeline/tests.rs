@@ -2177,7 +2177,7 @@ fn packet_path_does_not_allocate() {
 #[test]
 fn prefetch_hint_takes_any_bytes() {
     let switch = Switch::new();
-    let worker = switch.worker();
+    let mut worker = switch.worker();
     let mut state = 0x0123_4567_89ab_cdefu64;
     let mut frame = [0u8; 80];
     for round in 0..2000 {
