@@ -12,17 +12,6 @@ use super::{Accel, QemuError, Result};
 /// parameters where the last occurrence counts (`panic=`, `loglevel=`).
 pub const BASE_KERNEL_CMDLINE: &str = "console=ttyS0 panic=1";
 
-/// Kernel parameters added under TCG only, between [`BASE_KERNEL_CMDLINE`]
-/// and the caller's: a periodic local APIC tick instead of one-shot
-/// high-resolution timers. With one-shot timers, one local APIC timer
-/// interrupt that never reaches an idle vCPU leaves an expired hrtimer
-/// queued on it; the kernel then never reprograms that CPU's timer again
-/// (hrtimer_reprogram skips deadlines later than `expires_next`), so the
-/// CPU sleeps in HLT for good and RCU stalls on it. In periodic mode QEMU's
-/// APIC re-arms the timer itself every tick (4 ms at HZ=250), so a lost
-/// interrupt costs one tick. KVM keeps the default. See docs/qemu.md.
-pub const TCG_KERNEL_CMDLINE: &str = "highres=off nohz=off";
-
 /// Default number of PCIe root ports (one NIC each, cold or hot-plugged).
 pub const DEFAULT_PCIE_PORTS: usize = 8;
 
@@ -327,19 +316,14 @@ impl InstanceSpec {
         RunPaths::new(&self.run_dir)
     }
 
-    /// Full kernel command line: [`BASE_KERNEL_CMDLINE`], then
-    /// [`TCG_KERNEL_CMDLINE`] under TCG, then [`InstanceSpec::cmdline`].
+    /// Full kernel command line.
     pub fn kernel_cmdline(&self) -> String {
-        let accel_params = match self.accel {
-            Accel::Tcg => TCG_KERNEL_CMDLINE,
-            Accel::Kvm => "",
-        };
-        [BASE_KERNEL_CMDLINE, accel_params, self.cmdline.trim()]
-            .iter()
-            .filter(|p| !p.is_empty())
-            .copied()
-            .collect::<Vec<_>>()
-            .join(" ")
+        let extra = self.cmdline.trim();
+        if extra.is_empty() {
+            BASE_KERNEL_CMDLINE.to_string()
+        } else {
+            format!("{BASE_KERNEL_CMDLINE} {extra}")
+        }
     }
 
     /// CPU model actually used.
@@ -556,11 +540,7 @@ mod tests {
         assert!(has(&a, "-machine", "q35,memory-backend=mem"));
         assert!(has(&a, "-kernel", "/img/vmlinuz"));
         assert!(has(&a, "-initrd", "/img/initramfs.img"));
-        assert!(has(
-            &a,
-            "-append",
-            "console=ttyS0 panic=1 highres=off nohz=off enilab.id=i-0123"
-        ));
+        assert!(has(&a, "-append", "console=ttyS0 panic=1 enilab.id=i-0123"));
         assert!(has(
             &a,
             "-chardev",
@@ -691,39 +671,6 @@ mod tests {
         s.accel = Accel::Tcg;
         s.cpu_model = Some("qemu64".into());
         assert!(has(&build_argv(&s).unwrap(), "-cpu", "qemu64"));
-    }
-
-    #[test]
-    fn kernel_cmdline_per_accelerator() {
-        // (accelerator, caller's parameters, expected -append value)
-        let table = [
-            (Accel::Tcg, "", "console=ttyS0 panic=1 highres=off nohz=off"),
-            (
-                Accel::Tcg,
-                " enilab.instance=i-1  ",
-                "console=ttyS0 panic=1 highres=off nohz=off enilab.instance=i-1",
-            ),
-            // The caller's parameters come last, so they can override.
-            (
-                Accel::Tcg,
-                "highres=on",
-                "console=ttyS0 panic=1 highres=off nohz=off highres=on",
-            ),
-            (Accel::Kvm, "", "console=ttyS0 panic=1"),
-            (
-                Accel::Kvm,
-                "enilab.instance=i-1",
-                "console=ttyS0 panic=1 enilab.instance=i-1",
-            ),
-        ];
-        for (accel, extra, want) in table {
-            let mut s = spec();
-            s.accel = accel;
-            s.cmdline = extra.into();
-            assert_eq!(s.kernel_cmdline(), want, "{accel} {extra:?}");
-            let a = build_argv(&s).unwrap();
-            assert!(has(&a, "-append", want), "{accel} {extra:?}: {a:?}");
-        }
     }
 
     #[test]

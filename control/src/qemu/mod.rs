@@ -29,7 +29,7 @@ pub use accel::{choose_accel, default_state_dir, probe_accel, select_accel, Acce
 pub use binary::{find_qemu, parse_version, QemuBinary, QemuVersion, MIN_QEMU_MAJOR};
 pub use cmdline::{
     build_argv, InstanceSpec, NicSpec, RunPaths, AGENT_PORT_NAME, BASE_KERNEL_CMDLINE,
-    DEFAULT_PCIE_PORTS, MAX_PCIE_PORTS, NIC_RECONNECT_MS, TCG_KERNEL_CMDLINE,
+    DEFAULT_PCIE_PORTS, MAX_PCIE_PORTS, NIC_RECONNECT_MS,
 };
 pub use instance::Instance;
 pub use qmp::{Qmp, QmpEvent, QmpStatus, DEFAULT_QMP_TIMEOUT};
