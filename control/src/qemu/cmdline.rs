@@ -528,7 +528,7 @@ mod tests {
     fn base_argv() {
         let a = build_argv(&spec()).unwrap();
         assert!(has(&a, "-name", "guest=i-0123,debug-threads=on"));
-        assert!(has(&a, "-accel", "tcg,thread=multi"));
+        assert!(has(&a, "-accel", "tcg,thread=single"));
         assert!(has(&a, "-cpu", "max"));
         assert!(has(&a, "-smp", "1"));
         assert!(has(&a, "-m", "512M"));
@@ -671,6 +671,32 @@ mod tests {
         s.accel = Accel::Tcg;
         s.cpu_model = Some("qemu64".into());
         assert!(has(&build_argv(&s).unwrap(), "-cpu", "qemu64"));
+    }
+
+    #[test]
+    fn accel_and_cpu_per_spec() {
+        // (accelerator, vCPUs, CPU override, expected -accel, expected -cpu)
+        let table = [
+            (Accel::Tcg, 1, None, "tcg,thread=single", "max"),
+            (Accel::Tcg, 2, None, "tcg,thread=single", "max"),
+            (Accel::Tcg, 4, Some("qemu64"), "tcg,thread=single", "qemu64"),
+            (Accel::Kvm, 2, None, "kvm", "host"),
+        ];
+        for (accel, vcpus, cpu, want_accel, want_cpu) in table {
+            let mut s = spec();
+            s.accel = accel;
+            s.vcpus = vcpus;
+            s.cpu_model = cpu.map(str::to_string);
+            let a = build_argv(&s).unwrap();
+            let what = format!("{accel} {vcpus} {cpu:?}");
+            assert!(has(&a, "-accel", want_accel), "{what}: {a:?}");
+            assert!(has(&a, "-cpu", want_cpu), "{what}: {a:?}");
+            assert!(has(&a, "-smp", &vcpus.to_string()), "{what}: {a:?}");
+            assert!(
+                !a.iter().any(|x| x.contains("thread=multi")),
+                "{what}: multi-threaded TCG is back: {a:?}"
+            );
+        }
     }
 
     #[test]
