@@ -263,7 +263,7 @@ pub(crate) struct PortEgress<'a> {
     ingress: Option<(usize, usize)>,
     moved: Option<(PortId, usize, PacketMeta)>,
     staged: Vec<Staged>,
-    /// Held frames dropped by an early flush of one queue, not yet
+    /// Held frames whose queue was full when they were queued, not yet
     /// reported by [`flush`](Self::flush).
     late: u64,
 }
@@ -327,37 +327,41 @@ impl<'a> PortEgress<'a> {
     /// Queue every held frame. Returns how many found their queue full
     /// (given back to the pool) since the last flush.
     pub fn flush(&mut self) -> u64 {
-        let mut late = std::mem::take(&mut self.late);
-        for mut s in self.staged.drain(..) {
-            let Some(q) = s.handle.rxq.get(s.queue) else {
-                continue;
-            };
-            q.ring.push_many(&mut s.pkts);
-            if !self.wake.iter().any(|x| Arc::ptr_eq(x, &q.waker)) {
-                self.wake.push(q.waker.clone());
-            }
-            for p in s.pkts.drain(..) {
-                late += 1;
-                self.pool.put(p.buf);
-            }
+        // Taken and put back to keep the list's allocation.
+        let mut staged = std::mem::take(&mut self.staged);
+        for s in staged.drain(..) {
+            self.push_staged(s);
         }
-        late
+        self.staged = staged;
+        std::mem::take(&mut self.late)
     }
 
+    /// Queue the frames held for `queue` of `handle`, if any.
     fn flush_queue(&mut self, handle: &Arc<PortHandle>, queue: usize) {
         if let Some(i) = self
             .staged
             .iter()
             .position(|s| s.queue == queue && Arc::ptr_eq(&s.handle, handle))
         {
-            let mut s = self.staged.swap_remove(i);
-            if let Some(q) = handle.rxq.get(queue) {
-                q.ring.push_many(&mut s.pkts);
+            let s = self.staged.swap_remove(i);
+            self.push_staged(s);
+        }
+    }
+
+    /// Move one group's frames into its queue (one compare-and-swap) and
+    /// note its worker for waking; what does not fit is dropped and
+    /// counted as late.
+    fn push_staged(&mut self, mut s: Staged) {
+        if let Some(q) = s.handle.rxq.get(s.queue) {
+            if q.ring.push_many(&mut s.pkts) > 0
+                && !self.wake.iter().any(|x| Arc::ptr_eq(x, &q.waker))
+            {
+                self.wake.push(q.waker.clone());
             }
-            for p in s.pkts.drain(..) {
-                self.late += 1;
-                self.pool.put(p.buf);
-            }
+        }
+        for p in s.pkts.drain(..) {
+            self.late += 1;
+            self.pool.put(p.buf);
         }
     }
 
