@@ -224,6 +224,36 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    /// Push `v`, yielding while the ring is full.
+    fn push_retrying(q: &Mpsc<u64>, mut v: u64) {
+        while let Err(back) = q.push(v) {
+            v = back;
+            std::thread::yield_now();
+        }
+    }
+
+    /// Take the 4 x 20,000 values of `producers` (producer << 32 | index),
+    /// checking each producer's order, then join them.
+    fn consume_in_order(q: &Mpsc<u64>, producers: Vec<std::thread::JoinHandle<()>>) {
+        let mut next = [0u64; 4];
+        let mut got = 0;
+        while got < 80_000 {
+            let mut c = q.consumer().unwrap();
+            while let Some(v) = c.pop() {
+                let (p, i) = ((v >> 32) as usize, v & 0xffff_ffff);
+                assert_eq!(i, next[p], "per-producer order");
+                next[p] += 1;
+                got += 1;
+            }
+            drop(c);
+            std::thread::yield_now();
+        }
+        for p in producers {
+            p.join().unwrap();
+        }
+        assert_eq!(next, [20_000; 4]);
+    }
+
     #[test]
     fn fifo_full_and_wrap() {
         let q = Mpsc::new(3);
@@ -286,34 +316,14 @@ mod tests {
                                 }
                             }
                         } else {
-                            let mut v = p << 32 | i;
-                            while let Err(back) = q.push(v) {
-                                v = back;
-                                std::thread::yield_now();
-                            }
+                            push_retrying(&q, p << 32 | i);
                             i += 1;
                         }
                     }
                 })
             })
             .collect();
-        let mut next = [0u64; 4];
-        let mut got = 0;
-        while got < 80_000 {
-            let mut c = q.consumer().unwrap();
-            while let Some(v) = c.pop() {
-                let (p, i) = ((v >> 32) as usize, v & 0xffff_ffff);
-                assert_eq!(i, next[p], "per-producer order");
-                next[p] += 1;
-                got += 1;
-            }
-            drop(c);
-            std::thread::yield_now();
-        }
-        for p in producers {
-            p.join().unwrap();
-        }
-        assert_eq!(next, [20_000; 4]);
+        consume_in_order(&q, producers);
     }
 
     #[test]
@@ -334,31 +344,11 @@ mod tests {
                 let q = q.clone();
                 std::thread::spawn(move || {
                     for i in 0..20_000u64 {
-                        let mut v = p << 32 | i;
-                        while let Err(back) = q.push(v) {
-                            v = back;
-                            std::thread::yield_now();
-                        }
+                        push_retrying(&q, p << 32 | i);
                     }
                 })
             })
             .collect();
-        let mut next = [0u64; 4];
-        let mut got = 0;
-        while got < 80_000 {
-            let mut c = q.consumer().unwrap();
-            while let Some(v) = c.pop() {
-                let (p, i) = ((v >> 32) as usize, v & 0xffff_ffff);
-                assert_eq!(i, next[p], "per-producer order");
-                next[p] += 1;
-                got += 1;
-            }
-            drop(c);
-            std::thread::yield_now();
-        }
-        for p in producers {
-            p.join().unwrap();
-        }
-        assert_eq!(next, [20_000; 4]);
+        consume_in_order(&q, producers);
     }
 }

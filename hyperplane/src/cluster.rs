@@ -340,15 +340,7 @@ impl Hyperplane {
     /// Outbound NAT: the shard comes from the forward tuple; returns (shard, key hash).
     #[inline]
     pub(crate) fn nat_out_shard(&self, p: &wire::Parsed, svc: u32) -> (u16, u64) {
-        let k = Key {
-            src: p.src,
-            dst: p.dst,
-            sport: p.sport,
-            dport: p.dport,
-            svc,
-            proto: p.proto,
-        };
-        let h = k.hash();
+        let h = crate::node::flow_key(p, svc).hash();
         (self.nat_shard_of_hash(h), h)
     }
 

@@ -69,6 +69,15 @@ impl Client {
     }
 }
 
+/// Test helper: the text of the first `<name>` element, or a panic that
+/// shows the body.
+#[cfg(test)]
+pub(crate) fn field(body: &str, name: &str) -> String {
+    extract(body, name)
+        .unwrap_or_else(|| panic!("no <{name}> in {body}"))
+        .to_string()
+}
+
 /// The text between `<tag>` and `</tag>`, first occurrence.
 pub fn extract<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
     let open = format!("<{tag}>");

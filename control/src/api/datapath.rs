@@ -408,12 +408,7 @@ mod tests {
         }
     }
 
-    /// The text of the first `<name>` element.
-    fn field(body: &str, name: &str) -> String {
-        crate::api::bench::extract(body, name)
-            .unwrap_or_else(|| panic!("no <{name}> in {body}"))
-            .to_string()
-    }
+    use crate::api::bench::field;
 
     #[test]
     fn api_state_compiles_into_the_expected_topology() {

@@ -773,11 +773,7 @@ mod tests {
         }
     }
 
-    fn field(body: &str, name: &str) -> String {
-        crate::api::bench::extract(body, name)
-            .unwrap_or_else(|| panic!("no <{name}> in {body}"))
-            .to_string()
-    }
+    use crate::api::bench::field;
 
     /// A silent holder that QEMU says is running is only a suspect; once
     /// confirmed (hung) the ENI moves and the holder stays running with a

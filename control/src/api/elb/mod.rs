@@ -580,12 +580,7 @@ mod tests {
         }
     }
 
-    /// The text of the first `<name>` element.
-    fn field(body: &str, name: &str) -> String {
-        crate::api::bench::extract(body, name)
-            .unwrap_or_else(|| panic!("no <{name}> in {body}"))
-            .to_string()
-    }
+    use crate::api::bench::field;
 
     #[test]
     fn read_model_and_health_seam() {

@@ -23,15 +23,7 @@ impl Drop for Lab {
     }
 }
 
-/// The text of the first `<name>` element.
-pub(crate) fn field(body: &str, name: &str) -> String {
-    let open = format!("<{name}>");
-    body.split(&open)
-        .nth(1)
-        .and_then(|s| s.split(&format!("</{name}>")).next())
-        .unwrap_or_else(|| panic!("no <{name}> in {body}"))
-        .to_string()
-}
+pub(crate) use crate::api::bench::field;
 
 impl Lab {
     pub fn new(tag: &str) -> Lab {
