@@ -301,12 +301,8 @@ impl<'a> PortEgress<'a> {
             return false;
         };
         let pkt = Pkt { buf: pkt.buf, meta };
-        match self
-            .staged
-            .iter_mut()
-            .find(|s| s.queue == queue && Arc::ptr_eq(&s.handle, handle))
-        {
-            Some(s) => s.pkts.push(pkt),
+        match self.held_at(handle, queue) {
+            Some(i) => self.staged[i].pkts.push(pkt),
             None => self.staged.push(Staged {
                 handle: handle.clone(),
                 queue,
@@ -316,12 +312,17 @@ impl<'a> PortEgress<'a> {
         true
     }
 
-    /// Frames held for `queue` of `handle` (they count against its room).
-    fn held(&self, handle: &Arc<PortHandle>, queue: usize) -> usize {
+    /// Index of the group held for `queue` of `handle`.
+    fn held_at(&self, handle: &Arc<PortHandle>, queue: usize) -> Option<usize> {
         self.staged
             .iter()
-            .find(|s| s.queue == queue && Arc::ptr_eq(&s.handle, handle))
-            .map_or(0, |s| s.pkts.len())
+            .position(|s| s.queue == queue && Arc::ptr_eq(&s.handle, handle))
+    }
+
+    /// Frames held for `queue` of `handle` (they count against its room).
+    fn held(&self, handle: &Arc<PortHandle>, queue: usize) -> usize {
+        self.held_at(handle, queue)
+            .map_or(0, |i| self.staged[i].pkts.len())
     }
 
     /// Queue every held frame. Returns how many found their queue full
@@ -336,27 +337,13 @@ impl<'a> PortEgress<'a> {
         std::mem::take(&mut self.late)
     }
 
-    /// Queue the frames held for `queue` of `handle`, if any.
-    fn flush_queue(&mut self, handle: &Arc<PortHandle>, queue: usize) {
-        if let Some(i) = self
-            .staged
-            .iter()
-            .position(|s| s.queue == queue && Arc::ptr_eq(&s.handle, handle))
-        {
-            let s = self.staged.swap_remove(i);
-            self.push_staged(s);
-        }
-    }
-
     /// Move one group's frames into its queue (one compare-and-swap) and
     /// note its worker for waking; what does not fit is dropped and
     /// counted as late.
     fn push_staged(&mut self, mut s: Staged) {
         if let Some(q) = s.handle.rxq.get(s.queue) {
-            if q.ring.push_many(&mut s.pkts) > 0
-                && !self.wake.iter().any(|x| Arc::ptr_eq(x, &q.waker))
-            {
-                self.wake.push(q.waker.clone());
+            if q.ring.push_many(&mut s.pkts) > 0 {
+                note_wake(&mut self.wake, q);
             }
         }
         for p in s.pkts.drain(..) {
@@ -420,24 +407,46 @@ impl Egress for PortEgress<'_> {
             self.moved = Some((port, queue, *meta));
             return true;
         }
-        let handle = handle.clone();
-        self.flush_queue(&handle, queue);
-        let Some(q) = handle.rxq.get(queue) else {
-            return false;
-        };
-        let mut buf = self.pool.get();
-        buf.extend_from_slice(frame);
-        match q.ring.push(Pkt { buf, meta: *meta }) {
-            Ok(()) => {
-                if !self.wake.iter().any(|x| Arc::ptr_eq(x, &q.waker)) {
-                    self.wake.push(q.waker.clone());
-                }
-                true
-            }
-            Err(pkt) => {
-                self.pool.put(pkt.buf);
-                false
-            }
+        // Frames held for this queue go first (queue order is emit order);
+        // the handle is cloned only then, to outlive the flush.
+        if let Some(i) = self.held_at(handle, queue) {
+            let s = self.staged.swap_remove(i);
+            let handle = s.handle.clone();
+            self.push_staged(s);
+            let Some(q) = handle.rxq.get(queue) else {
+                return false;
+            };
+            return queue_copy(self.pool, &mut self.wake, q, frame, meta);
+        }
+        queue_copy(self.pool, &mut self.wake, q, frame, meta)
+    }
+}
+
+/// Remember to wake `q`'s worker (once per egress).
+fn note_wake(wake: &mut Vec<Arc<Waker>>, q: &RxQueue) {
+    if !wake.iter().any(|x| Arc::ptr_eq(x, &q.waker)) {
+        wake.push(q.waker.clone());
+    }
+}
+
+/// Queue a copy of `frame` on `q`. False when it is full.
+fn queue_copy(
+    pool: &Pool,
+    wake: &mut Vec<Arc<Waker>>,
+    q: &RxQueue,
+    frame: &[u8],
+    meta: &PacketMeta,
+) -> bool {
+    let mut buf = pool.get();
+    buf.extend_from_slice(frame);
+    match q.ring.push(Pkt { buf, meta: *meta }) {
+        Ok(()) => {
+            note_wake(wake, q);
+            true
+        }
+        Err(pkt) => {
+            pool.put(pkt.buf);
+            false
         }
     }
 }
