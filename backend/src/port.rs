@@ -263,6 +263,9 @@ pub(crate) struct PortEgress<'a> {
     ingress: Option<(usize, usize)>,
     moved: Option<(PortId, usize, PacketMeta)>,
     staged: Vec<Staged>,
+    /// Emptied hold lists, kept with their allocation: a batch's list
+    /// would otherwise grow from one frame again, reallocating as it goes.
+    spare: Vec<Vec<Pkt>>,
     /// Held frames whose queue was full when they were queued, not yet
     /// reported by [`flush`](Self::flush).
     late: u64,
@@ -277,8 +280,23 @@ impl<'a> PortEgress<'a> {
             ingress: None,
             moved: None,
             staged: Vec::new(),
+            spare: Vec::new(),
             late: 0,
         }
+    }
+
+    /// As [`new`](Self::new), reusing the hold lists an earlier egress
+    /// gave back with [`take_spare`](Self::take_spare).
+    pub fn with_spare(ports: &'a PortTable, pool: &'a Pool, spare: Vec<Vec<Pkt>>) -> Self {
+        let mut e = Self::new(ports, pool);
+        e.spare = spare;
+        e
+    }
+
+    /// Queue what is held, and hand over the emptied hold lists.
+    pub fn take_spare(&mut self) -> Vec<Vec<Pkt>> {
+        self.flush();
+        std::mem::take(&mut self.spare)
     }
 
     /// The next frame handed to the switch lives in `buf`.
@@ -303,11 +321,18 @@ impl<'a> PortEgress<'a> {
         let pkt = Pkt { buf: pkt.buf, meta };
         match self.held_at(handle, queue) {
             Some(i) => self.staged[i].pkts.push(pkt),
-            None => self.staged.push(Staged {
-                handle: handle.clone(),
-                queue,
-                pkts: vec![pkt],
-            }),
+            None => {
+                let mut pkts = self
+                    .spare
+                    .pop()
+                    .unwrap_or_else(|| Vec::with_capacity(crate::net::BATCH));
+                pkts.push(pkt);
+                self.staged.push(Staged {
+                    handle: handle.clone(),
+                    queue,
+                    pkts,
+                })
+            }
         }
         true
     }
@@ -349,6 +374,10 @@ impl<'a> PortEgress<'a> {
         for p in s.pkts.drain(..) {
             self.late += 1;
             self.pool.put(p.buf);
+        }
+        // A few lists are plenty: one per destination queue of a batch.
+        if self.spare.len() < 16 {
+            self.spare.push(s.pkts);
         }
     }
 

@@ -27,7 +27,10 @@
 //!   (bandwidth both ways) per two ENIs, as the daemon sets them now.
 //!
 //! Environment: `BENCH_FLOWS` (default 1000000), `BENCH_PASSES` (default 7),
-//! `BENCH_SLOTS` (conntrack slots; default the power of two >= 2 x flows).
+//! `BENCH_SLOTS` (conntrack slots; default the power of two >= 2 x flows),
+//! `BENCH_FLOW_CACHE=0` (no exact-match flow cache: the hot variants then
+//! take the full path every frame; with it, `hot-1k` mostly hits the
+//! 1,024-entry cache and the 1M variants mostly miss it).
 //! Exits non-zero if any frame was not forwarded to the expected port, if
 //! any flow was refused by the table, or if a counter shows a drop.
 
@@ -411,8 +414,11 @@ fn main() {
         .iter()
         .map(|g| g.ingress.len() + g.egress.len())
         .sum();
+    // BENCH_FLOW_CACHE=0: every frame takes the full path.
+    let flow_cache = env_usize("BENCH_FLOW_CACHE", 1) != 0;
     let switch = Switch::with_options(SwitchOptions {
         conntrack_slots: slots,
+        flow_cache,
         ..SwitchOptions::default()
     });
     switch.publish(enilab_switch::Snapshot::compile(topo).expect("bench topology compiles"));
@@ -423,8 +429,11 @@ fn main() {
     let mut fwd: Vec<Frame> = order.iter().map(|&k| frame(&flow(k), false)).collect();
     println!(
         "pipeline bench: {ENIS} ENIs, {SUBNETS} subnets (2 with NACLs), {} security groups, \
-         {rules} SG rules, {flows} flows, {}-byte frames (+FCS), {slots} conntrack slots",
-        GROUPS, FRAME_LEN
+         {rules} SG rules, {flows} flows, {}-byte frames (+FCS), {slots} conntrack slots, \
+         flow cache {}",
+        GROUPS,
+        FRAME_LEN,
+        if flow_cache { "on" } else { "off" }
     );
 
     // New flows: an empty table each pass, every frame misses, is checked
@@ -467,10 +476,15 @@ fn main() {
         .flat_map(|_| fwd[..hot_n].iter().copied())
         .collect();
     let mut secs = Vec::new();
+    let hits = worker.flow_cache_hits();
     for _ in 0..passes {
         secs.push(run(&mut worker, &mut hot, "hot", 0));
     }
     report(&format!("hot-{}", short(hot_n)), hot.len(), &mut secs);
+    println!(
+        "  flow cache: {:.1}% of the hot frames",
+        100.0 * (worker.flow_cache_hits() - hits) as f64 / (hot.len() * passes) as f64
+    );
 
     // The same, metered per ENI, then per ENI and card; new flows too.
     for (cards, label) in [(false, "eni"), (true, "card")] {

@@ -421,6 +421,9 @@ pub struct Snapshot {
     pub(crate) returns: FxMap<(PortId, u16, u8), PortId>,
     /// Card aggregates, in `Topology::cards` order.
     pub(crate) cards: Vec<CardInfo>,
+    /// Set by `Switch::publish`, unique per published snapshot (0 for
+    /// the empty one a switch starts with): the flow cache's validity.
+    pub(crate) epoch: u64,
 }
 
 impl Snapshot {
@@ -820,6 +823,7 @@ impl Snapshot {
             any_filtered,
             returns,
             cards,
+            epoch: 0,
             topology: topo,
         })
     }

@@ -195,6 +195,12 @@ impl Hit {
     pub fn flags(&self) -> u32 {
         (self.state >> 32) as u32
     }
+
+    /// Where the entry is, and the control word that names this entry
+    /// there (for [`Conntrack::refresh`]).
+    pub fn at(&self) -> (usize, u64) {
+        (self.idx, self.ctl)
+    }
 }
 
 /// The table is full where this key hashes.
@@ -335,6 +341,38 @@ impl Conntrack {
         if slot.ctl.load(Ordering::Acquire) == hit.ctl {
             slot.state.store(new, Ordering::Relaxed);
         }
+    }
+
+    /// Start loading slot `idx` (one a lookup found before).
+    #[inline]
+    pub fn prefetch_slot(&self, idx: usize) {
+        if let Some(slot) = self.slots.get(idx) {
+            prefetch(slot);
+        }
+    }
+
+    /// For an entry a lookup found at `idx` with control word `ctl`
+    /// ([`Hit::at`]): if the slot still holds that entry (no insert,
+    /// sweep or clear has touched it since: each bumps the version in the
+    /// control word) and it has not expired, refresh it as
+    /// [`touch`](Self::touch) does and say so. The flow cache's way to a
+    /// tracked flow without hashing and comparing its key again.
+    #[inline]
+    pub fn refresh(&self, idx: usize, ctl: u64, now: u32, add: u32) -> bool {
+        let Some(slot) = self.slots.get(idx) else {
+            return false;
+        };
+        if slot.ctl.load(Ordering::Acquire) != ctl {
+            return false;
+        }
+        let k1 = slot.k1.load(Ordering::Relaxed);
+        let state = slot.state.load(Ordering::Relaxed);
+        fence(Ordering::Acquire);
+        if slot.ctl.load(Ordering::Relaxed) != ctl || self.expired((k1 >> 24) as u8, state, now) {
+            return false;
+        }
+        self.touch(&Hit { idx, ctl, state }, now, add);
+        true
     }
 
     /// Whether slot `idx` holds a live entry (or one being written).

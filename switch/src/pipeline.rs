@@ -17,6 +17,7 @@
 
 mod arp;
 mod dhcp;
+mod fast;
 mod flow;
 mod ipv4;
 #[cfg(test)]
@@ -32,14 +33,14 @@ mod uplink;
 
 use std::cell::Cell;
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, Cache};
 
 use crate::capture::{Capture, CaptureError, CaptureTable, Direction};
-use crate::config::{PortConfig, PortInfo, Snapshot, SubnetConfig};
+use crate::config::{PortConfig, PortInfo, Snapshot, SubnetConfig, GATEWAY_MAC};
 use crate::conntrack::{Conntrack, ConntrackStats, Timeouts};
 use crate::counters::{DropReason, PortCounters, PortStats};
 use crate::flowlog::{FlowLogWriter, LocalLog};
@@ -63,6 +64,9 @@ pub struct SwitchOptions {
     pub timeouts: Timeouts,
     /// Drive the switch's clock by hand (seconds since start), for tests.
     pub manual_clock: Option<Arc<AtomicU32>>,
+    /// Give each worker an exact-match flow cache (see `docs/switch.md`).
+    /// Off, every frame takes the full path: for comparisons.
+    pub flow_cache: bool,
 }
 
 impl Default for SwitchOptions {
@@ -71,6 +75,7 @@ impl Default for SwitchOptions {
             conntrack_slots: 1 << 20,
             timeouts: Timeouts::default(),
             manual_clock: None,
+            flow_cache: true,
         }
     }
 }
@@ -108,6 +113,9 @@ pub struct Switch {
     /// The next conntrack slot the sweep visits, and the second it last ran.
     sweep_next: AtomicUsize,
     swept_at: AtomicU32,
+    /// The last snapshot epoch handed out.
+    epoch: AtomicU64,
+    flow_cache: bool,
 }
 
 impl fmt::Debug for Switch {
@@ -145,6 +153,8 @@ impl Switch {
             capture: Arc::new(CaptureTable::default()),
             sweep_next: AtomicUsize::new(0),
             swept_at: AtomicU32::new(0),
+            epoch: AtomicU64::new(0),
+            flow_cache: opts.flow_cache,
         })
     }
 
@@ -153,6 +163,7 @@ impl Switch {
     /// connections are kept: a rule change never cuts a tracked flow.
     pub fn publish(&self, mut snapshot: Snapshot) {
         snapshot.adopt_card_meters(&self.snapshot.load());
+        snapshot.epoch = self.epoch.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::debug!(
             generation = snapshot.generation,
             "switch snapshot published"
@@ -282,6 +293,7 @@ impl Switch {
             tally: Tally::default(),
             hinted: [0; HINTS],
             hint_n: 0,
+            fast: self.flow_cache.then(|| Box::new(fast::FastCache::new())),
         }
     }
 }
@@ -301,6 +313,7 @@ pub struct SwitchWorker {
     /// prefetch for them and the hash it costs.
     hinted: [usize; HINTS],
     hint_n: usize,
+    fast: Option<Box<fast::FastCache>>,
 }
 
 /// Frames a worker remembers as hinted (more than a caller looks ahead).
@@ -397,6 +410,22 @@ pub(crate) struct Work<'a> {
     pub counters: &'a [PortCounters],
     /// The caller prefetched this frame's buckets ([`SwitchWorker::prefetch`]).
     pub hinted: bool,
+    /// Set by [`ipv4::admit`]: whether what it decided may be cached, and
+    /// the tracking entry it rests on.
+    pub cacheable: Cacheable,
+    /// Set by the IPv4 stage for a forward the flow cache may remember.
+    pub learned: Option<fast::Decision>,
+}
+
+/// What [`ipv4::admit`] says of a decision it took.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Cacheable {
+    No,
+    /// Admitted without a tracking entry (no end filtered).
+    Untracked,
+    /// Admitted by an existing tracking entry: (slot, control word, flags
+    /// a packet of this direction adds).
+    Tracked(usize, u64, u32),
 }
 
 impl SwitchWorker {
@@ -409,6 +438,11 @@ impl SwitchWorker {
     /// The switch this worker belongs to.
     pub fn switch(&self) -> &Arc<Switch> {
         &self.switch
+    }
+
+    /// Frames this worker's flow cache decided (0 without one).
+    pub fn flow_cache_hits(&self) -> u64 {
+        self.fast.as_ref().map_or(0, |c| c.hits)
     }
 
     /// Call when idle (at least once a second): refreshes the clock and
@@ -443,13 +477,22 @@ impl SwitchWorker {
         if eth.ethertype() != ethertype::IPV4 {
             return;
         }
-        let Ok(ip) = crate::wire::ipv4::Packet::new_checked(eth.payload()) else {
-            return;
+        let cached = match (&self.fast, fast::Key::of(ingress, frame)) {
+            (Some(c), Some(key)) => {
+                let epoch = self.snapshot.load().epoch;
+                c.prefetch(&key, epoch, &self.switch.conntrack)
+            }
+            _ => false,
         };
-        let flow = ipv4::Flow::of(&ip, &PacketMeta::default());
-        self.switch
-            .conntrack
-            .prefetch(&flow.tuple(ingress, ingress));
+        if !cached {
+            let Ok(ip) = crate::wire::ipv4::Packet::new_checked(eth.payload()) else {
+                return;
+            };
+            let flow = ipv4::Flow::of(&ip, &PacketMeta::default());
+            self.switch
+                .conntrack
+                .prefetch(&flow.tuple(ingress, ingress));
+        }
         self.hinted[self.hint_n % HINTS] = frame.as_ptr() as usize;
         self.hint_n = self.hint_n.wrapping_add(1);
     }
@@ -515,6 +558,7 @@ impl SwitchWorker {
             log,
             now,
             tally,
+            fast,
             ..
         } = self;
         let snap: &Snapshot = snapshot.load();
@@ -550,6 +594,33 @@ impl SwitchWorker {
             }
             None => false,
         };
+        // The flow cache: a frame of a flow decided before under this
+        // snapshot goes straight to its destination.
+        let mut key = match fast {
+            Some(cache) => fast::Key::of(ingress, frame).map(|k| (cache, k)),
+            None => None,
+        };
+        if let Some((cache, k)) = &mut key {
+            if let Some(d) = cache.get(k, snap.epoch, &switch.conntrack, *now) {
+                frame[0..6].copy_from_slice(&d.dst_mac);
+                if d.routed {
+                    frame[6..12].copy_from_slice(&GATEWAY_MAC);
+                }
+                let mut tx = Tx {
+                    out,
+                    counters,
+                    snap,
+                    capture,
+                    clock: &clock,
+                    tally,
+                };
+                return if tx.send(d.dest, d.hash, frame, meta) {
+                    Verdict::Forwarded(d.dest)
+                } else {
+                    Verdict::Dropped(DropReason::QueueFull)
+                };
+            }
+        }
         let mut work = Work {
             scratch,
             log,
@@ -558,6 +629,8 @@ impl SwitchWorker {
             conntrack: &switch.conntrack,
             counters,
             hinted,
+            cacheable: Cacheable::No,
+            learned: None,
         };
         let blame = Cell::new(None);
 
@@ -598,6 +671,9 @@ impl SwitchWorker {
             }
         };
 
+        if let (Some((cache, k)), Some(d)) = (key, work.learned) {
+            cache.learn(k, snap.epoch, &d);
+        }
         if let Verdict::Dropped(reason) = verdict {
             if reason != DropReason::QueueFull {
                 let at = blame.get().unwrap_or(ingress);

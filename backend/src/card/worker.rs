@@ -78,6 +78,8 @@ pub(crate) struct Worker {
     tx: TxCtx,
     rx: RxCtx,
     batch: Vec<Pkt>,
+    /// The egress's hold lists, kept from pass to pass.
+    egress_spare: Vec<Vec<Pkt>>,
 }
 
 impl Worker {
@@ -103,6 +105,7 @@ impl Worker {
             tx: TxCtx::default(),
             rx: RxCtx::default(),
             batch: Vec::with_capacity(crate::net::BATCH),
+            egress_spare: Vec::new(),
         })
     }
 
@@ -229,7 +232,8 @@ impl Worker {
     /// (chains taken plus frames delivered).
     fn pass(&mut self, mode: Mode) -> usize {
         let mut moved = 0usize;
-        let mut egress = PortEgress::new(&self.ports, &self.pool);
+        let spare = std::mem::take(&mut self.egress_spare);
+        let mut egress = PortEgress::with_spare(&self.ports, &self.pool, spare);
         for s in &mut self.slots {
             if !s.tx_more {
                 continue;
@@ -293,6 +297,8 @@ impl Worker {
                 s.rx_more = true;
             }
         }
+        self.egress_spare = egress.take_spare();
+        drop(egress);
         for s in &mut self.slots {
             if !s.rx_more {
                 continue;

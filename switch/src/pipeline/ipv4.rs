@@ -9,7 +9,8 @@
 
 use std::net::Ipv4Addr;
 
-use super::{dhcp, flow, metadata, Ctx, Tx, Work};
+use super::fast::Decision;
+use super::{dhcp, flow, metadata, Cacheable, Ctx, Tx, Work};
 use crate::config::{Hop, PortInfo, Snapshot, GATEWAY_MAC};
 use crate::conntrack::{flag, Tuple};
 use crate::counters::DropReason;
@@ -131,6 +132,18 @@ pub(super) fn handle<E: Egress + ?Sized>(
     }
 
     let routed = dest_port.subnet != ctx.port.subnet || owner != Some(dest);
+    let ct = match work.cacheable {
+        Cacheable::No => None,
+        Cacheable::Untracked => Some(None),
+        Cacheable::Tracked(idx, ctl, add) => Some(Some((idx, ctl, add))),
+    };
+    work.learned = ct.map(|ct| Decision {
+        dest,
+        dst_mac: dest_port.mac,
+        routed,
+        hash,
+        ct,
+    });
     let src_mac = routed.then_some(GATEWAY_MAC);
     forward(tx, dest, hash, frame, meta, dest_port.mac, src_mac)
 }
@@ -424,8 +437,12 @@ pub(super) fn admit(
         }
     }
 
+    // What the flow cache may remember of this decision: set below when
+    // an existing tracking entry admitted it.
+    let mut tracked = None;
     let filtered = |e: &End<'_>| e.info.is_some_and(|i| i.filtered);
-    if filtered(from) || filtered(to) {
+    let filtering = filtered(from) || filtered(to);
+    if filtering {
         let key = flow.tuple(from.port, to.port).key();
         if let Some(hit) = work.conntrack.lookup(&key, work.now) {
             let created_by_b = hit.flags() & flag::FROM_B != 0;
@@ -441,6 +458,10 @@ pub(super) fn admit(
                 add |= flag::RST;
             }
             work.conntrack.touch(&hit, work.now, add);
+            if flow.tcp_flags & (TCP_FIN | TCP_RST) == 0 {
+                let (idx, ctl) = hit.at();
+                tracked = Some((idx, ctl, add));
+            }
         } else if !related_is_tracked(work, flow, from, to) {
             fn groups<'a>(e: &End<'a>, vpc: u32) -> &'a [u32] {
                 match e.info {
@@ -536,6 +557,13 @@ pub(super) fn admit(
 
     log(work, from.info, flow, true);
     log(work, to.info, flow, true);
+    let logged = |e: &End<'_>| e.info.is_some_and(|i| !i.flow_logs.is_empty());
+    work.cacheable = match tracked {
+        _ if logged(from) || logged(to) => Cacheable::No,
+        Some((idx, ctl, add)) => Cacheable::Tracked(idx, ctl, add),
+        None if !filtering => Cacheable::Untracked,
+        None => Cacheable::No,
+    };
     Ok(())
 }
 

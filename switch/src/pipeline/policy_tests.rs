@@ -353,10 +353,15 @@ pub(super) struct Bench {
 }
 
 pub(super) fn bench(topo: Topology, slots: usize) -> Bench {
+    bench_with(topo, slots, true)
+}
+
+fn bench_with(topo: Topology, slots: usize, flow_cache: bool) -> Bench {
     let clock = Arc::new(AtomicU32::new(1000));
     let sw = Switch::with_options(SwitchOptions {
         conntrack_slots: slots,
         manual_clock: Some(clock.clone()),
+        flow_cache,
         ..SwitchOptions::default()
     });
     sw.publish(Snapshot::compile(topo).expect("fixture topology compiles"));
@@ -792,6 +797,74 @@ fn isolation_steps() -> Vec<Step> {
     ]
 }
 
+fn tables() -> Vec<Vec<Step>> {
+    vec![
+        security_group_steps(),
+        udp_and_icmp_steps(),
+        nacl_steps(),
+        source_dest_steps(),
+        internet_steps(),
+        isolation_steps(),
+    ]
+}
+
+/// Each frame step three times in a row: a new flow's first frame is
+/// tracked, its second learned by the flow cache, its third answered by it
+/// (when it may be).
+fn thrice(steps: Vec<Step>) -> Vec<Step> {
+    let mut out = Vec::new();
+    for step in steps {
+        if let Step::Frame {
+            desc,
+            ingress,
+            frame,
+            verdict,
+            out: emitted,
+            blame,
+        } = &step
+        {
+            for _ in 0..2 {
+                out.push(Step::Frame {
+                    desc,
+                    ingress: *ingress,
+                    frame: frame.clone(),
+                    verdict: *verdict,
+                    out: emitted.clone(),
+                    blame: *blame,
+                });
+            }
+        }
+        out.push(step);
+    }
+    out
+}
+
+#[test]
+fn tables_through_the_flow_cache() {
+    let mut hits = 0;
+    for (i, steps) in tables().into_iter().enumerate() {
+        let mut b = bench(topology(), 1 << 12);
+        run(&mut b, thrice(steps));
+        hits += b.worker.flow_cache_hits();
+        eprintln!(
+            "table {i}: {} frames from the cache",
+            b.worker.flow_cache_hits()
+        );
+    }
+    // The tables repeat tracked and untracked forwards: some must come from
+    // the cache, or this test shows nothing about it.
+    assert!(hits >= 10, "only {hits} frames came from the flow cache");
+}
+
+#[test]
+fn tables_without_the_flow_cache() {
+    for steps in tables() {
+        let mut b = bench_with(topology(), 1 << 12, false);
+        run(&mut b, thrice(steps));
+        assert_eq!(b.worker.flow_cache_hits(), 0);
+    }
+}
+
 #[test]
 fn tables_with_prefetch_hints() {
     for steps in [
@@ -1050,4 +1123,54 @@ fn flow_logs_count_accepted_and_rejected_traffic() {
             && sub_lines[0].ends_with(" REJECT OK")
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A cached decision rests on its tracking entry: once the entry is gone
+/// (cleared here; swept or expired alike), the flow is judged in full again.
+#[test]
+fn flow_cache_forgets_a_flow_whose_tracking_entry_went() {
+    let mut b = bench(topology(), 1 << 12);
+    let web_to_db = tcp(mac(1), GW, P1, P2, (40001, 5432), b"q");
+    let db_reply = tcp(mac(2), GW, P2, P1, (5432, 40001), b"r");
+    let send = |b: &mut Bench, ingress: PortId, f: &[u8]| {
+        let mut f = f.to_vec();
+        let mut cap = Capture::default();
+        b.worker
+            .process(ingress, &mut f, &PacketMeta::default(), &mut cap)
+    };
+    assert_eq!(send(&mut b, 1, &web_to_db), Verdict::Forwarded(2));
+    for _ in 0..3 {
+        assert_eq!(send(&mut b, 2, &db_reply), Verdict::Forwarded(1));
+    }
+    assert_eq!(b.worker.flow_cache_hits(), 2, "the reply's 2nd and 3rd");
+    assert_eq!(b.sw.clear_conntrack(), 1);
+    // sg-db has no egress rule: without the tracked flow the reply is a
+    // new flow, and refused.
+    assert_eq!(
+        send(&mut b, 2, &db_reply),
+        Verdict::Dropped(DropReason::SecurityGroup)
+    );
+    assert_eq!(b.worker.flow_cache_hits(), 2);
+}
+
+/// A frame that shares a cached frame's key but claims more IP bytes than
+/// it carries is refused as the full path refuses it, never forwarded.
+#[test]
+fn flow_cache_does_not_forward_what_the_parser_refuses() {
+    let mut b = bench(topology(), 1 << 12);
+    let f = tcp(mac(7), GW, P7, P1, (40000, 80), b"");
+    let send = |b: &mut Bench, f: &[u8]| {
+        let mut f = f.to_vec();
+        let mut cap = Capture::default();
+        b.worker
+            .process(7, &mut f, &PacketMeta::default(), &mut cap)
+    };
+    for _ in 0..3 {
+        assert_eq!(send(&mut b, &f), Verdict::Forwarded(1));
+    }
+    assert_eq!(b.worker.flow_cache_hits(), 1);
+    let mut bad = f.clone();
+    bad[16..18].copy_from_slice(&1500u16.to_be_bytes());
+    assert_eq!(send(&mut b, &bad), Verdict::Dropped(DropReason::Malformed));
+    assert_eq!(b.worker.flow_cache_hits(), 1);
 }
