@@ -401,8 +401,17 @@ impl<'m> Ring<'m> {
             if d.flags & DESC_F_INDIRECT != 0 {
                 continue;
             }
-            if let Some(p) = map.translate(d.addr, 1) {
+            // The lines the copy touches first: a virtio-net header often
+            // ends just before a line, the frame in the next (DPDK's
+            // buffers: 12 bytes before a 64-byte boundary), so both the
+            // first and the last line of the first 128 bytes.
+            let span = (d.len as usize).clamp(1, 128);
+            if let Some(p) = map.translate(d.addr, span) {
                 prefetch(p, write);
+                let last = p.wrapping_add(span - 1);
+                if (last as usize) >> 6 != (p as usize) >> 6 {
+                    prefetch(last, write);
+                }
             }
         }
     }
