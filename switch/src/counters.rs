@@ -137,7 +137,10 @@ impl PortCounters {
     /// Add a worker's running totals (see `pipeline::Tally`): each add is
     /// a locked instruction, so zeros are skipped.
     #[inline]
-    pub(crate) fn add_totals(&self, tx_p: u64, tx_b: u64, rx_p: u64, rx_b: u64) {
+    pub(crate) fn add_totals(&self, tx_p: u64, tx_b: u64, rx_p: u64, rx_b: u64, full: u64) {
+        if full > 0 {
+            self.drops[DropReason::QueueFull.index()].fetch_add(full, Ordering::Relaxed);
+        }
         if tx_p > 0 {
             self.tx_packets.fetch_add(tx_p, Ordering::Relaxed);
             self.tx_bytes.fetch_add(tx_b, Ordering::Relaxed);

@@ -323,7 +323,7 @@ const HINTS: usize = 8;
 const TALLY: usize = 8;
 
 /// A worker's running totals of the counters every frame bumps (tx/rx
-/// packets and bytes per port). An atomic add is a locked instruction,
+/// packets and bytes per port, and full-queue drops). An atomic add is a locked instruction,
 /// which waits for the CPU's store buffer to drain; on a worker that has
 /// just copied frames into guest memory that wait is long. Inside a batch
 /// ([`SwitchWorker::begin_batch`]) the totals are added once at its end;
@@ -342,6 +342,10 @@ struct TallyEntry {
     tx_b: u64,
     rx_p: u64,
     rx_b: u64,
+    /// Frames refused by the port's full queue: an overloaded receiver
+    /// would otherwise cost a locked add per frame just when the worker
+    /// has the least time.
+    full: u64,
 }
 
 impl Tally {
@@ -378,10 +382,15 @@ impl Tally {
         t.rx_b += bytes as u64;
     }
 
+    #[inline]
+    fn queue_full(&mut self, port: PortId, counters: &[PortCounters]) {
+        self.entry(port, counters).full += 1;
+    }
+
     fn flush(&mut self, counters: &[PortCounters]) {
         for t in &self.e[..self.n] {
             if let Some(c) = counters.get(t.port as usize) {
-                c.add_totals(t.tx_p, t.tx_b, t.rx_p, t.rx_b);
+                c.add_totals(t.tx_p, t.tx_b, t.rx_p, t.rx_b, t.full);
             }
         }
         self.n = 0;
@@ -471,6 +480,9 @@ impl SwitchWorker {
     /// panics; a frame it cannot parse is ignored.
     #[inline]
     pub fn prefetch(&mut self, ingress: PortId, frame: &[u8]) {
+        if self.fast.as_ref().is_some_and(|c| c.confident()) {
+            return;
+        }
         let Ok(eth) = ethernet::Frame::new_checked(frame) else {
             return;
         };
@@ -523,9 +535,9 @@ impl SwitchWorker {
     }
 
     /// Frames processed until [`end_batch`](Self::end_batch) add their
-    /// tx/rx packet and byte counts to the shared counters once, at the
-    /// end, instead of per frame. Drops and allowances are still counted
-    /// at once.
+    /// tx/rx packet and byte counts and their `QueueFull` drops to the
+    /// shared counters once, at the end, instead of per frame. Other drops
+    /// and allowances are still counted at once.
     pub fn begin_batch(&mut self) {
         self.tally.batching = true;
     }
@@ -786,7 +798,7 @@ impl<E: Egress + ?Sized> Tx<'_, E> {
             }
         }
         let ok = self.out.emit(port, flow_hash, frame, meta);
-        if let Some(c) = self.counters.get(port as usize) {
+        if (port as usize) < self.counters.len() {
             if ok {
                 self.tally.rx(port, frame.len(), self.counters);
                 let watching = self.capture.watching(port);
@@ -795,7 +807,7 @@ impl<E: Egress + ?Sized> Tx<'_, E> {
                         .record(watching, port, Direction::ToGuest, frame);
                 }
             } else {
-                c.count_drop(DropReason::QueueFull);
+                self.tally.queue_full(port, self.counters);
             }
         }
         ok

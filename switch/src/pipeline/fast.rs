@@ -212,6 +212,13 @@ impl FastCache {
             .find(|e| e.epoch == epoch && e.key == *key)
     }
 
+    /// Nearly every recent frame was answered here: a prefetch hint is
+    /// not worth its cost (what a hit reads was read a moment ago).
+    #[inline]
+    pub fn confident(&self) -> bool {
+        self.score == SCORE
+    }
+
     /// Start loading what [`get`](Self::get) for `key` will read: the
     /// tracking slot of a cached flow. False when the cache has no entry
     /// for it, or when it has mostly missed lately: then the key's entries
