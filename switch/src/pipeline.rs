@@ -14,6 +14,9 @@
 //!   echo replies from the .1 router;
 //! * [`uplink`]: frames from the internet side;
 //! * [`metadata`]: the instance metadata service's address translation.
+//!
+//! In front of them, [`fast`]: each worker's exact-match cache of the
+//! forwarding decisions the IPv4 stage took, per flow and snapshot.
 
 mod arp;
 mod dhcp;
