@@ -247,9 +247,15 @@ impl Conntrack {
     /// one bucket). The hash is keyed with a random seed so a guest cannot aim
     /// its flows at one probe window of another tenant.
     pub fn new(capacity: usize, timeouts: Timeouts) -> Conntrack {
+        let seed = std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64);
+        Conntrack::with_seed(capacity, timeouts, seed)
+    }
+
+    /// As [`new`](Self::new), with the hash seed given: two tables with
+    /// one seed place every key alike (tests that compare two switches).
+    pub fn with_seed(capacity: usize, timeouts: Timeouts, seed: u64) -> Conntrack {
         let n = capacity.max(BUCKET).next_power_of_two();
         let slots = Slots::new(n);
-        let seed = std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64);
         Conntrack {
             slots,
             mask: n - 1,

@@ -70,6 +70,10 @@ pub struct SwitchOptions {
     /// Give each worker an exact-match flow cache (see `docs/switch.md`).
     /// Off, every frame takes the full path: for comparisons.
     pub flow_cache: bool,
+    /// Fix the connection-tracking hash seed, so two switches place flows
+    /// (and reclaim expired ones) alike; `None`: random, as a guest must
+    /// not be able to aim its flows at one probe window.
+    pub conntrack_seed: Option<u64>,
 }
 
 impl Default for SwitchOptions {
@@ -79,6 +83,7 @@ impl Default for SwitchOptions {
             timeouts: Timeouts::default(),
             manual_clock: None,
             flow_cache: true,
+            conntrack_seed: None,
         }
     }
 }
@@ -150,7 +155,10 @@ impl Switch {
         Arc::new(Switch {
             snapshot: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
             counters,
-            conntrack: Conntrack::new(opts.conntrack_slots, opts.timeouts),
+            conntrack: match opts.conntrack_seed {
+                Some(seed) => Conntrack::with_seed(opts.conntrack_slots, opts.timeouts, seed),
+                None => Conntrack::new(opts.conntrack_slots, opts.timeouts),
+            },
             flowlog: FlowLogWriter::start(Arc::new(move || c2.unix(c2.now()))),
             clock,
             capture: Arc::new(CaptureTable::default()),

@@ -362,6 +362,7 @@ fn bench_with(topo: Topology, slots: usize, flow_cache: bool) -> Bench {
         conntrack_slots: slots,
         manual_clock: Some(clock.clone()),
         flow_cache,
+        conntrack_seed: Some(0x5eed),
         ..SwitchOptions::default()
     });
     sw.publish(Snapshot::compile(topo).expect("fixture topology compiles"));
@@ -1173,4 +1174,134 @@ fn flow_cache_does_not_forward_what_the_parser_refuses() {
     bad[16..18].copy_from_slice(&1500u16.to_be_bytes());
     assert_eq!(send(&mut b, &bad), Verdict::Dropped(DropReason::Malformed));
     assert_eq!(b.worker.flow_cache_hits(), 1);
+}
+
+/// The flow cache changes nothing a frame's sender or receiver can see:
+/// the same random stream of frames (a few flows, so they repeat; TCP
+/// flags, bad lengths and fragments among them), rule changes, clock jumps
+/// and tracking-table clears go through two switches, one with the cache
+/// and one without, and every verdict, emitted frame and port counter
+/// must match.
+#[test]
+fn flow_cache_is_invisible_to_a_random_stream() {
+    for seed in [0x5eed_f00d, 0xdead_beef, 0x0123_4567_89ab_cdef] {
+        random_stream_through_both(seed);
+    }
+}
+
+fn random_stream_through_both(mut seed: u64) {
+    let mut with = bench_with(topology(), 1 << 12, true);
+    let mut without = bench_with(topology(), 1 << 12, false);
+    // Rule changes keep tracked flows; a removed port does not.
+    let mut no_db_rule = topology();
+    no_db_rule.generation = 2;
+    no_db_rule.security_groups[1].ingress.clear();
+    let mut no_p7 = topology();
+    no_p7.generation = 3;
+    no_p7.ports.retain(|p| p.id != 7);
+    let ports: [(PortId, [u8; 4]); 7] = [
+        (1, P1),
+        (2, P2),
+        (3, P3),
+        (5, P5),
+        (6, P6),
+        (7, P7),
+        (8, P8),
+    ];
+    let mut rnd = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    // A few flows and their replies, so that frames repeat.
+    let mut flows = Vec::new();
+    for _ in 0..12 {
+        let (ingress, src) = ports[rnd(ports.len() as u64) as usize];
+        let (back, dst) = match rnd(8) {
+            0 => (None, NET),
+            1 => (None, EIP1),
+            _ => {
+                let (p, a) = ports[rnd(ports.len() as u64) as usize];
+                (Some(p), a)
+            }
+        };
+        let sport = [40000, 40001, 5432, 80][rnd(4) as usize];
+        let dport = [80, 5432, 22, 23, 40000][rnd(5) as usize];
+        let udp_flow = rnd(3) == 0;
+        flows.push((ingress, src, dst, sport, dport, udp_flow));
+        if let Some(p) = back {
+            flows.push((p, dst, src, dport, sport, udp_flow));
+        }
+    }
+    let mut frames = 0;
+    for step in 0..20_000 {
+        match rnd(500) {
+            0 => {
+                let t = match rnd(3) {
+                    0 => topology(),
+                    1 => no_db_rule.clone(),
+                    _ => no_p7.clone(),
+                };
+                for b in [&mut with, &mut without] {
+                    b.sw.publish(Snapshot::compile(t.clone()).expect("fixture compiles"));
+                }
+                continue;
+            }
+            1 => {
+                let s = [1, 31, 200, 500_000][rnd(4) as usize] as u32;
+                for b in [&with, &without] {
+                    b.clock.fetch_add(s, Ordering::Relaxed);
+                }
+                continue;
+            }
+            2 => {
+                assert_eq!(with.sw.clear_conntrack(), without.sw.clear_conntrack());
+                continue;
+            }
+            _ => {}
+        }
+        let (ingress, src, dst, sport, dport, udp_flow) = flows[rnd(flows.len() as u64) as usize];
+        let mut f = if udp_flow {
+            udp(mac(ingress as u8), GW, src, dst, 64, (sport, dport), b"u")
+        } else {
+            let mut f = tcp(mac(ingress as u8), GW, src, dst, (sport, dport), b"t");
+            f[47] = match rnd(20) {
+                0 => 0x02,
+                1 => 0x12,
+                2 => 0x11,
+                3 => 0x04,
+                _ => 0x10,
+            };
+            f
+        };
+        match rnd(40) {
+            0 => f[16..18].copy_from_slice(&2000u16.to_be_bytes()),
+            1 => f[20] |= 0x20,
+            2 => f[14] = 0x46,
+            _ => {}
+        }
+        let mut out = Vec::new();
+        for b in [&mut with, &mut without] {
+            let mut g = f.clone();
+            let mut cap = Capture::default();
+            let v = b
+                .worker
+                .process(ingress, &mut g, &PacketMeta::default(), &mut cap);
+            let sent: Vec<(PortId, Vec<u8>)> =
+                cap.sent.iter().map(|s| (s.port, s.frame.clone())).collect();
+            let stats: Vec<PortStats> = (0..=UPLINK).map(|p| b.sw.stats(p)).collect();
+            out.push((v, sent, stats));
+        }
+        assert_eq!(out[0].0, out[1].0, "step {step}: verdict of {f:02x?}");
+        assert_eq!(out[0].1, out[1].1, "step {step}: frames emitted");
+        assert_eq!(out[0].2, out[1].2, "step {step}: counters");
+        frames += 1;
+    }
+    let hits = with.worker.flow_cache_hits();
+    eprintln!("{frames} frames, {hits} from the cache");
+    assert!(
+        hits > frames / 10,
+        "only {hits} of {frames} frames came from the cache"
+    );
 }
