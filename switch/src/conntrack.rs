@@ -21,7 +21,7 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 
 use crate::wire::ipv4::protocol;
-use crate::PortId;
+use crate::{prefetch, PortId};
 
 /// Slots in a bucket: 8 x 32 bytes, four cache lines. A key may live in
 /// either of two buckets chosen by independent hashes (two-choice hashing),
@@ -561,20 +561,6 @@ impl Conntrack {
             full: self.full.load(Ordering::Relaxed),
         }
     }
-}
-
-/// Hint the CPU to bring `slot`'s cache line in.
-#[inline(always)]
-fn prefetch(slot: &Slot) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is only a hint: it never faults and changes no
-    // memory, and the pointer comes from a live reference anyway.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>((slot as *const Slot).cast());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = slot;
 }
 
 /// The slot array. On Linux it is its own mapping, advised to use

@@ -106,3 +106,17 @@ pub enum Verdict {
     /// Dropped, and counted under this reason.
     Dropped(DropReason),
 }
+
+/// Hint the CPU to load the cache line holding (the start of) `r`.
+#[inline(always)]
+pub(crate) fn prefetch<T>(r: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is only a hint: it never faults and changes no
+    // memory, and the pointer comes from a live reference anyway.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>((r as *const T).cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = r;
+}

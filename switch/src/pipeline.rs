@@ -617,6 +617,14 @@ impl SwitchWorker {
             }
             None => false,
         };
+        let mut tx = Tx {
+            out,
+            counters,
+            snap,
+            capture,
+            clock: &clock,
+            tally,
+        };
         // The flow cache: a frame of a flow decided before under this
         // snapshot goes straight to its destination.
         let mut key = match fast {
@@ -629,14 +637,6 @@ impl SwitchWorker {
                 if d.routed {
                     frame[6..12].copy_from_slice(&GATEWAY_MAC);
                 }
-                let mut tx = Tx {
-                    out,
-                    counters,
-                    snap,
-                    capture,
-                    clock: &clock,
-                    tally,
-                };
                 return if tx.send(d.dest, d.hash, frame, meta) {
                     Verdict::Forwarded(d.dest)
                 } else {
@@ -658,38 +658,12 @@ impl SwitchWorker {
         let blame = Cell::new(None);
 
         let verdict = if snap.uplink.is_some_and(|u| u.port == ingress) {
-            let mut tx = Tx {
-                out,
-                counters,
-                snap,
-                capture,
-                clock: &clock,
-                tally,
-            };
             uplink::handle(snap, &blame, frame, meta, &mut work, &mut tx)
         } else if snap.metadata.is_some_and(|m| m.port == ingress) {
-            let mut tx = Tx {
-                out,
-                counters,
-                snap,
-                capture,
-                clock: &clock,
-                tally,
-            };
             metadata::handle(snap, frame, meta, &mut work, &mut tx)
         } else {
             match Ctx::new(snap, counters, ingress, &blame) {
-                Some(ctx) => {
-                    let mut tx = Tx {
-                        out,
-                        counters,
-                        snap,
-                        capture,
-                        clock: &clock,
-                        tally,
-                    };
-                    ctx.dispatch(frame, meta, &mut work, &mut tx)
-                }
+                Some(ctx) => ctx.dispatch(frame, meta, &mut work, &mut tx),
                 None => Verdict::Dropped(DropReason::PortDown),
             }
         };

@@ -25,7 +25,7 @@
 
 use crate::conntrack::Conntrack;
 use crate::wire::ipv4::protocol;
-use crate::PortId;
+use crate::{prefetch, PortId};
 
 /// Entries per worker (a power of two), in sets of two: 288 KiB, half
 /// the L2 cache of this machine's cores. Twice as many (Open vSwitch's EMC
@@ -274,20 +274,6 @@ impl FastCache {
             routed: d.routed,
         };
     }
-}
-
-/// Hint the CPU to load the cache line holding (the start of) `e`.
-#[inline]
-fn prefetch(e: &Entry) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is only a hint: it never faults and changes no
-    // memory, and the pointer comes from a live reference anyway.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>((e as *const Entry).cast());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = e;
 }
 
 #[cfg(test)]

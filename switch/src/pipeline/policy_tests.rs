@@ -868,12 +868,7 @@ fn tables_without_the_flow_cache() {
 
 #[test]
 fn tables_with_prefetch_hints() {
-    for steps in [
-        security_group_steps(),
-        udp_and_icmp_steps(),
-        nacl_steps(),
-        source_dest_steps(),
-    ] {
+    for steps in tables() {
         run_hinted(&mut bench(topology(), 1 << 12), steps, true);
     }
 }
@@ -940,14 +935,7 @@ fn conntrack_full_is_a_counted_drop() {
 #[test]
 fn every_policy_reason_is_produced() {
     let mut b = bench(topology(), 1 << 12);
-    for steps in [
-        security_group_steps(),
-        udp_and_icmp_steps(),
-        nacl_steps(),
-        source_dest_steps(),
-        internet_steps(),
-        isolation_steps(),
-    ] {
+    for steps in tables() {
         run(&mut b, steps);
     }
     let mut total = [0u64; DropReason::COUNT];
