@@ -39,6 +39,11 @@ fn _test_bench_smoke(scenario: Scenario, queues: u16) {
         assert_eq!((r.size, r.queues), (64, queues));
     }
     assert!(rows[1].ratio.is_some(), "the enilab row carries the ratio");
+    // The synthetic guests send one flow: after its first frames the
+    // switch's flow cache decides them (through real vhost-user rings).
+    let share = flow_cache_share(&rows[1].note)
+        .unwrap_or_else(|| panic!("no flow-cache share in the note: {}", rows[1].note));
+    assert!(share > 50.0, "only {share}% of frames from the flow cache");
     // Nothing left behind: no hugepage files of ours, no sockets.
     let ours = format!("enb{}", std::process::id());
     let left: Vec<String> = std::fs::read_dir("/dev/hugepages")
@@ -50,6 +55,13 @@ fn _test_bench_smoke(scenario: Scenario, queues: u16) {
         })
         .unwrap_or_default();
     assert!(left.is_empty(), "hugepage files left: {left:?}");
+}
+
+/// The "N% from the flow cache" of an enilab row's note.
+fn flow_cache_share(note: &str) -> Option<f64> {
+    let end = note.find("% from the flow cache")?;
+    let start = note[..end].rfind(' ').map_or(0, |i| i + 1);
+    note[start..end].parse().ok()
 }
 
 #[test]

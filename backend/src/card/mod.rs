@@ -43,6 +43,8 @@ pub struct WorkerStats {
     pub forwarded: u64,
     pub replied: u64,
     pub dropped: u64,
+    /// Frames the switch's flow cache decided (of `forwarded`).
+    pub flow_cache_hits: u64,
 }
 
 pub struct Card {
@@ -167,6 +169,7 @@ impl Card {
                     forwarded: c.forwarded.load(Ordering::Relaxed),
                     replied: c.replied.load(Ordering::Relaxed),
                     dropped: c.dropped.load(Ordering::Relaxed),
+                    flow_cache_hits: c.flow_cache_hits.load(Ordering::Relaxed),
                 }
             })
             .collect()

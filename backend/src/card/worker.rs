@@ -47,6 +47,8 @@ pub struct WorkerCounters {
     pub poll_passes: AtomicU64,
     /// Frames the switch accepted whose queue filled before the move.
     pub late_drops: AtomicU64,
+    /// Frames the switch's flow cache decided, as of the last batch.
+    pub flow_cache_hits: AtomicU64,
 }
 
 /// The part of a worker that other threads hold.
@@ -281,6 +283,9 @@ impl Worker {
             self.batch.clear();
             let c = &self.shared.counters;
             c.tx_batches.fetch_add(1, Ordering::Relaxed);
+            // This worker's own total: a plain store, no locked add.
+            c.flow_cache_hits
+                .store(self.switch.flow_cache_hits(), Ordering::Relaxed);
             for (ctr, n) in [
                 (&c.forwarded, fwd),
                 (&c.replied, rep),

@@ -889,6 +889,7 @@ impl InstanceDriver for QemuDriver {
                     "forwarded": w.iter().map(|s| s.forwarded).sum::<u64>(),
                     "dropped": w.iter().map(|s| s.dropped).sum::<u64>(),
                     "wakeups": w.iter().map(|s| s.wakeups).sum::<u64>(),
+                    "flow_cache_hits": w.iter().map(|s| s.flow_cache_hits).sum::<u64>(),
                 })
             })
             .collect();
