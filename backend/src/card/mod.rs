@@ -43,7 +43,8 @@ pub struct WorkerStats {
     pub forwarded: u64,
     pub replied: u64,
     pub dropped: u64,
-    /// Frames the switch's flow cache decided (of `forwarded`).
+    /// Frames the switch's flow cache decided: forwarded, or refused by
+    /// a full destination queue (counted in `dropped`).
     pub flow_cache_hits: u64,
 }
 
