@@ -101,20 +101,24 @@ impl<T> Mpsc<T> {
         let cap = self.slots.len();
         let mut tail = self.tail.0.load(Ordering::Relaxed);
         loop {
+            // One division per attempt: the slots after the tail's are
+            // stepped to, wrapping by hand (a `%` per slot was a `div`).
+            let base = tail % cap;
             // Free slots from the tail on: stamp == index.
             let mut k = 0;
+            let mut at = base;
             while k < items.len().min(cap) {
-                let i = tail.wrapping_add(k);
-                if self.slots[i % cap].stamp.load(Ordering::Acquire) != i {
+                if self.slots[at].stamp.load(Ordering::Acquire) != tail.wrapping_add(k) {
                     break;
                 }
                 k += 1;
+                at = next_slot(at, cap);
             }
             if k == 0 {
                 if items.is_empty() {
                     return 0;
                 }
-                let stamp = self.slots[tail % cap].stamp.load(Ordering::Acquire);
+                let stamp = self.slots[base].stamp.load(Ordering::Acquire);
                 if stamp.wrapping_add(cap) == tail.wrapping_add(1) {
                     return 0; // full
                 }
@@ -129,16 +133,18 @@ impl<T> Mpsc<T> {
                 Ordering::Relaxed,
             ) {
                 Ok(_) => {
+                    let mut at = base;
                     for (j, value) in items.drain(..k).enumerate() {
-                        let i = tail.wrapping_add(j);
-                        let slot = &self.slots[i % cap];
+                        let slot = &self.slots[at];
                         // SAFETY: every slot in tail..tail+k was free for
                         // its index when looked at, and only a producer
                         // that moved the tail past it could have taken it
                         // since; winning the CAS from `tail` makes them
                         // ours until their stamps are published.
                         unsafe { (*slot.value.get()).write(value) };
-                        slot.stamp.store(i.wrapping_add(1), Ordering::Release);
+                        slot.stamp
+                            .store(tail.wrapping_add(j + 1), Ordering::Release);
+                        at = next_slot(at, cap);
                     }
                     return k;
                 }
@@ -166,9 +172,11 @@ impl<T> Mpsc<T> {
         if self.consuming.swap(true, Ordering::Acquire) {
             return None;
         }
+        let head = self.head.0.load(Ordering::Relaxed);
         Some(Consumer {
             q: self,
-            head: self.head.0.load(Ordering::Relaxed),
+            head,
+            at: head % self.slots.len(),
         })
     }
 
@@ -178,16 +186,28 @@ impl<T> Mpsc<T> {
     }
 }
 
+/// The slot after `at` in a ring of `cap`.
+#[inline]
+fn next_slot(at: usize, cap: usize) -> usize {
+    if at + 1 == cap {
+        0
+    } else {
+        at + 1
+    }
+}
+
 /// The consumer side, held for one batch.
 pub struct Consumer<'a, T> {
     q: &'a Mpsc<T>,
     head: usize,
+    /// `head`'s slot, stepped along with it (no division per frame).
+    at: usize,
 }
 
 impl<T> Consumer<'_, T> {
     pub fn pop(&mut self) -> Option<T> {
         let cap = self.q.slots.len();
-        let slot = &self.q.slots[self.head % cap];
+        let slot = &self.q.slots[self.at];
         if slot.stamp.load(Ordering::Acquire) != self.head.wrapping_add(1) {
             // Empty, or a producer has claimed the slot and not yet
             // written it: come back later.
@@ -201,6 +221,7 @@ impl<T> Consumer<'_, T> {
         slot.stamp
             .store(self.head.wrapping_add(cap), Ordering::Release);
         self.head = self.head.wrapping_add(1);
+        self.at = next_slot(self.at, cap);
         // A plain store: only the consumer writes head.
         self.q.head.0.store(self.head, Ordering::Release);
         Some(value)

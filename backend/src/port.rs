@@ -1,6 +1,7 @@
 //! Port queues: where the switch leaves frames for a destination ENI, and
 //! the wake-ups that tell the owning card worker to fill the guest's RX ring.
 
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -35,8 +36,25 @@ pub struct Pool {
 /// Buffers one thread keeps for itself (512 KiB of 2 KiB frames).
 const LOCAL_CACHE: usize = 256;
 
+/// A thread's cached buffers, each a `SMALL_BUF`-capacity allocation
+/// given up by a `Vec<u8>`. One pointer per buffer rather than the
+/// 24-byte `Vec`: a buffer put back is often taken again at once, and
+/// reading a `Vec` just stored in pieces of other widths cannot be
+/// store-forwarded (that wait was half of `Pool::get`).
+struct LocalBufs(Vec<NonNull<u8>>);
+
+impl Drop for LocalBufs {
+    fn drop(&mut self) {
+        for p in self.0.drain(..) {
+            // SAFETY: every pointer came from a live Vec<u8> of capacity
+            // SMALL_BUF whose ownership `Pool::put` gave to this cache.
+            drop(unsafe { Vec::from_raw_parts(p.as_ptr(), 0, SMALL_BUF) });
+        }
+    }
+}
+
 thread_local! {
-    static LOCAL: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+    static LOCAL: std::cell::RefCell<LocalBufs> = const { std::cell::RefCell::new(LocalBufs(Vec::new())) };
 }
 
 impl Default for Pool {
@@ -48,34 +66,52 @@ impl Default for Pool {
 }
 
 impl Pool {
+    #[inline]
     pub fn get(&self) -> Vec<u8> {
-        if let Ok(Some(b)) = LOCAL.try_with(|l| l.borrow_mut().pop()) {
-            return b;
+        if let Ok(Some(p)) = LOCAL.try_with(|l| l.borrow_mut().0.pop()) {
+            // SAFETY: as in `LocalBufs::drop`; popping took the pointer
+            // out of the cache, so this Vec is its only owner.
+            return unsafe { Vec::from_raw_parts(p.as_ptr(), 0, SMALL_BUF) };
         }
         self.free
             .pop()
             .unwrap_or_else(|| Vec::with_capacity(SMALL_BUF))
     }
 
+    #[inline]
     pub fn put(&self, mut buf: Vec<u8>) {
-        // Do not hoard 64 KiB super-packet buffers.
-        if buf.capacity() > 4 * SMALL_BUF {
-            buf = Vec::with_capacity(SMALL_BUF);
+        if buf.capacity() != SMALL_BUF {
+            // Do not hoard 64 KiB super-packet buffers.
+            if buf.capacity() > 4 * SMALL_BUF {
+                buf = Vec::with_capacity(SMALL_BUF);
+            } else {
+                buf.clear();
+                let _ = self.free.push(buf);
+                return;
+            }
         }
-        buf.clear();
-        let spill = LOCAL
+        let mut buf = std::mem::ManuallyDrop::new(buf);
+        // Never null: the capacity is SMALL_BUF.
+        let Some(p) = NonNull::new(buf.as_mut_ptr()) else {
+            return;
+        };
+        let kept = LOCAL
             .try_with(|l| {
                 let mut l = l.borrow_mut();
-                if l.len() < LOCAL_CACHE {
-                    l.push(std::mem::take(&mut buf));
-                    false
-                } else {
+                if l.0.len() < LOCAL_CACHE {
+                    l.0.push(p);
                     true
+                } else {
+                    false
                 }
             })
-            .unwrap_or(true);
-        if spill {
-            let _ = self.free.push(buf);
+            .unwrap_or(false);
+        if !kept {
+            // SAFETY: the cache did not take the pointer: this is still
+            // the only owner of the allocation `buf` gave up.
+            let _ = self
+                .free
+                .push(unsafe { Vec::from_raw_parts(p.as_ptr(), 0, SMALL_BUF) });
         }
     }
 }
@@ -236,7 +272,12 @@ impl PortTable {
 /// Frames held for one destination queue until the end of the batch.
 struct Staged {
     handle: Arc<PortHandle>,
+    port: PortId,
     queue: usize,
+    /// Frames the group may hold: the queue's free room when the group
+    /// was made (or last pushed), so `emit` refuses without reading the
+    /// queue's shared indices per frame.
+    room: usize,
     pkts: Vec<Pkt>,
 }
 
@@ -253,7 +294,9 @@ struct Staged {
 /// order the switch emitted in.
 pub(crate) struct PortEgress<'a> {
     /// The port table as of the start of this pass: one load per pass,
-    /// not a reference-count round trip per frame.
+    /// not a reference-count round trip per frame. Handles cannot go away
+    /// while it is held, so a group found at `emit` is still there at
+    /// `finish`.
     table: arc_swap::Guard<Arc<Vec<Option<Arc<PortHandle>>>>>,
     pool: &'a Pool,
     wake: Vec<Arc<Waker>>,
@@ -261,8 +304,12 @@ pub(crate) struct PortEgress<'a> {
     /// switch emits that very frame, it is queued by moving the buffer
     /// ([`PortEgress::finish`]) instead of copying it.
     ingress: Option<(usize, usize)>,
-    moved: Option<(PortId, usize, PacketMeta)>,
+    /// The group `emit` chose for the ingress frame, and its metadata.
+    moved: Option<(usize, PacketMeta)>,
     staged: Vec<Staged>,
+    /// The group the last frame went to: a batch's frames mostly share
+    /// one, so the search below is usually a single compare.
+    last: usize,
     /// Emptied hold lists, kept with their allocation: a batch's list
     /// would otherwise grow from one frame again, reallocating as it goes.
     spare: Vec<Vec<Pkt>>,
@@ -280,6 +327,7 @@ impl<'a> PortEgress<'a> {
             ingress: None,
             moved: None,
             staged: Vec::new(),
+            last: 0,
             spare: Vec::new(),
             late: 0,
         }
@@ -300,72 +348,85 @@ impl<'a> PortEgress<'a> {
     }
 
     /// The next frame handed to the switch lives in `buf`.
+    #[inline]
     pub fn set_ingress(&mut self, buf: &[u8]) {
         self.ingress = Some((buf.as_ptr() as usize, buf.len()));
         self.moved = None;
     }
 
-    /// After the switch is done with the ingress frame: hold it for its
-    /// queue if the switch emitted it, else give it back. False when the
-    /// destination went away in between.
-    pub fn finish(&mut self, pkt: Pkt) -> bool {
+    /// After the switch is done with the ingress frame: hold it for the
+    /// queue `emit` chose if the switch emitted it, else give it back.
+    #[inline]
+    pub fn finish(&mut self, pkt: Pkt) {
         self.ingress = None;
-        let Some((port, queue, meta)) = self.moved.take() else {
-            self.pool.put(pkt.buf);
-            return true;
-        };
-        let Some(handle) = self.table.get(port as usize).and_then(|h| h.as_ref()) else {
-            self.pool.put(pkt.buf);
-            return false;
-        };
-        let pkt = Pkt { buf: pkt.buf, meta };
-        match self.held_at(handle, queue) {
-            Some(i) => self.staged[i].pkts.push(pkt),
+        match self.moved.take() {
+            Some((g, meta)) => self.staged[g].pkts.push(Pkt { buf: pkt.buf, meta }),
+            None => self.pool.put(pkt.buf),
+        }
+    }
+
+    /// Index of the group held for `queue` of `port`.
+    #[inline]
+    fn held_at(&self, port: PortId, queue: usize) -> Option<usize> {
+        match self.staged.get(self.last) {
+            Some(s) if s.port == port && s.queue == queue => Some(self.last),
+            _ => self
+                .staged
+                .iter()
+                .position(|s| s.port == port && s.queue == queue),
+        }
+    }
+
+    /// The group for `queue` of `port`, made if there is none.
+    fn group(&mut self, port: PortId, queue: usize) -> Option<usize> {
+        let g = match self.held_at(port, queue) {
+            Some(g) => g,
             None => {
-                let mut pkts = self
+                let handle = self.table.get(port as usize)?.as_ref()?.clone();
+                let pkts = self
                     .spare
                     .pop()
                     .unwrap_or_else(|| Vec::with_capacity(crate::net::BATCH));
-                pkts.push(pkt);
                 self.staged.push(Staged {
-                    handle: handle.clone(),
+                    room: room_of(&handle, queue),
+                    handle,
+                    port,
                     queue,
                     pkts,
-                })
+                });
+                self.staged.len() - 1
             }
-        }
-        true
-    }
-
-    /// Index of the group held for `queue` of `handle`.
-    fn held_at(&self, handle: &Arc<PortHandle>, queue: usize) -> Option<usize> {
-        self.staged
-            .iter()
-            .position(|s| s.queue == queue && Arc::ptr_eq(&s.handle, handle))
-    }
-
-    /// Frames held for `queue` of `handle` (they count against its room).
-    fn held(&self, handle: &Arc<PortHandle>, queue: usize) -> usize {
-        self.held_at(handle, queue)
-            .map_or(0, |i| self.staged[i].pkts.len())
+        };
+        self.last = g;
+        Some(g)
     }
 
     /// Queue every held frame. Returns how many found their queue full
     /// (given back to the pool) since the last flush.
     pub fn flush(&mut self) -> u64 {
-        // Taken and put back to keep the list's allocation.
-        let mut staged = std::mem::take(&mut self.staged);
-        for s in staged.drain(..) {
-            self.push_staged(s);
+        for g in 0..self.staged.len() {
+            self.push_staged(g);
         }
-        self.staged = staged;
+        // The groups go (a handle's queues may change before the next
+        // batch); their lists are kept. A few are plenty: one per
+        // destination queue of a batch.
+        for s in self.staged.drain(..) {
+            if self.spare.len() < 16 {
+                self.spare.push(s.pkts);
+            }
+        }
+        self.last = 0;
         std::mem::take(&mut self.late)
     }
 
-    /// Move one group's frames into its queue (one compare-and-swap) and
+    /// Move group `g`'s frames into its queue (one compare-and-swap) and
     /// note its worker for waking; what does not fit is dropped and
-    /// counted as late.
-    fn push_staged(&mut self, mut s: Staged) {
+    /// counted as late. The group stays, empty, with its room renewed.
+    fn push_staged(&mut self, g: usize) {
+        let s = &mut self.staged[g];
+        if s.pkts.is_empty() {
+            return;
+        }
         if let Some(q) = s.handle.rxq.get(s.queue) {
             if q.ring.push_many(&mut s.pkts) > 0 {
                 note_wake(&mut self.wake, q);
@@ -375,10 +436,7 @@ impl<'a> PortEgress<'a> {
             self.late += 1;
             self.pool.put(p.buf);
         }
-        // A few lists are plenty: one per destination queue of a batch.
-        if self.spare.len() < 16 {
-            self.spare.push(s.pkts);
-        }
+        s.room = room_of(&s.handle, s.queue);
     }
 
     /// Wake every worker that got frames, except `own` (the caller, which
@@ -395,6 +453,14 @@ impl<'a> PortEgress<'a> {
         }
         mine
     }
+}
+
+/// Free room in `queue` of `handle` now.
+fn room_of(handle: &PortHandle, queue: usize) -> usize {
+    handle
+        .rxq
+        .get(queue)
+        .map_or(0, |q| RX_QUEUE_DEPTH.saturating_sub(q.ring.len()))
 }
 
 impl PortEgress<'_> {
@@ -424,29 +490,34 @@ impl Egress for PortEgress<'_> {
         let Some(queue) = handle.queue_for(flow_hash, frame) else {
             return false;
         };
-        let Some(q) = handle.rxq.get(queue) else {
+        if queue >= handle.rxq.len() {
             return false;
-        };
+        }
         if self.moved.is_none() && self.ingress == Some((frame.as_ptr() as usize, frame.len())) {
             // The ingress frame itself: held by `finish`, without a copy.
             // Refuse now if there is no room, so the switch counts it.
-            if q.ring.len() + self.held(handle, queue) >= RX_QUEUE_DEPTH {
-                return false;
-            }
-            self.moved = Some((port, queue, *meta));
-            return true;
-        }
-        // Frames held for this queue go first (queue order is emit order);
-        // the handle is cloned only then, to outlive the flush.
-        if let Some(i) = self.held_at(handle, queue) {
-            let s = self.staged.swap_remove(i);
-            let handle = s.handle.clone();
-            self.push_staged(s);
-            let Some(q) = handle.rxq.get(queue) else {
+            let Some(g) = self.group(port, queue) else {
                 return false;
             };
-            return queue_copy(self.pool, &mut self.wake, q, frame, meta);
+            let s = &self.staged[g];
+            if s.pkts.len() >= s.room {
+                return false;
+            }
+            self.moved = Some((g, *meta));
+            return true;
         }
+        // Frames held for this queue go first (queue order is emit order).
+        if let Some(g) = self.held_at(port, queue) {
+            self.push_staged(g);
+        }
+        let Some(q) = self
+            .table
+            .get(port as usize)
+            .and_then(|h| h.as_ref())
+            .map(|h| &h.rxq[queue])
+        else {
+            return false;
+        };
         queue_copy(self.pool, &mut self.wake, q, frame, meta)
     }
 }

@@ -364,6 +364,9 @@ pub(crate) struct PortInfo {
     pub limits: PortLimits,
     /// Index into `Snapshot::cards`.
     pub card: Option<usize>,
+    /// The port or its card has an allowance: only then are the meters
+    /// charged (one flag test per frame and side when there is none).
+    pub metered: bool,
 }
 
 /// A compiled card aggregate.
@@ -763,6 +766,8 @@ impl Snapshot {
                 flow_logs,
                 eni: Arc::from(port.eni_id.as_str()),
                 limits: port.limits,
+                metered: !port.limits.is_unlimited()
+                    || card.is_some_and(|i| !cards[i].limits.is_unlimited()),
                 card,
             };
         }

@@ -592,7 +592,7 @@ impl SwitchWorker {
             tally.tx(ingress, frame.len(), counters);
             // The sender's allowances (its own, then its card's), before
             // any work is spent on it.
-            if let Some(info) = snap.info(ingress) {
+            if let Some(info) = snap.info(ingress).filter(|i| i.metered) {
                 let packets = wire_packets(frame.len(), meta.gso.map(|g| g.size));
                 if !c.allow(&info.limits, true, packets, frame.len(), &clock)
                     || !snap.card_allows(info, true, packets, frame.len(), &clock)
@@ -771,7 +771,10 @@ impl<E: Egress + ?Sized> Tx<'_, E> {
     /// A frame over the receiver's allowances is dropped here (counted as
     /// `RateLimit` on it) and reported as not sent.
     fn send(&mut self, port: PortId, flow_hash: u32, frame: &[u8], meta: &PacketMeta) -> bool {
-        if let (Some(c), Some(info)) = (self.counters.get(port as usize), self.snap.info(port)) {
+        if let (Some(c), Some(info)) = (
+            self.counters.get(port as usize),
+            self.snap.info(port).filter(|i| i.metered),
+        ) {
             let packets = wire_packets(frame.len(), meta.gso.map(|g| g.size));
             if !c.allow(&info.limits, false, packets, frame.len(), self.clock)
                 || !self

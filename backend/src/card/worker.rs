@@ -253,18 +253,14 @@ impl Worker {
             let (mut fwd, mut rep, mut drop, mut late) = (0u64, 0u64, 0u64, 0u64);
             // Port packet/byte counters are added once for the batch.
             self.switch.begin_batch();
-            for i in 0..self.batch.len() {
+            // Drained in place: each frame is moved out once, with no
+            // placeholder written back.
+            let mut frames = self.batch.drain(..);
+            while let Some(mut pkt) = frames.next() {
                 // Start loading frame i+k's conntrack buckets now.
-                if let Some(ahead) = self.batch.get(i + PREFETCH_AHEAD) {
+                if let Some(ahead) = frames.as_slice().get(PREFETCH_AHEAD - 1) {
                     self.switch.prefetch(port, &ahead.buf);
                 }
-                let mut pkt = std::mem::replace(
-                    &mut self.batch[i],
-                    Pkt {
-                        buf: Vec::new(),
-                        meta: Default::default(),
-                    },
-                );
                 egress.set_ingress(&pkt.buf);
                 let verdict = self
                     .switch
@@ -274,13 +270,11 @@ impl Worker {
                     Verdict::Replied => rep += 1,
                     Verdict::Dropped(_) => drop += 1,
                 }
-                if !egress.finish(pkt) {
-                    late += 1;
-                }
+                egress.finish(pkt);
             }
+            std::mem::drop(frames);
             self.switch.end_batch();
             late += egress.flush();
-            self.batch.clear();
             let c = &self.shared.counters;
             c.tx_batches.fetch_add(1, Ordering::Relaxed);
             // This worker's own total: a plain store, no locked add.

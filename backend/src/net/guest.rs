@@ -37,6 +37,8 @@ struct Region {
 pub(crate) struct MemMap<'m> {
     regions: [Region; MAX_REGIONS],
     n: usize,
+    /// The region `translate` found last.
+    last: std::cell::Cell<usize>,
     mem: &'m GuestMemoryMmap,
 }
 
@@ -61,18 +63,37 @@ impl<'m> MemMap<'m> {
                 n += 1;
             }
         }
-        MemMap { regions, n, mem }
+        MemMap {
+            regions,
+            n,
+            last: std::cell::Cell::new(0),
+            mem,
+        }
     }
 
     /// The host address of guest bytes [addr, addr+len), if they lie in
     /// one region.
     #[inline]
     pub fn translate(&self, addr: u64, len: usize) -> Option<*mut u8> {
-        for r in &self.regions[..self.n] {
+        // The region of the last hit first: a frontend's rings and buffers
+        // mostly share one. Slots past `n` are empty and never match.
+        let last = self.last.get();
+        if let Some(r) = self.regions.get(last) {
+            if let Some(off) = addr.checked_sub(r.start).filter(|&o| o < r.len) {
+                let end = off.checked_add(len as u64)?;
+                if end > r.len {
+                    return None;
+                }
+                // SAFETY: as below.
+                return Some(unsafe { r.host.add(off as usize) });
+            }
+        }
+        for (i, r) in self.regions[..self.n].iter().enumerate() {
             let Some(off) = addr.checked_sub(r.start) else {
                 continue;
             };
             if off < r.len {
+                self.last.set(i);
                 let end = off.checked_add(len as u64)?;
                 if end > r.len {
                     return None;
@@ -274,6 +295,9 @@ pub(crate) struct Ring<'m> {
     avail: *const u8,
     used: *mut u8,
     size: u16,
+    /// size - 1: slots are indices masked, never divided (a `%` by the
+    /// runtime size was a `div` per ring access, three per frame).
+    mask: u16,
     event_idx: bool,
     next_avail: u16,
     /// The avail index as last read: chains up to it need no new read.
@@ -312,6 +336,7 @@ impl<'m> Ring<'m> {
             avail,
             used,
             size,
+            mask: size - 1,
             event_idx: q.event_idx_enabled(),
             next_avail: q.next_avail(),
             avail_seen: q.next_avail(),
@@ -361,7 +386,7 @@ impl<'m> Ring<'m> {
     /// Take the next head. Call only after [`has_next`] said yes.
     #[inline]
     pub fn pop_head(&mut self) -> u16 {
-        let slot = usize::from(self.next_avail % self.size);
+        let slot = usize::from(self.next_avail & self.mask);
         let p = self.avail.wrapping_add(4 + 2 * slot);
         self.next_avail = self.next_avail.wrapping_add(1);
         Self::load16(p, Ordering::Relaxed)
@@ -374,7 +399,7 @@ impl<'m> Ring<'m> {
         if self.avail_seen.wrapping_sub(self.next_avail) <= k {
             return None;
         }
-        let slot = usize::from(self.next_avail.wrapping_add(k) % self.size);
+        let slot = usize::from(self.next_avail.wrapping_add(k) & self.mask);
         Some(Self::load16(
             self.avail.wrapping_add(4 + 2 * slot),
             Ordering::Relaxed,
@@ -428,14 +453,15 @@ impl<'m> Ring<'m> {
     /// Add a used element; it becomes visible at [`publish`].
     #[inline]
     pub fn push_used(&mut self, id: u16, len: u32) {
-        let slot = usize::from(self.next_used % self.size);
+        let slot = usize::from(self.next_used & self.mask);
         let p = self.used.wrapping_add(4 + 8 * slot);
-        let mut elem = [0u8; 8];
-        elem[..4].copy_from_slice(&u32::from(id).to_le_bytes());
-        elem[4..].copy_from_slice(&len.to_le_bytes());
+        // One 8-byte store: the element as the guest reads it (le32 id,
+        // le32 len).
+        let elem = (u64::from(len) << 32 | u64::from(id)).to_le();
         // SAFETY: slot < size, and the used ring was translated for
         // 4 + 8 * size + 2 bytes in `new`; the mapping outlives the batch.
-        unsafe { std::ptr::copy_nonoverlapping(elem.as_ptr(), p, 8) };
+        // The ring is only 4-byte aligned, hence unaligned.
+        unsafe { std::ptr::write_unaligned(p as *mut u64, elem) };
         self.next_used = self.next_used.wrapping_add(1);
     }
 
