@@ -359,8 +359,14 @@ impl<'a> PortEgress<'a> {
     #[inline]
     pub fn finish(&mut self, pkt: Pkt) {
         self.ingress = None;
-        match self.moved.take() {
-            Some((g, meta)) => self.staged[g].pkts.push(Pkt { buf: pkt.buf, meta }),
+        // A group is only dropped by a flush, which never runs between
+        // `emit` and here; if one did, the frame goes back to the pool.
+        match self
+            .moved
+            .take()
+            .and_then(|(g, meta)| Some((self.staged.get_mut(g)?, meta)))
+        {
+            Some((s, meta)) => s.pkts.push(Pkt { buf: pkt.buf, meta }),
             None => self.pool.put(pkt.buf),
         }
     }
