@@ -43,12 +43,22 @@ const LOCAL_CACHE: usize = 256;
 /// store-forwarded (that wait was half of `Pool::get`).
 struct LocalBufs(Vec<NonNull<u8>>);
 
+/// The empty `Vec` that owns cached buffer `p` again.
+///
+/// # Safety
+/// `p` came from a `Vec<u8>` of capacity `SMALL_BUF` that `Pool::put` gave
+/// up, and nothing else owns that allocation any more.
+#[inline]
+unsafe fn reclaim(p: NonNull<u8>) -> Vec<u8> {
+    // SAFETY: per this function's contract.
+    unsafe { Vec::from_raw_parts(p.as_ptr(), 0, SMALL_BUF) }
+}
+
 impl Drop for LocalBufs {
     fn drop(&mut self) {
         for p in self.0.drain(..) {
-            // SAFETY: every pointer came from a live Vec<u8> of capacity
-            // SMALL_BUF whose ownership `Pool::put` gave to this cache.
-            drop(unsafe { Vec::from_raw_parts(p.as_ptr(), 0, SMALL_BUF) });
+            // SAFETY: the cache owned every pointer it holds.
+            drop(unsafe { reclaim(p) });
         }
     }
 }
@@ -69,9 +79,9 @@ impl Pool {
     #[inline]
     pub fn get(&self) -> Vec<u8> {
         if let Ok(Some(p)) = LOCAL.try_with(|l| l.borrow_mut().0.pop()) {
-            // SAFETY: as in `LocalBufs::drop`; popping took the pointer
-            // out of the cache, so this Vec is its only owner.
-            return unsafe { Vec::from_raw_parts(p.as_ptr(), 0, SMALL_BUF) };
+            // SAFETY: popping took the pointer out of the cache, which
+            // owned it: the Vec is its only owner.
+            return unsafe { reclaim(p) };
         }
         self.free
             .pop()
@@ -109,9 +119,7 @@ impl Pool {
         if !kept {
             // SAFETY: the cache did not take the pointer: this is still
             // the only owner of the allocation `buf` gave up.
-            let _ = self
-                .free
-                .push(unsafe { Vec::from_raw_parts(p.as_ptr(), 0, SMALL_BUF) });
+            let _ = self.free.push(unsafe { reclaim(p) });
         }
     }
 }
@@ -272,7 +280,6 @@ impl PortTable {
 /// Frames held for one destination queue until the end of the batch.
 struct Staged {
     handle: Arc<PortHandle>,
-    port: PortId,
     queue: usize,
     /// Frames the group may hold: the queue's free room when the group
     /// was made (or last pushed), so `emit` refuses without reading the
@@ -375,11 +382,11 @@ impl<'a> PortEgress<'a> {
     #[inline]
     fn held_at(&self, port: PortId, queue: usize) -> Option<usize> {
         match self.staged.get(self.last) {
-            Some(s) if s.port == port && s.queue == queue => Some(self.last),
+            Some(s) if s.handle.port == port && s.queue == queue => Some(self.last),
             _ => self
                 .staged
                 .iter()
-                .position(|s| s.port == port && s.queue == queue),
+                .position(|s| s.handle.port == port && s.queue == queue),
         }
     }
 
@@ -396,7 +403,6 @@ impl<'a> PortEgress<'a> {
                 self.staged.push(Staged {
                     room: room_of(&handle, queue),
                     handle,
-                    port,
                     queue,
                     pkts,
                 });

@@ -250,7 +250,7 @@ impl Worker {
             }
             let port = s.dev.port();
             // Counted once per batch: the counters are shared cache lines.
-            let (mut fwd, mut rep, mut drop, mut late) = (0u64, 0u64, 0u64, 0u64);
+            let (mut fwd, mut rep, mut drop) = (0u64, 0u64, 0u64);
             // Port packet/byte counters are added once for the batch.
             self.switch.begin_batch();
             // Drained in place: each frame is moved out once, with no
@@ -274,7 +274,7 @@ impl Worker {
             }
             std::mem::drop(frames);
             self.switch.end_batch();
-            late += egress.flush();
+            let late = egress.flush();
             let c = &self.shared.counters;
             c.tx_batches.fetch_add(1, Ordering::Relaxed);
             // This worker's own total: a plain store, no locked add.
