@@ -104,10 +104,23 @@ impl<T> Mpsc<T> {
             // One division per attempt: the slots after the tail's are
             // stepped to, wrapping by hand (a `%` per slot was a `div`).
             let base = tail % cap;
-            // Free slots from the tail on: stamp == index.
+            // Free slots from the tail on: stamp == index. The consumer
+            // frees slots in index order, each stamp a Release store, so
+            // when the last slot wanted is free (seen with Acquire) so is
+            // every slot before it: one look, where the room is there.
+            let want = items.len().min(cap);
             let mut k = 0;
             let mut at = base;
-            while k < items.len().min(cap) {
+            if want > 0 {
+                // base < cap and want <= cap: one wrap at most.
+                let last = base + want - 1;
+                let last = if last >= cap { last - cap } else { last };
+                let stamp = self.slots[last].stamp.load(Ordering::Acquire);
+                if stamp == tail.wrapping_add(want - 1) {
+                    k = want;
+                }
+            }
+            while k < want {
                 if self.slots[at].stamp.load(Ordering::Acquire) != tail.wrapping_add(k) {
                     break;
                 }

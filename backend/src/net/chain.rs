@@ -67,7 +67,7 @@ pub enum Dir {
 /// copying `Seg`s between lists stalled on store forwarding behind the
 /// frame copies to guest memory). Returns the total byte length; on error
 /// `segs` may hold part of the chain.
-#[inline]
+#[inline(always)]
 pub(crate) fn walk<'m>(
     map: &MemMap<'m>,
     table: DescTable<'m>,
@@ -99,6 +99,7 @@ pub(crate) fn walk<'m>(
 }
 
 /// [`walk`] for any chain.
+#[inline(never)]
 fn walk_chain<'m>(
     map: &MemMap<'m>,
     table: DescTable<'m>,

@@ -72,22 +72,27 @@ impl<'m> MemMap<'m> {
     }
 
     /// The host address of guest bytes [addr, addr+len), if they lie in
-    /// one region.
-    #[inline]
+    /// one region. The region of the last hit is tried inline (a
+    /// frontend's rings and buffers mostly share one); the rest is a call.
+    #[inline(always)]
     pub fn translate(&self, addr: u64, len: usize) -> Option<*mut u8> {
-        // The region of the last hit first: a frontend's rings and buffers
-        // mostly share one. Slots past `n` are empty and never match.
-        let last = self.last.get();
-        if let Some(r) = self.regions.get(last) {
-            if let Some(off) = addr.checked_sub(r.start).filter(|&o| o < r.len) {
-                let end = off.checked_add(len as u64)?;
-                if end > r.len {
-                    return None;
-                }
-                // SAFETY: as below.
-                return Some(unsafe { r.host.add(off as usize) });
+        // Slots past `n` are empty and never match.
+        let r = &self.regions[self.last.get() % MAX_REGIONS];
+        let off = addr.wrapping_sub(r.start);
+        if addr >= r.start && off < r.len {
+            let end = off.checked_add(len as u64)?;
+            if end > r.len {
+                return None;
             }
+            // SAFETY: as in `translate_slow`.
+            return Some(unsafe { r.host.add(off as usize) });
         }
+        self.translate_slow(addr, len)
+    }
+
+    /// [`translate`](Self::translate) past the last hit's region.
+    #[inline(never)]
+    fn translate_slow(&self, addr: u64, len: usize) -> Option<*mut u8> {
         for (i, r) in self.regions[..self.n].iter().enumerate() {
             let Some(off) = addr.checked_sub(r.start) else {
                 continue;
