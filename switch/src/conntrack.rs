@@ -381,6 +381,15 @@ impl Conntrack {
         true
     }
 
+    /// Whether slot `idx` still holds the entry whose control word was
+    /// `ctl` (nothing has inserted, swept or cleared it since).
+    #[inline]
+    pub fn holds(&self, idx: usize, ctl: u64) -> bool {
+        self.slots
+            .get(idx)
+            .is_some_and(|s| s.ctl.load(Ordering::Acquire) == ctl)
+    }
+
     /// Whether slot `idx` holds a live entry (or one being written).
     #[inline]
     fn occupied(&self, idx: usize, now: u32) -> bool {

@@ -304,6 +304,7 @@ impl Switch {
             tally: Tally::default(),
             hinted: [0; HINTS],
             hint_n: 0,
+            run: None,
             fast: self.flow_cache.then(|| Box::new(fast::FastCache::new())),
         }
     }
@@ -325,6 +326,29 @@ pub struct SwitchWorker {
     hinted: [usize; HINTS],
     hint_n: usize,
     fast: Option<Box<fast::FastCache>>,
+    /// The flow the cache answered for the last frame, if that frame's
+    /// ends are neither metered nor uncounted.
+    run: Option<Run>,
+}
+
+/// A flow-cache answer the next frame may reuse: a batch's frames mostly
+/// come in runs of one flow, and a hit's lookup, tracking refresh and
+/// meter and capture checks were most of its cost. It holds while the
+/// frames are consecutive on this worker (any other frame ends it), the
+/// snapshot and the clock have not moved (so the tracking entry cannot
+/// have expired and its refresh would store what it holds), the tracking
+/// slot holds the same entry (other workers and clears change that
+/// outside this worker), and neither end is being captured.
+#[derive(Clone, Copy)]
+struct Run {
+    key: fast::Key,
+    epoch: u64,
+    now: u32,
+    ct: Option<(usize, u64)>,
+    dest: PortId,
+    dst_mac: [u8; 6],
+    routed: bool,
+    hash: u32,
 }
 
 /// Frames a worker remembers as hinted (more than a caller looks ahead).
@@ -344,6 +368,9 @@ struct Tally {
     e: [TallyEntry; TALLY],
     n: usize,
     batching: bool,
+    /// The slot the last sender's and the last receiver's counts went to:
+    /// a batch's frames mostly share both.
+    last: [usize; 2],
 }
 
 #[derive(Default, Clone, Copy)]
@@ -359,43 +386,53 @@ struct TallyEntry {
     full: u64,
 }
 
+/// Which of [`Tally::last`] a count looks at first.
+const SENDER: usize = 0;
+const RECEIVER: usize = 1;
+
 impl Tally {
     #[inline]
-    fn entry(&mut self, port: PortId, counters: &[PortCounters]) -> &mut TallyEntry {
-        let i = match self.e[..self.n].iter().position(|t| t.port == port) {
-            Some(i) => i,
-            None => {
-                if self.n == TALLY {
-                    self.flush(counters);
+    fn entry(&mut self, port: PortId, side: usize, counters: &[PortCounters]) -> &mut TallyEntry {
+        let hint = self.last[side & 1];
+        let i = if hint < self.n && self.e[hint % TALLY].port == port {
+            hint
+        } else {
+            match self.e[..self.n].iter().position(|t| t.port == port) {
+                Some(i) => i,
+                None => {
+                    if self.n == TALLY {
+                        self.flush(counters);
+                    }
+                    self.e[self.n] = TallyEntry {
+                        port,
+                        ..Default::default()
+                    };
+                    self.n += 1;
+                    self.n - 1
                 }
-                self.e[self.n] = TallyEntry {
-                    port,
-                    ..Default::default()
-                };
-                self.n += 1;
-                self.n - 1
             }
         };
-        &mut self.e[i]
+        self.last[side & 1] = i;
+        &mut self.e[i % TALLY]
     }
 
     #[inline]
     fn tx(&mut self, port: PortId, bytes: usize, counters: &[PortCounters]) {
-        let t = self.entry(port, counters);
+        let t = self.entry(port, SENDER, counters);
         t.tx_p += 1;
         t.tx_b += bytes as u64;
     }
 
     #[inline]
     fn rx(&mut self, port: PortId, bytes: usize, counters: &[PortCounters]) {
-        let t = self.entry(port, counters);
+        let t = self.entry(port, RECEIVER, counters);
         t.rx_p += 1;
         t.rx_b += bytes as u64;
     }
 
     #[inline]
     fn queue_full(&mut self, port: PortId, counters: &[PortCounters]) {
-        self.entry(port, counters).full += 1;
+        self.entry(port, RECEIVER, counters).full += 1;
     }
 
     fn flush(&mut self, counters: &[PortCounters]) {
@@ -582,10 +619,45 @@ impl SwitchWorker {
             now,
             tally,
             fast,
+            hinted,
+            run,
             ..
         } = self;
         let snap: &Snapshot = snapshot.load();
         let counters: &[PortCounters] = &switch.counters;
+        let capture: &CaptureTable = &switch.capture;
+        let key = match fast {
+            Some(_) => fast::Key::of(ingress, frame),
+            None => None,
+        };
+        // The frame before was of this flow and the cache answered it, and
+        // nothing it rested on has moved since: its decision stands, with
+        // no lookup (see `Run`).
+        if let (Some(r), Some(k), Some(cache)) = (run.as_ref(), key.as_ref(), fast.as_mut()) {
+            if r.key == *k
+                && r.epoch == snap.epoch
+                && r.now == *now
+                && r.ct
+                    .is_none_or(|(idx, ctl)| switch.conntrack.holds(idx, ctl))
+                && capture.watching(ingress) == 0
+                && capture.watching(r.dest) == 0
+            {
+                cache.hit_again();
+                tally.tx(ingress, frame.len(), counters);
+                frame[0..6].copy_from_slice(&r.dst_mac);
+                if r.routed {
+                    frame[6..12].copy_from_slice(&GATEWAY_MAC);
+                }
+                return if out.emit(r.dest, r.hash, frame, meta) {
+                    tally.rx(r.dest, frame.len(), counters);
+                    Verdict::Forwarded(r.dest)
+                } else {
+                    tally.queue_full(r.dest, counters);
+                    Verdict::Dropped(DropReason::QueueFull)
+                };
+            }
+        }
+        *run = None;
         let ingress_counters = counters.get(ingress as usize);
         let clock = MeterClock::default();
         if let Some(c) = ingress_counters {
@@ -602,21 +674,10 @@ impl SwitchWorker {
                 }
             }
         }
-        let capture: &CaptureTable = &switch.capture;
         let watching = capture.watching(ingress);
         if watching != 0 {
             capture.record(watching, ingress, Direction::FromGuest, frame);
         }
-        // A hinted frame's buckets are on their way already. The entry is
-        // cleared: a buffer is reused for other frames.
-        let at = frame.as_ptr() as usize;
-        let hinted = match self.hinted.iter_mut().find(|h| **h == at) {
-            Some(h) => {
-                *h = 0;
-                true
-            }
-            None => false,
-        };
         let mut tx = Tx {
             out,
             counters,
@@ -627,9 +688,9 @@ impl SwitchWorker {
         };
         // The flow cache: a frame of a flow decided before under this
         // snapshot goes straight to its destination.
-        let mut key = match fast {
-            Some(cache) => fast::Key::of(ingress, frame).map(|k| (cache, k)),
-            None => None,
+        let mut key = match (fast, key) {
+            (Some(cache), Some(k)) => Some((&mut **cache, k)),
+            _ => None,
         };
         if let Some((cache, k)) = &mut key {
             if let Some(d) = cache.get(k, snap.epoch, &switch.conntrack, *now) {
@@ -637,14 +698,44 @@ impl SwitchWorker {
                 if d.routed {
                     frame[6..12].copy_from_slice(&GATEWAY_MAC);
                 }
-                return if tx.send(d.dest, d.hash, frame, meta) {
+                let sent = tx.send(d.dest, d.hash, frame, meta);
+                // The next frame may take the same way if both ends are
+                // counted and neither is metered (allowances are charged
+                // per frame, by the full send).
+                let plain = |p: PortId| {
+                    (p as usize) < counters.len() && snap.info(p).is_some_and(|i| !i.metered)
+                };
+                if plain(ingress) && plain(d.dest) {
+                    *run = Some(Run {
+                        key: *k,
+                        epoch: snap.epoch,
+                        now: *now,
+                        ct: d.ct.map(|(idx, ctl, _)| (idx, ctl)),
+                        dest: d.dest,
+                        dst_mac: d.dst_mac,
+                        routed: d.routed,
+                        hash: d.hash,
+                    });
+                }
+                return if sent {
                     Verdict::Forwarded(d.dest)
                 } else {
                     Verdict::Dropped(DropReason::QueueFull)
                 };
             }
         }
-        let mut work = Work {
+        // A hinted frame's buckets are on their way already. The entry is
+        // cleared: a buffer is reused for other frames. (A hint is only a
+        // hint: a frame the cache answered may leave its entry behind.)
+        let at = frame.as_ptr() as usize;
+        let hinted = match hinted.iter_mut().find(|h| **h == at) {
+            Some(h) => {
+                *h = 0;
+                true
+            }
+            None => false,
+        };
+        let work = Work {
             scratch,
             log,
             now: *now,
@@ -655,33 +746,49 @@ impl SwitchWorker {
             cacheable: Cacheable::No,
             learned: None,
         };
-        let blame = Cell::new(None);
-
-        let verdict = if snap.uplink.is_some_and(|u| u.port == ingress) {
-            uplink::handle(snap, &blame, frame, meta, &mut work, &mut tx)
-        } else if snap.metadata.is_some_and(|m| m.port == ingress) {
-            metadata::handle(snap, frame, meta, &mut work, &mut tx)
-        } else {
-            match Ctx::new(snap, counters, ingress, &blame) {
-                Some(ctx) => ctx.dispatch(frame, meta, &mut work, &mut tx),
-                None => Verdict::Dropped(DropReason::PortDown),
-            }
-        };
-
-        if let (Some((cache, k)), Some(d)) = (key, work.learned) {
-            cache.learn(k, snap.epoch, &d);
-        }
-        if let Verdict::Dropped(reason) = verdict {
-            if reason != DropReason::QueueFull {
-                let at = blame.get().unwrap_or(ingress);
-                if let Some(c) = counters.get(at as usize) {
-                    c.count_drop(reason);
-                }
-            }
-            tracing::trace!(ingress, reason = reason.as_str(), "switch drop");
-        }
-        verdict
+        decide(snap, ingress, frame, meta, work, tx, key)
     }
+}
+
+/// The full path of [`SwitchWorker::process`] for a frame the flow cache
+/// did not answer: the policy stages, then what the cache learns. Out of
+/// line, so the cache's hits do not pay for the registers it saves.
+#[inline(never)]
+fn decide<E: Egress + ?Sized>(
+    snap: &Snapshot,
+    ingress: PortId,
+    frame: &mut [u8],
+    meta: &PacketMeta,
+    mut work: Work<'_>,
+    mut tx: Tx<'_, E>,
+    key: Option<(&mut fast::FastCache, fast::Key)>,
+) -> Verdict {
+    let counters = work.counters;
+    let blame = Cell::new(None);
+    let verdict = if snap.uplink.is_some_and(|u| u.port == ingress) {
+        uplink::handle(snap, &blame, frame, meta, &mut work, &mut tx)
+    } else if snap.metadata.is_some_and(|m| m.port == ingress) {
+        metadata::handle(snap, frame, meta, &mut work, &mut tx)
+    } else {
+        match Ctx::new(snap, counters, ingress, &blame) {
+            Some(ctx) => ctx.dispatch(frame, meta, &mut work, &mut tx),
+            None => Verdict::Dropped(DropReason::PortDown),
+        }
+    };
+
+    if let (Some((cache, k)), Some(d)) = (key, work.learned) {
+        cache.learn(k, snap.epoch, &d);
+    }
+    if let Verdict::Dropped(reason) = verdict {
+        if reason != DropReason::QueueFull {
+            let at = blame.get().unwrap_or(ingress);
+            if let Some(c) = counters.get(at as usize) {
+                c.count_drop(reason);
+            }
+        }
+        tracing::trace!(ingress, reason = reason.as_str(), "switch drop");
+    }
+    verdict
 }
 
 /// Give back one tracked connection of `port`'s allowance.

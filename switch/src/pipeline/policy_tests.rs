@@ -1164,10 +1164,45 @@ fn flow_cache_does_not_forward_what_the_parser_refuses() {
     assert_eq!(b.worker.flow_cache_hits(), 1);
 }
 
+/// A run of one flow (frames the switch answers from the decision for the
+/// frame before) ends when the snapshot moves or a capture starts on
+/// either end.
+#[test]
+fn flow_cache_run_ends_with_the_snapshot_and_a_capture() {
+    let mut b = bench(topology(), 1 << 12);
+    let f = tcp(mac(7), GW, P7, P1, (40000, 80), b"");
+    let send = |b: &mut Bench, f: &[u8]| {
+        let mut f = f.to_vec();
+        let mut cap = Capture::default();
+        b.worker
+            .process(7, &mut f, &PacketMeta::default(), &mut cap)
+    };
+    for _ in 0..4 {
+        assert_eq!(send(&mut b, &f), Verdict::Forwarded(1));
+    }
+    assert_eq!(
+        b.worker.flow_cache_hits(),
+        2,
+        "the 3rd from the cache, the 4th from the run"
+    );
+    let cap = b.sw.capture(1, 4).expect("capture");
+    assert_eq!(send(&mut b, &f), Verdict::Forwarded(1));
+    assert!(
+        cap.next_frame().is_some(),
+        "a capture started mid-run sees the frame"
+    );
+    std::mem::drop(cap);
+    let mut no_p7 = topology();
+    no_p7.generation = 3;
+    no_p7.ports.retain(|p| p.id != 7);
+    b.sw.publish(Snapshot::compile(no_p7).expect("fixture compiles"));
+    assert_eq!(send(&mut b, &f), Verdict::Dropped(DropReason::PortDown));
+}
+
 /// The flow cache changes nothing a frame's sender or receiver can see:
 /// the same random stream of frames (a few flows, so they repeat; TCP
-/// flags, bad lengths and fragments among them), rule changes, clock jumps
-/// and tracking-table clears go through two switches, one with the cache
+/// flags, bad lengths and fragments among them; runs of one flow), rule
+/// changes, clock jumps and tracking-table clears go through two switches, one with the cache
 /// and one without, and every verdict, emitted frame and port counter
 /// must match.
 #[test]
@@ -1223,6 +1258,7 @@ fn random_stream_through_both(mut seed: u64) {
         }
     }
     let mut frames = 0;
+    let mut flow = 0;
     for step in 0..20_000 {
         match rnd(500) {
             0 => {
@@ -1249,7 +1285,13 @@ fn random_stream_through_both(mut seed: u64) {
             }
             _ => {}
         }
-        let (ingress, src, dst, sport, dport, udp_flow) = flows[rnd(flows.len() as u64) as usize];
+        // Half the frames repeat the flow before (a batch's runs, which
+        // the switch answers without a lookup), with the events above
+        // falling inside the runs too.
+        if rnd(2) == 0 {
+            flow = rnd(flows.len() as u64) as usize;
+        }
+        let (ingress, src, dst, sport, dport, udp_flow) = flows[flow];
         let mut f = if udp_flow {
             udp(mac(ingress as u8), GW, src, dst, 64, (sport, dport), b"u")
         } else {
