@@ -371,6 +371,19 @@ struct Tally {
     /// The slot the last sender's and the last receiver's counts went to:
     /// a batch's frames mostly share both.
     last: [usize; 2],
+    run: RunTally,
+}
+
+/// A run's counts, not yet in the tally's slots.
+#[derive(Default, Clone, Copy)]
+struct RunTally {
+    /// Sender and receiver.
+    ports: (PortId, PortId),
+    tx_p: u64,
+    tx_b: u64,
+    rx_p: u64,
+    rx_b: u64,
+    full: u64,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -435,7 +448,47 @@ impl Tally {
         self.entry(port, RECEIVER, counters).full += 1;
     }
 
+    /// Frames of a run (see `Run`) are counted here, all on one sender
+    /// and one receiver, and folded into the slots when the run ends or
+    /// the tally is flushed.
+    #[inline]
+    fn run_frame(&mut self, bytes: usize, sent: bool) {
+        let r = &mut self.run;
+        r.tx_p += 1;
+        r.tx_b += bytes as u64;
+        if sent {
+            r.rx_p += 1;
+            r.rx_b += bytes as u64;
+        } else {
+            r.full += 1;
+        }
+    }
+
+    /// Start counting a run from `tx` to `rx`.
+    fn run_start(&mut self, tx: PortId, rx: PortId, counters: &[PortCounters]) {
+        self.fold_run(counters);
+        self.run.ports = (tx, rx);
+    }
+
+    /// Move the run's counts into the slots.
+    fn fold_run(&mut self, counters: &[PortCounters]) {
+        if self.run.tx_p == 0 {
+            return;
+        }
+        // Taken out first: a full tally flushes, and a flush folds.
+        let r = std::mem::take(&mut self.run);
+        self.run.ports = r.ports;
+        let t = self.entry(r.ports.0, SENDER, counters);
+        t.tx_p += r.tx_p;
+        t.tx_b += r.tx_b;
+        let t = self.entry(r.ports.1, RECEIVER, counters);
+        t.rx_p += r.rx_p;
+        t.rx_b += r.rx_b;
+        t.full += r.full;
+    }
+
     fn flush(&mut self, counters: &[PortCounters]) {
+        self.fold_run(counters);
         for t in &self.e[..self.n] {
             if let Some(c) = counters.get(t.port as usize) {
                 c.add_totals(t.tx_p, t.tx_b, t.rx_p, t.rx_b, t.full);
@@ -643,16 +696,15 @@ impl SwitchWorker {
                 && capture.watching(r.dest) == 0
             {
                 cache.hit_again();
-                tally.tx(ingress, frame.len(), counters);
                 frame[0..6].copy_from_slice(&r.dst_mac);
                 if r.routed {
                     frame[6..12].copy_from_slice(&GATEWAY_MAC);
                 }
-                return if out.emit(r.dest, r.hash, frame, meta) {
-                    tally.rx(r.dest, frame.len(), counters);
+                let sent = out.emit(r.dest, r.hash, frame, meta);
+                tally.run_frame(frame.len(), sent);
+                return if sent {
                     Verdict::Forwarded(r.dest)
                 } else {
-                    tally.queue_full(r.dest, counters);
                     Verdict::Dropped(DropReason::QueueFull)
                 };
             }
@@ -706,6 +758,7 @@ impl SwitchWorker {
                     (p as usize) < counters.len() && snap.info(p).is_some_and(|i| !i.metered)
                 };
                 if plain(ingress) && plain(d.dest) {
+                    tx.tally.run_start(ingress, d.dest, counters);
                     *run = Some(Run {
                         key: *k,
                         epoch: snap.epoch,
