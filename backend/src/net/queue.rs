@@ -396,9 +396,32 @@ fn rx_one<'m>(
     counters: &QueueCounters,
 ) -> RxResult {
     let need = p.hdr_len + frame.len();
-    let max_bufs = if p.mrg { MAX_RX_BUFS } else { 1 };
     ctx.heads.clear();
     ctx.segs.clear();
+    // The usual case: one buffer of the first chain holds the header and
+    // the frame. The header goes as two stores, the frame as one copy.
+    if !ring.has_next() {
+        return RxResult::NoBuffers;
+    }
+    let head = ring.pop_head();
+    if let Ok(len) = chain::walk(map, ring.desc, head, p.indirect, Dir::Write, &mut ctx.segs) {
+        if let [s] = ctx.segs[..] {
+            if len as usize >= need && p.hdr_len >= 8 {
+                hdr.num_buffers = 1;
+                let (lo, hi) = hdr.words();
+                map.write_u64_u32(s.host, lo, hi, p.hdr_len - 8);
+                // In bounds: the buffer holds `need` bytes.
+                map.write(s.host.wrapping_add(p.hdr_len), frame);
+                ring.push_used(head, need as u32);
+                return RxResult::Done;
+            }
+        }
+    }
+    // Anything else (several buffers or chains, a bad chain) from the
+    // start, the head given back.
+    ring.unpop(1);
+    ctx.segs.clear();
+    let max_bufs = if p.mrg { MAX_RX_BUFS } else { 1 };
     let mut cap = 0usize;
     let mut popped = 0u16;
     while cap < need {
@@ -436,8 +459,6 @@ fn rx_one<'m>(
         }
     }
     hdr.num_buffers = ctx.heads.len() as u16;
-    let hb = hdr.emit();
-    let hb = &hb[..p.hdr_len];
     let mut off = 0usize;
     for i in 0..ctx.heads.len() {
         let (head, len, a, b) = ctx.heads[i];
@@ -450,7 +471,7 @@ fn rx_one<'m>(
                 map.write_u64_u32(s.host, lo, hi, p.hdr_len - 8);
                 chain::scatter(map, segs, p.hdr_len, &frame[..n - p.hdr_len]);
             }
-            _ => write_stream(map, segs, hb, frame, off, n),
+            _ => write_stream(map, segs, &hdr.emit()[..p.hdr_len], frame, off, n),
         }
         ring.push_used(head, n as u32);
         off += n;

@@ -333,6 +333,55 @@ fn rx_mergeable_spans_buffers_and_sets_num_buffers() {
     assert_eq!(r.dev.stats().rx_packets, 1);
 }
 
+/// The usual delivery, one buffer holding header and frame, writes exactly
+/// the header the general path writes, then the frame: for a 12-byte
+/// header with and without a checksum offload (the guest takes partial
+/// checksums), and for a legacy 10-byte one.
+#[test]
+fn rx_one_buffer_holds_header_and_frame() {
+    let partial = PacketMeta {
+        csum: Some(enilab_switch::CsumOffload {
+            start: 34,
+            offset: 6,
+        }),
+        gso: None,
+    };
+    for (acked, hdr_len, metas) in [
+        (features(0), 12usize, vec![PacketMeta::default(), partial]),
+        (0, 10, vec![PacketMeta::default()]),
+    ] {
+        for meta in metas {
+            let mut r = rig(acked);
+            let f = frame(60);
+            // The buffer is dirty: every byte of header and frame must be
+            // written, and nothing past them.
+            r.mem
+                .write_slice(&[0xee; 256], GuestAddress(0x10_0000))
+                .unwrap();
+            r.rx.chain(&r.mem, &[(0x10_0000, 2048, true)]);
+            let mut pending = VecDeque::from([Pkt {
+                buf: f.clone(),
+                meta,
+            }]);
+            assert!(!r.rx_pass(&mut pending));
+            assert_eq!(r.rx.used_idx(&r.mem), 1);
+            assert_eq!(r.rx.used_elem(&r.mem, 0).1 as usize, hdr_len + f.len());
+            let mut got = vec![0u8; hdr_len + f.len() + 4];
+            r.mem.read_slice(&mut got, GuestAddress(0x10_0000)).unwrap();
+            let mut want_hdr = hdr::VirtioNetHdr::from_meta(&meta);
+            want_hdr.num_buffers = 1;
+            let want_hdr = want_hdr.emit();
+            assert_eq!(&got[..hdr_len], &want_hdr[..hdr_len], "{acked:#x} {meta:?}");
+            assert_eq!(&got[hdr_len..hdr_len + f.len()], &f[..]);
+            assert_eq!(
+                &got[hdr_len + f.len()..],
+                &[0xee; 4],
+                "nothing past the frame"
+            );
+        }
+    }
+}
+
 #[test]
 fn rx_waits_for_buffers_and_keeps_the_frame() {
     let mut r = rig(features(bit(VIRTIO_RING_F_EVENT_IDX)));
