@@ -202,6 +202,45 @@ fn tx_good_frame_is_taken_and_completed() {
     assert_eq!((s.tx_packets, s.tx_bytes, s.tx_bad_chains), (1, 60, 0));
 }
 
+/// A frame in one buffer with its header: a header asking for nothing
+/// gives plain metadata whatever its other bytes hold; one asking for a
+/// checksum is read whole.
+#[test]
+fn tx_one_buffer_frame_and_its_header() {
+    let mut r = rig(features(0));
+    let f = frame(60);
+    let len = r.tx_buf(0x10_0000, &f);
+    // Flags and GSO type 0; stale bytes in the rest of the header.
+    r.mem
+        .write_slice(
+            &[0, 0, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9],
+            GuestAddress(0x10_0000),
+        )
+        .unwrap();
+    r.tx.chain(&r.mem, &[(0x10_0000, len, false)]);
+    let len2 = r.tx_buf(0x10_1000, &f);
+    // NEEDS_CSUM, from byte 34, result at 34 + 6.
+    r.mem
+        .write_slice(
+            &[1, 0, 0, 0, 0, 0, 34, 0, 6, 0, 0, 0],
+            GuestAddress(0x10_1000),
+        )
+        .unwrap();
+    r.tx.chain(&r.mem, &[(0x10_1000, len2, false)]);
+    let out = r.tx_pass();
+    assert_eq!(out.len(), 2);
+    assert_eq!((&out[0].buf, out[0].meta), (&f, PacketMeta::default()));
+    assert_eq!(out[1].buf, f);
+    assert_eq!(
+        out[1].meta.csum,
+        Some(enilab_switch::CsumOffload {
+            start: 34,
+            offset: 6
+        })
+    );
+    assert_eq!(r.dev.stats().tx_packets, 2);
+}
+
 #[test]
 fn tx_hostile_chains_are_completed_with_zero_and_counted() {
     let mut r = rig(features(0));
