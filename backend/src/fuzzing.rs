@@ -27,7 +27,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::net::{bit, DeviceConfig, Mode, NetDevice, RxCtx, TxCtx};
-use crate::port::{Pkt, Pool, PortHandle, Waker};
+use crate::port::{Bufs, Pkt, Pool, PortHandle, Waker};
 use crate::vhost_user::{Backend, Session};
 
 /// Guest memory of the fuzzed devices.
@@ -152,12 +152,12 @@ pub fn vhost_user_stream(data: &[u8]) -> usize {
 /// Run TX passes on every queue pair, then feed what they produced (and
 /// `extra`) to the RX path of queue pair 0.
 fn run_datapath(dev: &NetDevice, handle: &PortHandle, pairs: u16, extra: &[u8]) -> usize {
-    let pool = Pool::default();
+    let mut pool = Bufs::new(std::sync::Arc::new(Pool::default()));
     let mut out = Vec::new();
     let mut tx = TxCtx::default();
     for qp in 0..pairs {
         for _ in 0..PASSES {
-            dev.process_tx(qp, &mut tx, &pool, &mut out, Mode::Notify);
+            dev.process_tx(qp, &mut tx, &mut pool, &mut out, Mode::Notify);
         }
     }
     let taken = out.len();
@@ -177,7 +177,7 @@ fn run_datapath(dev: &NetDevice, handle: &PortHandle, pairs: u16, extra: &[u8]) 
         };
         for _ in 0..PASSES {
             if !dev
-                .process_rx(qp, q, &mut pending, &mut rx, &pool, Mode::Notify)
+                .process_rx(qp, q, &mut pending, &mut rx, &mut pool, Mode::Notify)
                 .waiting
             {
                 break;

@@ -124,6 +124,62 @@ impl Pool {
     }
 }
 
+/// One worker's buffers, in front of the shared [`Pool`]: the same LIFO as
+/// the pool's thread-local cache, held by the worker itself, so taking or
+/// giving back a buffer is a `Vec` pop or push with no thread-local lookup
+/// and no `RefCell` flag. The worker passes it to TX (which takes) and RX
+/// (which gives back), so one worker's buffers go round in it.
+pub struct Bufs {
+    pool: Arc<Pool>,
+    cache: Vec<NonNull<u8>>,
+}
+
+// SAFETY: the cached pointers are allocations this value alone owns (see
+// `reclaim`); moving the owner to another thread moves them with it.
+unsafe impl Send for Bufs {}
+
+impl Bufs {
+    pub fn new(pool: Arc<Pool>) -> Self {
+        Bufs {
+            pool,
+            cache: Vec::with_capacity(LOCAL_CACHE),
+        }
+    }
+
+    /// An empty buffer.
+    #[inline]
+    pub fn get(&mut self) -> Vec<u8> {
+        match self.cache.pop() {
+            // SAFETY: popping took the pointer out of the cache, which
+            // owned it: the Vec is its only owner.
+            Some(p) => unsafe { reclaim(p) },
+            None => self.pool.get(),
+        }
+    }
+
+    /// Give a buffer back.
+    #[inline]
+    pub fn put(&mut self, buf: Vec<u8>) {
+        if buf.capacity() != SMALL_BUF || self.cache.len() == LOCAL_CACHE {
+            return self.pool.put(buf);
+        }
+        let mut buf = std::mem::ManuallyDrop::new(buf);
+        // Never null: the capacity is SMALL_BUF.
+        if let Some(p) = NonNull::new(buf.as_mut_ptr()) {
+            self.cache.push(p);
+        }
+    }
+}
+
+impl Drop for Bufs {
+    fn drop(&mut self) {
+        for p in self.cache.drain(..) {
+            // SAFETY: the cache owned every pointer it holds.
+            self.pool.put(unsafe { reclaim(p) });
+        }
+    }
+}
+
 /// Wakes one card worker: an eventfd plus a "rescan your rings" flag.
 pub struct Waker {
     efd: EventFd,

@@ -18,7 +18,7 @@ use vhost_user_backend::VringT;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::net::{Mode, NetDevice, RxCtx, TxCtx};
-use crate::port::{Pkt, Pool, PortEgress, PortHandle, PortTable, Waker};
+use crate::port::{Bufs, Pkt, Pool, PortEgress, PortHandle, PortTable, Waker};
 
 const WAKE_TOKEN: u64 = u64::MAX;
 /// Busy passes between two looks at epoll.
@@ -77,6 +77,8 @@ pub(crate) struct Worker {
     switch: SwitchWorker,
     ports: Arc<PortTable>,
     pool: Arc<Pool>,
+    /// This worker's buffers: TX takes them, RX gives them back.
+    bufs: Bufs,
     tx: TxCtx,
     rx: RxCtx,
     batch: Vec<Pkt>,
@@ -103,6 +105,7 @@ impl Worker {
             slots: Vec::new(),
             switch: switch.worker(),
             ports,
+            bufs: Bufs::new(pool.clone()),
             pool,
             tx: TxCtx::default(),
             rx: RxCtx::default(),
@@ -242,7 +245,7 @@ impl Worker {
             }
             let out = s
                 .dev
-                .process_tx(s.qp, &mut self.tx, &self.pool, &mut self.batch, mode);
+                .process_tx(s.qp, &mut self.tx, &mut self.bufs, &mut self.batch, mode);
             s.tx_more = out.more;
             moved += out.chains;
             if out.chains == 0 {
@@ -303,9 +306,14 @@ impl Worker {
                 continue;
             }
             let rxq = &s.handle.rxq[usize::from(s.qp)];
-            let out = s
-                .dev
-                .process_rx(s.qp, rxq, &mut s.pending, &mut self.rx, &self.pool, mode);
+            let out = s.dev.process_rx(
+                s.qp,
+                rxq,
+                &mut s.pending,
+                &mut self.rx,
+                &mut self.bufs,
+                mode,
+            );
             moved += out.delivered;
             // Frames wait for the guest's kick, not for a busy loop.
             s.rx_more = out.waiting && rxq.ring.is_full();

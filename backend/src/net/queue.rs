@@ -19,7 +19,7 @@ use super::guest::{MemMap, Ring};
 use super::hdr::{VirtioNetHdr, VNET_HDR_LEN};
 use super::offload;
 use super::MAX_FRAME;
-use crate::port::{Pkt, Pool, RxQueue};
+use crate::port::{Bufs, Pkt, RxQueue};
 
 /// Chains taken from a ring per batch before the worker looks elsewhere.
 pub const BATCH: usize = 64;
@@ -79,7 +79,7 @@ impl NetDevice {
         &self,
         qp: u16,
         ctx: &mut TxCtx,
-        pool: &Pool,
+        pool: &mut Bufs,
         out: &mut Vec<Pkt>,
         mode: Mode,
     ) -> TxOutcome {
@@ -205,7 +205,7 @@ impl NetDevice {
         segs: &[Seg],
         total: u32,
         hdr_len: usize,
-        pool: &Pool,
+        pool: &mut Bufs,
         counters: &QueueCounters,
     ) -> Option<Pkt> {
         let total = total as usize;
@@ -253,7 +253,7 @@ impl NetDevice {
         rxq: &RxQueue,
         pending: &mut VecDeque<Pkt>,
         ctx: &mut RxCtx,
-        pool: &Pool,
+        pool: &mut Bufs,
         mode: Mode,
     ) -> RxOutcome {
         let Some(vring) = self.vring(usize::from(qp) * 2) else {

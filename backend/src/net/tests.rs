@@ -12,7 +12,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
-use crate::port::{Pkt, Pool, PortHandle, Waker};
+use crate::port::{Bufs, Pkt, Pool, PortHandle, Waker};
 use crate::vhost_user::Backend;
 
 const MEM: usize = 0x20_0000;
@@ -93,7 +93,7 @@ struct Rig {
     mem: GuestMemoryMmap,
     rx: Ring,
     tx: Ring,
-    pool: Pool,
+    pool: Arc<Pool>,
     handle: Arc<PortHandle>,
 }
 
@@ -134,7 +134,7 @@ fn rig(acked: u64) -> Rig {
         mem,
         rx,
         tx,
-        pool: Pool::default(),
+        pool: Arc::new(Pool::default()),
         handle,
     }
 }
@@ -151,11 +151,15 @@ fn frame(len: usize) -> Vec<u8> {
 }
 
 impl Rig {
+    fn bufs(&self) -> Bufs {
+        Bufs::new(self.pool.clone())
+    }
+
     fn tx_pass(&self) -> Vec<Pkt> {
         let mut out = Vec::new();
         let mut ctx = TxCtx::default();
         self.dev
-            .process_tx(0, &mut ctx, &self.pool, &mut out, Mode::Notify);
+            .process_tx(0, &mut ctx, &mut self.bufs(), &mut out, Mode::Notify);
         out
     }
 
@@ -167,7 +171,7 @@ impl Rig {
                 &self.handle.rxq[0],
                 pending,
                 &mut ctx,
-                &self.pool,
+                &mut self.bufs(),
                 Mode::Notify,
             )
             .waiting
@@ -554,7 +558,7 @@ fn tx_notification_suppression() {
         r.tx.chain(&r.mem, &[(0x10_0000, len, false)]);
         let mut out = Vec::new();
         let mut ctx = TxCtx::default();
-        let o = r.dev.process_tx(0, &mut ctx, &r.pool, &mut out, mode);
+        let o = r.dev.process_tx(0, &mut ctx, &mut r.bufs(), &mut out, mode);
         let row = format!("{mode:?} avail flags {avail_flags}");
         assert_eq!((o.chains, out.len()), (1, 1), "{row}");
         let used_flags: u16 = r.mem.read_obj(GuestAddress(r.tx.used)).unwrap();
@@ -707,4 +711,28 @@ fn translate_across_regions() {
     }
     assert_eq!(map.translate(0x10_0000, 0x2_0000), Some(want(0x10_0000)));
     assert_eq!(map.translate(0x10_0000, 0x2_0001), None);
+}
+
+/// A worker's buffers: the one given back is the one taken next, a buffer
+/// of another size goes to the shared pool, and the cache's buffers go
+/// there too when it is dropped.
+#[test]
+fn bufs_recycle_their_own() {
+    let pool = Arc::new(Pool::default());
+    let mut bufs = Bufs::new(pool.clone());
+    let mut a = bufs.get();
+    a.extend_from_slice(b"frame");
+    let at = a.as_ptr();
+    bufs.put(a);
+    let b = bufs.get();
+    assert_eq!((b.as_ptr(), b.len()), (at, 0), "the same buffer, emptied");
+    bufs.put(b);
+    // A super-packet's buffer is not cached here (nor hoarded by the pool).
+    bufs.put(Vec::with_capacity(65536));
+    let c = bufs.get();
+    assert_eq!(c.as_ptr(), at);
+    bufs.put(c);
+    drop(bufs);
+    // The dropped cache's buffer went to the pool (its thread cache).
+    assert_eq!(pool.get().as_ptr(), at);
 }
