@@ -734,5 +734,6 @@ fn bufs_recycle_their_own() {
     bufs.put(c);
     drop(bufs);
     // The dropped cache's buffer went to the pool (its thread cache).
-    assert_eq!(pool.get().as_ptr(), at);
+    let d = pool.get();
+    assert_eq!(d.as_ptr(), at);
 }
