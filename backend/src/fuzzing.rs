@@ -177,7 +177,15 @@ fn run_datapath(dev: &NetDevice, handle: &PortHandle, pairs: u16, extra: &[u8]) 
         };
         for _ in 0..PASSES {
             if !dev
-                .process_rx(qp, q, &mut pending, &mut rx, &mut pool, Mode::Notify)
+                .process_rx(
+                    qp,
+                    q,
+                    &mut pending,
+                    &mut VecDeque::new(),
+                    &mut rx,
+                    &mut pool,
+                    Mode::Notify,
+                )
                 .waiting
             {
                 break;

@@ -2,7 +2,7 @@
 //! the wake-ups that tell the owning card worker to fill the guest's RX ring.
 
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -222,6 +222,10 @@ impl Waker {
 pub struct RxQueue {
     pub(crate) ring: crate::mpsc::Mpsc<Pkt>,
     pub(crate) waker: Arc<Waker>,
+    /// Frames the owning worker holds for this queue outside the ring
+    /// (delivered to it directly, see [`PortEgress::take_local`]) and not
+    /// yet in the guest: they count against the queue's room.
+    pub(crate) held: AtomicUsize,
 }
 
 /// The receiving side of one ENI, as the switch's egress sees it.
@@ -244,6 +248,7 @@ impl PortHandle {
                 .map(|w| RxQueue {
                     ring: crate::mpsc::Mpsc::new(RX_QUEUE_DEPTH),
                     waker: w.clone(),
+                    held: AtomicUsize::new(0),
                 })
                 .collect(),
             enabled_rx: AtomicU32::new(0),
@@ -379,6 +384,21 @@ pub(crate) struct PortEgress<'a> {
     /// Held frames whose queue was full when they were queued, not yet
     /// reported by [`flush`](Self::flush).
     late: u64,
+    /// The waker of the worker running this egress, if it is a card
+    /// worker: frames for the queues it serves itself skip the ring.
+    own: Option<&'a Waker>,
+    /// Frames for those queues, in emit order, until the worker takes
+    /// them ([`take_local`](Self::take_local)).
+    local: Vec<Local>,
+}
+
+/// Frames a worker delivers to one of its own queues without the ring.
+pub(crate) struct Local {
+    /// Which port: its handle's address (identity only; the handle lives
+    /// in the egress's table).
+    pub handle: usize,
+    pub queue: usize,
+    pub pkts: Vec<Pkt>,
 }
 
 impl<'a> PortEgress<'a> {
@@ -393,6 +413,8 @@ impl<'a> PortEgress<'a> {
             last: 0,
             spare: Vec::new(),
             late: 0,
+            own: None,
+            local: Vec::new(),
         }
     }
 
@@ -402,6 +424,76 @@ impl<'a> PortEgress<'a> {
         let mut e = Self::new(ports, pool);
         e.spare = spare;
         e
+    }
+
+    /// The egress of the card worker woken by `own`: frames for the queues
+    /// that worker serves are kept for it ([`take_local`](Self::take_local))
+    /// instead of going through their rings. Only that worker may take
+    /// them: its queues' consumer is that thread.
+    pub fn with_owner(mut self, own: &'a Waker) -> Self {
+        self.own = Some(own);
+        self
+    }
+
+    /// Frames held so far for the owner's own queues, in emit order per
+    /// queue. The caller delivers them, or gives them back (see
+    /// [`give_back`](Self::give_back)).
+    pub fn take_local(&mut self, into: &mut Vec<Local>) {
+        self.flush_local();
+        into.append(&mut self.local);
+    }
+
+    /// Keep an emptied list for reuse.
+    pub fn give_back(&mut self, pkts: Vec<Pkt>) {
+        debug_assert!(pkts.is_empty());
+        if self.spare.len() < 16 && pkts.is_empty() {
+            self.spare.push(pkts);
+        }
+    }
+
+    /// Queue frames taken with [`take_local`](Self::take_local) that the
+    /// worker could not deliver itself on their ring after all, as a
+    /// group's are queued. Returns how many found it full (dropped).
+    pub fn requeue(&mut self, mut l: Local) -> u64 {
+        let q = self
+            .table
+            .iter()
+            .flatten()
+            .find(|h| Arc::as_ptr(h) as usize == l.handle)
+            .and_then(|h| h.rxq.get(l.queue));
+        if let Some(q) = q {
+            if q.ring.push_many(&mut l.pkts) > 0 {
+                note_wake(&mut self.wake, q);
+            }
+        }
+        let late = l.pkts.len() as u64;
+        for p in l.pkts.drain(..) {
+            self.pool.put(p.buf);
+        }
+        self.give_back(l.pkts);
+        late
+    }
+
+    /// Move every local group's frames to `local`.
+    fn flush_local(&mut self) {
+        for g in 0..self.staged.len() {
+            if self.is_local(g) {
+                self.push_staged(g);
+            }
+        }
+    }
+
+    /// Whether group `g`'s queue is served by the owner.
+    #[inline]
+    fn is_local(&self, g: usize) -> bool {
+        match (&self.own, self.staged.get(g)) {
+            (Some(own), Some(s)) => s
+                .handle
+                .rxq
+                .get(s.queue)
+                .is_some_and(|q| std::ptr::eq(&*q.waker, *own)),
+            _ => false,
+        }
     }
 
     /// Queue what is held, and hand over the emptied hold lists.
@@ -491,8 +583,23 @@ impl<'a> PortEgress<'a> {
     /// note its worker for waking; what does not fit is dropped and
     /// counted as late. The group stays, empty, with its room renewed.
     fn push_staged(&mut self, g: usize) {
+        let local = self.is_local(g);
         let s = &mut self.staged[g];
         if s.pkts.is_empty() {
+            return;
+        }
+        if local {
+            let fresh = self
+                .spare
+                .pop()
+                .unwrap_or_else(|| Vec::with_capacity(crate::net::BATCH));
+            let pkts = std::mem::replace(&mut s.pkts, fresh);
+            s.room = s.room.saturating_sub(pkts.len());
+            self.local.push(Local {
+                handle: Arc::as_ptr(&s.handle) as usize,
+                queue: s.queue,
+                pkts,
+            });
             return;
         }
         if let Some(q) = s.handle.rxq.get(s.queue) {
@@ -525,10 +632,9 @@ impl<'a> PortEgress<'a> {
 
 /// Free room in `queue` of `handle` now.
 fn room_of(handle: &PortHandle, queue: usize) -> usize {
-    handle
-        .rxq
-        .get(queue)
-        .map_or(0, |q| RX_QUEUE_DEPTH.saturating_sub(q.ring.len()))
+    handle.rxq.get(queue).map_or(0, |q| {
+        RX_QUEUE_DEPTH.saturating_sub(q.ring.len() + q.held.load(Ordering::Relaxed))
+    })
 }
 
 impl PortEgress<'_> {
@@ -544,7 +650,13 @@ impl PortEgress<'_> {
 impl Drop for PortEgress<'_> {
     /// Held frames are never lost: queue them and wake their workers.
     fn drop(&mut self) {
-        if !self.staged.is_empty() || !self.wake.is_empty() {
+        if !self.staged.is_empty() || !self.wake.is_empty() || !self.local.is_empty() {
+            self.flush();
+            // Frames for the owner's queues it did not take go the ring
+            // way (it will find them there).
+            for l in std::mem::take(&mut self.local) {
+                self.requeue(l);
+            }
             self.wake_all();
         }
     }
@@ -564,15 +676,36 @@ impl Egress for PortEgress<'_> {
         if self.moved.is_none() && self.ingress == Some((frame.as_ptr() as usize, frame.len())) {
             // The ingress frame itself: held by `finish`, without a copy.
             // Refuse now if there is no room, so the switch counts it.
-            let Some(g) = self.group(port, queue) else {
+            // The last frame's group first, without a call.
+            let g = match self.staged.get(self.last) {
+                Some(s) if s.handle.port == port && s.queue == queue => self.last,
+                _ => match self.group(port, queue) {
+                    Some(g) => g,
+                    None => return false,
+                },
+            };
+            let Some(s) = self.staged.get(g) else {
                 return false;
             };
-            let s = &self.staged[g];
             if s.pkts.len() >= s.room {
                 return false;
             }
             self.moved = Some((g, *meta));
             return true;
+        }
+        // A copy for one of the owner's queues joins its group, behind
+        // what the group holds (queue order is emit order).
+        if self.own.is_some() {
+            if let Some(g) = self.group(port, queue).filter(|&g| self.is_local(g)) {
+                let s = &mut self.staged[g];
+                if s.pkts.len() >= s.room {
+                    return false;
+                }
+                let mut buf = self.pool.get();
+                buf.extend_from_slice(frame);
+                s.pkts.push(Pkt { buf, meta: *meta });
+                return true;
+            }
         }
         // Frames held for this queue go first (queue order is emit order).
         if let Some(g) = self.held_at(port, queue) {

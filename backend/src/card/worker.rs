@@ -18,7 +18,9 @@ use vhost_user_backend::VringT;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::net::{Mode, NetDevice, RxCtx, TxCtx};
-use crate::port::{Bufs, Pkt, Pool, PortEgress, PortHandle, PortTable, Waker};
+use crate::port::{
+    Bufs, Local, Pkt, Pool, PortEgress, PortHandle, PortTable, Waker, RX_QUEUE_DEPTH,
+};
 
 const WAKE_TOKEN: u64 = u64::MAX;
 /// Busy passes between two looks at epoll.
@@ -64,6 +66,9 @@ struct Slot {
     qp: u16,
     handle: Arc<PortHandle>,
     pending: VecDeque<Pkt>,
+    /// Frames this worker switched to this queue itself (no ring between),
+    /// at most a queue's depth.
+    fresh: VecDeque<Pkt>,
     tx_more: bool,
     rx_more: bool,
     /// Guest kicks on the RX ring are off (poll mode).
@@ -84,6 +89,8 @@ pub(crate) struct Worker {
     batch: Vec<Pkt>,
     /// The egress's hold lists, kept from pass to pass.
     egress_spare: Vec<Vec<Pkt>>,
+    /// Frames for this worker's own queues, between egress and slot.
+    local: Vec<Local>,
 }
 
 impl Worker {
@@ -111,6 +118,7 @@ impl Worker {
             rx: RxCtx::default(),
             batch: Vec::with_capacity(crate::net::BATCH),
             egress_spare: Vec::new(),
+            local: Vec::new(),
         })
     }
 
@@ -238,7 +246,8 @@ impl Worker {
     fn pass(&mut self, mode: Mode) -> usize {
         let mut moved = 0usize;
         let spare = std::mem::take(&mut self.egress_spare);
-        let mut egress = PortEgress::with_spare(&self.ports, &self.pool, spare);
+        let mut egress =
+            PortEgress::with_spare(&self.ports, &self.pool, spare).with_owner(&self.shared.waker);
         for s in &mut self.slots {
             if !s.tx_more {
                 continue;
@@ -299,6 +308,44 @@ impl Worker {
                 s.rx_more = true;
             }
         }
+        // Frames for this worker's own queues go straight to them: no ring
+        // (a compare-and-swap to queue, a stamp per frame to take).
+        egress.take_local(&mut self.local);
+        let mut late = 0u64;
+        for mut l in self.local.drain(..) {
+            let slot = self.slots.iter_mut().find(|s| {
+                Arc::as_ptr(&s.handle) as usize == l.handle && usize::from(s.qp) == l.queue
+            });
+            match slot {
+                Some(s) => {
+                    // The egress counted `held` in the queue's room, but
+                    // two batches of one pass may both have seen it free.
+                    let room = RX_QUEUE_DEPTH.saturating_sub(s.fresh.len());
+                    for p in l.pkts.drain(room.min(l.pkts.len())..) {
+                        late += 1;
+                        self.pool.put(p.buf);
+                    }
+                    if s.fresh.is_empty() {
+                        // The usual case: the list becomes the queue, and
+                        // the emptied queue's buffer the next list (no
+                        // frame is moved).
+                        let done = std::mem::replace(&mut s.fresh, VecDeque::from(l.pkts));
+                        egress.give_back(Vec::from(done));
+                    } else {
+                        s.fresh.extend(l.pkts.drain(..));
+                        egress.give_back(l.pkts);
+                    }
+                    s.rx_more = true;
+                }
+                None => late += egress.requeue(l),
+            }
+        }
+        if late > 0 {
+            self.shared
+                .counters
+                .late_drops
+                .fetch_add(late, Ordering::Relaxed);
+        }
         self.egress_spare = egress.take_spare();
         drop(egress);
         for s in &mut self.slots {
@@ -310,10 +357,12 @@ impl Worker {
                 s.qp,
                 rxq,
                 &mut s.pending,
+                &mut s.fresh,
                 &mut self.rx,
                 &mut self.bufs,
                 mode,
             );
+            rxq.held.store(s.fresh.len(), Ordering::Relaxed);
             moved += out.delivered;
             // Frames wait for the guest's kick, not for a busy loop.
             s.rx_more = out.waiting && rxq.ring.is_full();
@@ -336,6 +385,7 @@ impl Worker {
                         qp,
                         handle,
                         pending: VecDeque::new(),
+                        fresh: VecDeque::new(),
                         tx_more: true,
                         rx_more: true,
                         rx_quiet: false,
@@ -344,8 +394,11 @@ impl Worker {
                 }
                 Cmd::Remove(port) => {
                     for s in self.slots.iter_mut().filter(|s| s.dev.port() == port) {
-                        for p in s.pending.drain(..) {
+                        for p in s.pending.drain(..).chain(s.fresh.drain(..)) {
                             self.pool.put(p.buf);
+                        }
+                        if let Some(q) = s.handle.rxq.get(usize::from(s.qp)) {
+                            q.held.store(0, Ordering::Relaxed);
                         }
                     }
                     self.slots.retain(|s| s.dev.port() != port);

@@ -245,13 +245,15 @@ impl NetDevice {
     }
 
     /// Move frames waiting in `rxq` (and frames left in `pending` by an
-    /// earlier pass) into the guest's RX ring of `qp`. Returns true when
-    /// frames are still waiting for buffers.
+    /// earlier pass, and frames the worker delivered to it directly in
+    /// `fresh`) into the guest's RX ring of `qp`. Says whether frames are
+    /// still waiting for buffers.
     pub(crate) fn process_rx(
         &self,
         qp: u16,
         rxq: &RxQueue,
         pending: &mut VecDeque<Pkt>,
+        fresh: &mut VecDeque<Pkt>,
         ctx: &mut RxCtx,
         pool: &mut Bufs,
         mode: Mode,
@@ -264,7 +266,7 @@ impl NetDevice {
         let map = MemMap::new(&mem);
         let mut st = vring.get_mut();
         let idle = RxOutcome {
-            waiting: !pending.is_empty() || !rxq.ring.is_empty(),
+            waiting: !pending.is_empty() || !rxq.ring.is_empty() || !fresh.is_empty(),
             delivered: 0,
         };
         let enabled = st.is_enabled();
@@ -289,15 +291,26 @@ impl NetDevice {
         // Claimed once per call: taking frames then needs no locked
         // instruction (see crate::mpsc).
         let mut queued = rxq.ring.consumer();
-        let waiting = pending.len() + rxq.ring.len();
+        let waiting = pending.len() + rxq.ring.len() + fresh.len();
         if waiting > 0 {
             ring.prefetch(&map, waiting.min(BATCH) as u16, true);
         }
         while delivered < BATCH * 4 {
-            let Some(mut pkt) = pending
-                .pop_front()
-                .or_else(|| queued.as_mut().and_then(|c| c.pop()))
-            else {
+            // Frames left from before, then the ring's, then what this
+            // worker delivered itself (a flow's frames all come one way,
+            // so the order between the last two is free). Once the ring
+            // is found empty it is not looked at again in this call.
+            let next = match pending.pop_front() {
+                Some(p) => Some(p),
+                None => match queued.as_mut().and_then(|c| c.pop()) {
+                    Some(p) => Some(p),
+                    None => {
+                        queued = None;
+                        fresh.pop_front()
+                    }
+                },
+            };
+            let Some(mut pkt) = next else {
                 break;
             };
             // Offloads the guest did not negotiate are finished here.
@@ -381,7 +394,7 @@ impl NetDevice {
             let _ = st.signal_used_queue();
         }
         RxOutcome {
-            waiting: !pending.is_empty() || !rxq.ring.is_empty(),
+            waiting: !pending.is_empty() || !rxq.ring.is_empty() || !fresh.is_empty(),
             delivered,
         }
     }

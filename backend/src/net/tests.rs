@@ -170,6 +170,7 @@ impl Rig {
                 0,
                 &self.handle.rxq[0],
                 pending,
+                &mut VecDeque::new(),
                 &mut ctx,
                 &mut self.bufs(),
                 Mode::Notify,
@@ -671,6 +672,83 @@ fn egress_moves_the_ingress_buffer() {
         .map(|p| p.buf.len())
         .collect();
     assert_eq!(lens, [60, 62, 61, 63]);
+}
+
+/// The egress of the worker that serves a queue keeps that queue's frames
+/// for the worker, in emit order, copies among them, and off the ring;
+/// frames it is dropped with, or that are handed back, go the ring way;
+/// frames the worker holds count against the queue's room; and another
+/// worker's egress uses the ring as before.
+#[test]
+fn egress_keeps_the_owners_frames_off_the_ring() {
+    use crate::port::{PortEgress, PortTable, RX_QUEUE_DEPTH};
+    use enilab_switch::Egress;
+    use std::sync::atomic::Ordering;
+    let r = rig(features(0));
+    r.handle.enabled_rx.store(1, Ordering::Release);
+    let table = PortTable::default();
+    table.insert(r.handle.clone());
+    let pool = Pool::default();
+    let meta = PacketMeta::default();
+    let own = r.handle.rxq[0].waker.clone();
+    let q = &r.handle.rxq[0].ring;
+    let send = |eg: &mut PortEgress<'_>, len: usize| {
+        let pkt = Pkt {
+            buf: frame(len),
+            meta,
+        };
+        eg.set_ingress(&pkt.buf);
+        let ok = eg.emit(1, 0, &pkt.buf, &meta);
+        eg.finish(pkt);
+        ok
+    };
+
+    let mut eg = PortEgress::new(&table, &pool).with_owner(&own);
+    assert!(send(&mut eg, 60) && send(&mut eg, 62));
+    assert!(eg.emit(1, 0, &frame(61), &meta), "a copy");
+    assert!(send(&mut eg, 63));
+    assert_eq!(eg.flush(), 0);
+    assert!(q.is_empty(), "nothing through the ring");
+    let mut local = Vec::new();
+    eg.take_local(&mut local);
+    let lens: Vec<usize> = local
+        .iter()
+        .flat_map(|l| l.pkts.iter().map(|p| p.buf.len()))
+        .collect();
+    assert_eq!(lens, [60, 62, 61, 63]);
+    assert!(local
+        .iter()
+        .all(|l| l.handle == Arc::as_ptr(&r.handle) as usize && l.queue == 0));
+    // Handed back undelivered: queued on the ring, in order.
+    for l in local {
+        assert_eq!(eg.requeue(l), 0);
+    }
+    assert!(send(&mut eg, 64), "held again after the hand-back");
+    drop(eg);
+    let lens: Vec<usize> = std::iter::from_fn(|| q.pop())
+        .map(|p| p.buf.len())
+        .collect();
+    assert_eq!(lens, [60, 62, 61, 63, 64], "dropped with one: it is queued");
+
+    // What the worker holds fills the queue as the ring does.
+    r.handle.rxq[0]
+        .held
+        .store(RX_QUEUE_DEPTH, Ordering::Relaxed);
+    let mut eg = PortEgress::new(&table, &pool).with_owner(&own);
+    assert!(!send(&mut eg, 60));
+    assert!(!eg.emit(1, 0, &frame(61), &meta));
+    drop(eg);
+    r.handle.rxq[0].held.store(0, Ordering::Relaxed);
+
+    // Another worker's egress: the ring.
+    let other = Waker::new().unwrap();
+    let mut eg = PortEgress::new(&table, &pool).with_owner(&other);
+    assert!(send(&mut eg, 60));
+    assert_eq!(eg.flush(), 0);
+    let mut local = Vec::new();
+    eg.take_local(&mut local);
+    assert!(local.is_empty());
+    assert_eq!(q.len(), 1);
 }
 
 /// Translation across several regions, in an order that defeats the
