@@ -26,7 +26,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::net::{bit, DeviceConfig, Mode, NetDevice, RxCtx, TxCtx};
+use crate::net::{bit, Backlog, DeviceConfig, Mode, NetDevice, RxCtx, TxCtx};
 use crate::port::{Bufs, Pkt, Pool, PortHandle, Waker};
 use crate::vhost_user::{Backend, Session};
 
@@ -161,11 +161,14 @@ fn run_datapath(dev: &NetDevice, handle: &PortHandle, pairs: u16, extra: &[u8]) 
         }
     }
     let taken = out.len();
-    let mut pending: VecDeque<Pkt> = out.into_iter().collect();
+    let mut backlog = Backlog {
+        pending: out.into_iter().collect(),
+        fresh: VecDeque::new(),
+    };
     if !extra.is_empty() {
         let mut buf = pool.get();
         buf.extend_from_slice(extra);
-        pending.push_back(Pkt {
+        backlog.pending.push_back(Pkt {
             buf,
             meta: Default::default(),
         });
@@ -177,15 +180,7 @@ fn run_datapath(dev: &NetDevice, handle: &PortHandle, pairs: u16, extra: &[u8]) 
         };
         for _ in 0..PASSES {
             if !dev
-                .process_rx(
-                    qp,
-                    q,
-                    &mut pending,
-                    &mut VecDeque::new(),
-                    &mut rx,
-                    &mut pool,
-                    Mode::Notify,
-                )
+                .process_rx(qp, q, &mut backlog, &mut rx, &mut pool, Mode::Notify)
                 .waiting
             {
                 break;

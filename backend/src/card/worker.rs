@@ -17,7 +17,7 @@ use enilab_switch::{PortId, Switch, SwitchWorker, Verdict};
 use vhost_user_backend::VringT;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use crate::net::{Mode, NetDevice, RxCtx, TxCtx};
+use crate::net::{Backlog, Mode, NetDevice, RxCtx, TxCtx};
 use crate::port::{
     Bufs, Local, Pkt, Pool, PortEgress, PortHandle, PortTable, Waker, RX_QUEUE_DEPTH,
 };
@@ -65,10 +65,9 @@ struct Slot {
     dev: Arc<NetDevice>,
     qp: u16,
     handle: Arc<PortHandle>,
-    pending: VecDeque<Pkt>,
-    /// Frames this worker switched to this queue itself (no ring between),
-    /// at most a queue's depth.
-    fresh: VecDeque<Pkt>,
+    /// Frames waiting for guest buffers, and frames this worker switched
+    /// to this queue itself (no ring between; at most a queue's depth).
+    backlog: Backlog,
     tx_more: bool,
     rx_more: bool,
     /// Guest kicks on the RX ring are off (poll mode).
@@ -158,7 +157,7 @@ impl Worker {
                 || self
                     .slots
                     .iter()
-                    .any(|s| s.tx_more || s.rx_more && !s.pending.is_empty());
+                    .any(|s| s.tx_more || s.rx_more && !s.backlog.is_empty());
             since_epoll += 1;
             let n = if polling && since_epoll < POLL_EPOLL_EVERY {
                 0
@@ -320,19 +319,19 @@ impl Worker {
                 Some(s) => {
                     // The egress counted `held` in the queue's room, but
                     // two batches of one pass may both have seen it free.
-                    let room = RX_QUEUE_DEPTH.saturating_sub(s.fresh.len());
+                    let room = RX_QUEUE_DEPTH.saturating_sub(s.backlog.fresh.len());
                     for p in l.pkts.drain(room.min(l.pkts.len())..) {
                         late += 1;
                         self.pool.put(p.buf);
                     }
-                    if s.fresh.is_empty() {
+                    if s.backlog.fresh.is_empty() {
                         // The usual case: the list becomes the queue, and
                         // the emptied queue's buffer the next list (no
                         // frame is moved).
-                        let done = std::mem::replace(&mut s.fresh, VecDeque::from(l.pkts));
+                        let done = std::mem::replace(&mut s.backlog.fresh, VecDeque::from(l.pkts));
                         egress.give_back(Vec::from(done));
                     } else {
-                        s.fresh.extend(l.pkts.drain(..));
+                        s.backlog.fresh.extend(l.pkts.drain(..));
                         egress.give_back(l.pkts);
                     }
                     s.rx_more = true;
@@ -356,13 +355,12 @@ impl Worker {
             let out = s.dev.process_rx(
                 s.qp,
                 rxq,
-                &mut s.pending,
-                &mut s.fresh,
+                &mut s.backlog,
                 &mut self.rx,
                 &mut self.bufs,
                 mode,
             );
-            rxq.held.store(s.fresh.len(), Ordering::Relaxed);
+            rxq.held.store(s.backlog.fresh.len(), Ordering::Relaxed);
             moved += out.delivered;
             // Frames wait for the guest's kick, not for a busy loop.
             s.rx_more = out.waiting && rxq.ring.is_full();
@@ -384,8 +382,7 @@ impl Worker {
                         dev,
                         qp,
                         handle,
-                        pending: VecDeque::new(),
-                        fresh: VecDeque::new(),
+                        backlog: Backlog::default(),
                         tx_more: true,
                         rx_more: true,
                         rx_quiet: false,
@@ -394,7 +391,7 @@ impl Worker {
                 }
                 Cmd::Remove(port) => {
                     for s in self.slots.iter_mut().filter(|s| s.dev.port() == port) {
-                        for p in s.pending.drain(..).chain(s.fresh.drain(..)) {
+                        for p in s.backlog.pending.drain(..).chain(s.backlog.fresh.drain(..)) {
                             self.pool.put(p.buf);
                         }
                         if let Some(q) = s.handle.rxq.get(usize::from(s.qp)) {

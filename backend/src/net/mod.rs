@@ -14,7 +14,7 @@ pub use chain::{ChainError, Seg, MAX_CHAIN_SEGS};
 pub use device::{format_mac, DeviceConfig, NetDevice, QueueStats};
 pub use hdr::{VirtioNetHdr, VNET_HDR_LEN};
 pub use poll::{busy_poll, set_busy_poll};
-pub(crate) use queue::{Mode, RxCtx, TxCtx, BATCH};
+pub(crate) use queue::{Backlog, Mode, RxCtx, TxCtx, BATCH};
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;

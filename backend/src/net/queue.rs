@@ -42,6 +42,22 @@ pub struct RxCtx {
     seg_buf: Vec<u8>,
 }
 
+/// Frames an RX queue pair holds outside its ring.
+#[derive(Default)]
+pub struct Backlog {
+    /// Frames taken that found no guest buffer (first out next time).
+    pub pending: VecDeque<Pkt>,
+    /// Frames the worker switched to this queue itself (see
+    /// [`crate::port::PortEgress::take_local`]).
+    pub fresh: VecDeque<Pkt>,
+}
+
+impl Backlog {
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty() && self.fresh.is_empty()
+    }
+}
+
 /// Outcome of a TX pass.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct TxOutcome {
@@ -244,20 +260,18 @@ impl NetDevice {
         Some(Pkt { buf, meta })
     }
 
-    /// Move frames waiting in `rxq` (and frames left in `pending` by an
-    /// earlier pass, and frames the worker delivered to it directly in
-    /// `fresh`) into the guest's RX ring of `qp`. Says whether frames are
-    /// still waiting for buffers.
+    /// Move frames waiting in `rxq` and in `backlog` into the guest's RX
+    /// ring of `qp`. Says whether frames are still waiting for buffers.
     pub(crate) fn process_rx(
         &self,
         qp: u16,
         rxq: &RxQueue,
-        pending: &mut VecDeque<Pkt>,
-        fresh: &mut VecDeque<Pkt>,
+        backlog: &mut Backlog,
         ctx: &mut RxCtx,
         pool: &mut Bufs,
         mode: Mode,
     ) -> RxOutcome {
+        let Backlog { pending, fresh } = backlog;
         let Some(vring) = self.vring(usize::from(qp) * 2) else {
             return RxOutcome::default();
         };

@@ -165,17 +165,23 @@ impl Rig {
 
     fn rx_pass(&self, pending: &mut VecDeque<Pkt>) -> bool {
         let mut ctx = RxCtx::default();
-        self.dev
+        let mut backlog = Backlog {
+            pending: std::mem::take(pending),
+            fresh: VecDeque::new(),
+        };
+        let waiting = self
+            .dev
             .process_rx(
                 0,
                 &self.handle.rxq[0],
-                pending,
-                &mut VecDeque::new(),
+                &mut backlog,
                 &mut ctx,
                 &mut self.bufs(),
                 Mode::Notify,
             )
-            .waiting
+            .waiting;
+        *pending = backlog.pending;
+        waiting
     }
 
     /// Write header + frame at `addr` as one TX buffer.
