@@ -397,20 +397,6 @@ impl<'m> Ring<'m> {
         Self::load16(p, Ordering::Relaxed)
     }
 
-    /// The head `k` places ahead of the next one, if published (for
-    /// prefetching; does not take it).
-    #[inline]
-    pub fn peek_head(&self, k: u16) -> Option<u16> {
-        if self.avail_seen.wrapping_sub(self.next_avail) <= k {
-            return None;
-        }
-        let slot = usize::from(self.next_avail.wrapping_add(k) & self.mask);
-        Some(Self::load16(
-            self.avail.wrapping_add(4 + 2 * slot),
-            Ordering::Relaxed,
-        ))
-    }
-
     /// Start loading the buffers of the next `n` chains (their first
     /// descriptor's first cache line), for reading (TX) or writing (RX).
     /// They were last touched by the guest's CPU; asking for all of them
@@ -421,27 +407,25 @@ impl<'m> Ring<'m> {
         if !self.has_next() {
             return;
         }
-        for k in 0..n {
-            let Some(head) = self.peek_head(k) else {
-                break;
-            };
+        let ready = self.avail_seen.wrapping_sub(self.next_avail).min(n);
+        let mut pos = self.next_avail;
+        for _ in 0..ready {
+            let slot = usize::from(pos & self.mask);
+            pos = pos.wrapping_add(1);
+            let head = Self::load16(self.avail.wrapping_add(4 + 2 * slot), Ordering::Relaxed);
             let Some(d) = self.desc.get(head) else {
                 continue;
             };
-            if d.flags & DESC_F_INDIRECT != 0 {
-                continue;
-            }
             // The lines the copy touches first: a virtio-net header often
             // ends just before a line, the frame in the next (DPDK's
-            // buffers: 12 bytes before a 64-byte boundary), so both the
-            // first and the last line of the first 128 bytes.
-            let span = (d.len as usize).clamp(1, 128);
-            if let Some(p) = map.translate(d.addr, span) {
+            // buffers: 12 bytes before a 64-byte boundary), so the first
+            // and the last line of the first 128 bytes (the same line
+            // twice costs nothing). A prefetch never faults, so only the
+            // start is translated; an indirect table is worth loading too.
+            if let Some(p) = map.translate(d.addr, 1) {
+                let span = (d.len as usize).min(128);
                 prefetch(p, write);
-                let last = p.wrapping_add(span - 1);
-                if (last as usize) >> 6 != (p as usize) >> 6 {
-                    prefetch(last, write);
-                }
+                prefetch(p.wrapping_add(span.saturating_sub(1)), write);
             }
         }
     }
