@@ -628,7 +628,10 @@ impl SwitchWorker {
         meta: &PacketMeta,
         out: &mut E,
     ) -> Verdict {
-        let v = self.process_frame(ingress, frame, meta, out);
+        let v = match self.run_step(ingress, frame, meta, out) {
+            Ok(v) => v,
+            Err(key) => self.process_frame(ingress, frame, meta, out, key),
+        };
         if !self.tally.batching {
             self.tally.flush(&self.switch.counters);
         }
@@ -649,13 +652,17 @@ impl SwitchWorker {
         self.tally.flush(&self.switch.counters);
     }
 
-    fn process_frame<E: Egress + ?Sized>(
+    /// The frame's step of the current run (see `Run`), or its flow-cache
+    /// key (if it has one) for [`process_frame`](Self::process_frame).
+    /// Small and inline: a run's frames pay for nothing else.
+    #[inline]
+    fn run_step<E: Egress + ?Sized>(
         &mut self,
         ingress: PortId,
         frame: &mut [u8],
         meta: &PacketMeta,
         out: &mut E,
-    ) -> Verdict {
+    ) -> Result<Verdict, Option<fast::Key>> {
         self.tick = self.tick.wrapping_add(1);
         if self.tick & 63 == 0 || self.switch.clock.manual.is_some() {
             self.now = self.switch.clock.now();
@@ -667,18 +674,12 @@ impl SwitchWorker {
         let SwitchWorker {
             switch,
             snapshot,
-            scratch,
-            log,
             now,
             tally,
             fast,
-            hinted,
             run,
             ..
         } = self;
-        let snap: &Snapshot = snapshot.load();
-        let counters: &[PortCounters] = &switch.counters;
-        let capture: &CaptureTable = &switch.capture;
         let key = match fast {
             Some(_) => fast::Key::of(ingress, frame),
             None => None,
@@ -687,6 +688,8 @@ impl SwitchWorker {
         // nothing it rested on has moved since: its decision stands, with
         // no lookup (see `Run`).
         if let (Some(r), Some(k), Some(cache)) = (run.as_ref(), key.as_ref(), fast.as_mut()) {
+            let snap: &Snapshot = snapshot.load();
+            let capture: &CaptureTable = &switch.capture;
             if r.key == *k
                 && r.epoch == snap.epoch
                 && r.now == *now
@@ -702,13 +705,41 @@ impl SwitchWorker {
                 }
                 let sent = out.emit(r.dest, r.hash, frame, meta);
                 tally.run_frame(frame.len(), sent);
-                return if sent {
+                return Ok(if sent {
                     Verdict::Forwarded(r.dest)
                 } else {
                     Verdict::Dropped(DropReason::QueueFull)
-                };
+                });
             }
         }
+        Err(key)
+    }
+
+    /// Everything but a run's step: the flow cache, then the full path.
+    #[inline(never)]
+    fn process_frame<E: Egress + ?Sized>(
+        &mut self,
+        ingress: PortId,
+        frame: &mut [u8],
+        meta: &PacketMeta,
+        out: &mut E,
+        key: Option<fast::Key>,
+    ) -> Verdict {
+        let SwitchWorker {
+            switch,
+            snapshot,
+            scratch,
+            log,
+            now,
+            tally,
+            fast,
+            hinted,
+            run,
+            ..
+        } = self;
+        let snap: &Snapshot = snapshot.load();
+        let counters: &[PortCounters] = &switch.counters;
+        let capture: &CaptureTable = &switch.capture;
         *run = None;
         let ingress_counters = counters.get(ingress as usize);
         let clock = MeterClock::default();
