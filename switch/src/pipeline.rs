@@ -673,7 +673,6 @@ impl SwitchWorker {
         }
         let SwitchWorker {
             switch,
-            snapshot,
             now,
             tally,
             fast,
@@ -688,10 +687,11 @@ impl SwitchWorker {
         // nothing it rested on has moved since: its decision stands, with
         // no lookup (see `Run`).
         if let (Some(r), Some(k), Some(cache)) = (run.as_ref(), key.as_ref(), fast.as_mut()) {
-            let snap: &Snapshot = snapshot.load();
             let capture: &CaptureTable = &switch.capture;
+            // The epoch counter moves before a snapshot is stored, so a
+            // publish ends the run without a load of the snapshot itself.
             if r.key == *k
-                && r.epoch == snap.epoch
+                && r.epoch == switch.epoch.load(Ordering::Relaxed)
                 && r.now == *now
                 && r.ct
                     .is_none_or(|(idx, ctl)| switch.conntrack.holds(idx, ctl))
