@@ -510,19 +510,24 @@ impl<'a> PortEgress<'a> {
     }
 
     /// After the switch is done with the ingress frame: hold it for the
-    /// queue `emit` chose if the switch emitted it, else give it back.
+    /// queue `emit` chose if the switch emitted it, else hand its buffer
+    /// back (for the caller's own cache).
     #[inline]
-    pub fn finish(&mut self, pkt: Pkt) {
+    #[must_use]
+    pub fn finish(&mut self, pkt: Pkt) -> Option<Vec<u8>> {
         self.ingress = None;
         // A group is only dropped by a flush, which never runs between
-        // `emit` and here; if one did, the frame goes back to the pool.
+        // `emit` and here; if one did, the frame is handed back.
         match self
             .moved
             .take()
             .and_then(|(g, meta)| Some((self.staged.get_mut(g)?, meta)))
         {
-            Some((s, meta)) => s.pkts.push(Pkt { buf: pkt.buf, meta }),
-            None => self.pool.put(pkt.buf),
+            Some((s, meta)) => {
+                s.pkts.push(Pkt { buf: pkt.buf, meta });
+                None
+            }
+            None => Some(pkt.buf),
         }
     }
 

@@ -281,7 +281,11 @@ impl Worker {
                     Verdict::Replied => rep += 1,
                     Verdict::Dropped(_) => drop += 1,
                 }
-                egress.finish(pkt);
+                // A frame not sent on (dropped, or answered with a
+                // copy) gives its buffer back to this worker's cache.
+                if let Some(buf) = egress.finish(pkt) {
+                    self.bufs.put(buf);
+                }
             }
             std::mem::drop(frames);
             self.switch.end_batch();

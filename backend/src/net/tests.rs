@@ -622,7 +622,7 @@ fn egress_moves_the_ingress_buffer() {
         eg.emit(1, 0, &pkt.buf, &meta),
         "the frame itself is deferred"
     );
-    eg.finish(pkt);
+    assert!(eg.finish(pkt).is_none(), "held, not handed back");
     let q = &r.handle.rxq[0].ring;
     assert_eq!(q.len(), 1, "the moved frame is held until the flush");
     assert_eq!(eg.flush(), 0);
@@ -648,7 +648,8 @@ fn egress_moves_the_ingress_buffer() {
     eg.set_ingress(&pkt.buf);
     assert!(!eg.emit(1, 0, &pkt.buf, &meta));
     assert!(!eg.emit(1, 0, &frame(61), &meta));
-    eg.finish(pkt);
+    let back = eg.finish(pkt).expect("refused: the buffer comes back");
+    assert_eq!(back, frame(60));
     assert_eq!(eg.flush(), 0);
     drop(eg);
 
@@ -663,7 +664,7 @@ fn egress_moves_the_ingress_buffer() {
         };
         eg.set_ingress(&pkt.buf);
         assert!(eg.emit(1, 0, &pkt.buf, &meta));
-        eg.finish(pkt);
+        assert!(eg.finish(pkt).is_none());
     }
     assert!(eg.emit(1, 0, &frame(61), &meta));
     let pkt = Pkt {
@@ -672,7 +673,7 @@ fn egress_moves_the_ingress_buffer() {
     };
     eg.set_ingress(&pkt.buf);
     assert!(eg.emit(1, 0, &pkt.buf, &meta));
-    eg.finish(pkt);
+    assert!(eg.finish(pkt).is_none());
     drop(eg);
     let lens: Vec<usize> = std::iter::from_fn(|| q.pop())
         .map(|p| p.buf.len())
@@ -705,7 +706,7 @@ fn egress_keeps_the_owners_frames_off_the_ring() {
         };
         eg.set_ingress(&pkt.buf);
         let ok = eg.emit(1, 0, &pkt.buf, &meta);
-        eg.finish(pkt);
+        assert_eq!(eg.finish(pkt).is_none(), ok, "held exactly when emitted");
         ok
     };
 
