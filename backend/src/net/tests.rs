@@ -221,23 +221,16 @@ fn tx_one_buffer_frame_and_its_header() {
     let mut r = rig(features(0));
     let f = frame(60);
     let len = r.tx_buf(0x10_0000, &f);
+    let mut post = |addr: u64, hdr: [u8; 12], len: u32| {
+        r.mem.write_slice(&hdr, GuestAddress(addr)).unwrap();
+        r.tx.chain(&r.mem, &[(addr, len, false)]);
+    };
     // Flags and GSO type 0; stale bytes in the rest of the header.
-    r.mem
-        .write_slice(
-            &[0, 0, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9],
-            GuestAddress(0x10_0000),
-        )
-        .unwrap();
-    r.tx.chain(&r.mem, &[(0x10_0000, len, false)]);
-    let len2 = r.tx_buf(0x10_1000, &f);
+    post(0x10_0000, [0, 0, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9], len);
+    let len2 = (f.len() + 12) as u32;
+    r.mem.write_slice(&f, GuestAddress(0x10_1000 + 12)).unwrap();
     // NEEDS_CSUM, from byte 34, result at 34 + 6.
-    r.mem
-        .write_slice(
-            &[1, 0, 0, 0, 0, 0, 34, 0, 6, 0, 0, 0],
-            GuestAddress(0x10_1000),
-        )
-        .unwrap();
-    r.tx.chain(&r.mem, &[(0x10_1000, len2, false)]);
+    post(0x10_1000, [1, 0, 0, 0, 0, 0, 34, 0, 6, 0, 0, 0], len2);
     let out = r.tx_pass();
     assert_eq!(out.len(), 2);
     assert_eq!((&out[0].buf, out[0].meta), (&f, PacketMeta::default()));

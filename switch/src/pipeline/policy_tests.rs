@@ -1142,25 +1142,30 @@ fn flow_cache_forgets_a_flow_whose_tracking_entry_went() {
     assert_eq!(b.worker.flow_cache_hits(), 2);
 }
 
+/// Send a copy of `f` from `ingress` through the bench's worker.
+fn send_from(b: &mut Bench, ingress: PortId, f: &[u8]) -> Verdict {
+    let mut f = f.to_vec();
+    let mut cap = Capture::default();
+    b.worker
+        .process(ingress, &mut f, &PacketMeta::default(), &mut cap)
+}
+
 /// A frame that shares a cached frame's key but claims more IP bytes than
 /// it carries is refused as the full path refuses it, never forwarded.
 #[test]
 fn flow_cache_does_not_forward_what_the_parser_refuses() {
     let mut b = bench(topology(), 1 << 12);
     let f = tcp(mac(7), GW, P7, P1, (40000, 80), b"");
-    let send = |b: &mut Bench, f: &[u8]| {
-        let mut f = f.to_vec();
-        let mut cap = Capture::default();
-        b.worker
-            .process(7, &mut f, &PacketMeta::default(), &mut cap)
-    };
     for _ in 0..3 {
-        assert_eq!(send(&mut b, &f), Verdict::Forwarded(1));
+        assert_eq!(send_from(&mut b, 7, &f), Verdict::Forwarded(1));
     }
     assert_eq!(b.worker.flow_cache_hits(), 1);
     let mut bad = f.clone();
     bad[16..18].copy_from_slice(&1500u16.to_be_bytes());
-    assert_eq!(send(&mut b, &bad), Verdict::Dropped(DropReason::Malformed));
+    assert_eq!(
+        send_from(&mut b, 7, &bad),
+        Verdict::Dropped(DropReason::Malformed)
+    );
     assert_eq!(b.worker.flow_cache_hits(), 1);
 }
 
@@ -1171,14 +1176,8 @@ fn flow_cache_does_not_forward_what_the_parser_refuses() {
 fn flow_cache_run_ends_with_the_snapshot_and_a_capture() {
     let mut b = bench(topology(), 1 << 12);
     let f = tcp(mac(7), GW, P7, P1, (40000, 80), b"");
-    let send = |b: &mut Bench, f: &[u8]| {
-        let mut f = f.to_vec();
-        let mut cap = Capture::default();
-        b.worker
-            .process(7, &mut f, &PacketMeta::default(), &mut cap)
-    };
     for _ in 0..4 {
-        assert_eq!(send(&mut b, &f), Verdict::Forwarded(1));
+        assert_eq!(send_from(&mut b, 7, &f), Verdict::Forwarded(1));
     }
     assert_eq!(
         b.worker.flow_cache_hits(),
@@ -1186,7 +1185,7 @@ fn flow_cache_run_ends_with_the_snapshot_and_a_capture() {
         "the 3rd from the cache, the 4th from the run"
     );
     let cap = b.sw.capture(1, 4).expect("capture");
-    assert_eq!(send(&mut b, &f), Verdict::Forwarded(1));
+    assert_eq!(send_from(&mut b, 7, &f), Verdict::Forwarded(1));
     assert!(
         cap.next_frame().is_some(),
         "a capture started mid-run sees the frame"
@@ -1196,7 +1195,10 @@ fn flow_cache_run_ends_with_the_snapshot_and_a_capture() {
     no_p7.generation = 3;
     no_p7.ports.retain(|p| p.id != 7);
     b.sw.publish(Snapshot::compile(no_p7).expect("fixture compiles"));
-    assert_eq!(send(&mut b, &f), Verdict::Dropped(DropReason::PortDown));
+    assert_eq!(
+        send_from(&mut b, 7, &f),
+        Verdict::Dropped(DropReason::PortDown)
+    );
 }
 
 /// The flow cache changes nothing a frame's sender or receiver can see:
