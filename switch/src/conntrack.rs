@@ -365,12 +365,9 @@ impl Conntrack {
     /// tracked flow without hashing and comparing its key again.
     #[inline]
     pub fn refresh(&self, idx: usize, ctl: u64, now: u32, add: u32) -> bool {
-        let Some(slot) = self.slots.get(idx) else {
+        let Some(slot) = self.holding(idx, ctl) else {
             return false;
         };
-        if slot.ctl.load(Ordering::Acquire) != ctl {
-            return false;
-        }
         let k1 = slot.k1.load(Ordering::Relaxed);
         let state = slot.state.load(Ordering::Relaxed);
         fence(Ordering::Acquire);
@@ -385,9 +382,15 @@ impl Conntrack {
     /// `ctl` (nothing has inserted, swept or cleared it since).
     #[inline]
     pub fn holds(&self, idx: usize, ctl: u64) -> bool {
+        self.holding(idx, ctl).is_some()
+    }
+
+    /// Slot `idx`, if it holds the entry whose control word was `ctl`.
+    #[inline]
+    fn holding(&self, idx: usize, ctl: u64) -> Option<&Slot> {
         self.slots
             .get(idx)
-            .is_some_and(|s| s.ctl.load(Ordering::Acquire) == ctl)
+            .filter(|s| s.ctl.load(Ordering::Acquire) == ctl)
     }
 
     /// Whether slot `idx` holds a live entry (or one being written).

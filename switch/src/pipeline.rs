@@ -43,7 +43,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use arc_swap::{ArcSwap, Cache};
 
 use crate::capture::{Capture, CaptureError, CaptureTable, Direction};
-use crate::config::{PortConfig, PortInfo, Snapshot, SubnetConfig, GATEWAY_MAC};
+use crate::config::{PortConfig, PortInfo, Snapshot, SubnetConfig};
 use crate::conntrack::{Conntrack, ConntrackStats, Timeouts};
 use crate::counters::{DropReason, PortCounters, PortStats};
 use crate::flowlog::{FlowLogWriter, LocalLog};
@@ -344,11 +344,8 @@ struct Run {
     key: fast::Key,
     epoch: u64,
     now: u32,
-    ct: Option<(usize, u64)>,
-    dest: PortId,
-    dst_mac: [u8; 6],
-    routed: bool,
-    hash: u32,
+    /// What the cache decided for the frame that started the run.
+    d: fast::Decision,
 }
 
 /// Frames a worker remembers as hinted (more than a caller looks ahead).
@@ -690,23 +687,21 @@ impl SwitchWorker {
             let capture: &CaptureTable = &switch.capture;
             // The epoch counter moves before a snapshot is stored, so a
             // publish ends the run without a load of the snapshot itself.
+            let d = &r.d;
             if r.key == *k
                 && r.epoch == switch.epoch.load(Ordering::Relaxed)
                 && r.now == *now
-                && r.ct
-                    .is_none_or(|(idx, ctl)| switch.conntrack.holds(idx, ctl))
+                && d.ct
+                    .is_none_or(|(idx, ctl, _)| switch.conntrack.holds(idx, ctl))
                 && capture.watching(ingress) == 0
-                && capture.watching(r.dest) == 0
+                && capture.watching(d.dest) == 0
             {
                 cache.hit_again();
-                frame[0..6].copy_from_slice(&r.dst_mac);
-                if r.routed {
-                    frame[6..12].copy_from_slice(&GATEWAY_MAC);
-                }
-                let sent = out.emit(r.dest, r.hash, frame, meta);
+                d.rewrite(frame);
+                let sent = out.emit(d.dest, d.hash, frame, meta);
                 tally.run_frame(frame.len(), sent);
                 return Ok(if sent {
-                    Verdict::Forwarded(r.dest)
+                    Verdict::Forwarded(d.dest)
                 } else {
                     Verdict::Dropped(DropReason::QueueFull)
                 });
@@ -777,10 +772,7 @@ impl SwitchWorker {
         };
         if let Some((cache, k)) = &mut key {
             if let Some(d) = cache.get(k, snap.epoch, &switch.conntrack, *now) {
-                frame[0..6].copy_from_slice(&d.dst_mac);
-                if d.routed {
-                    frame[6..12].copy_from_slice(&GATEWAY_MAC);
-                }
+                d.rewrite(frame);
                 let sent = tx.send(d.dest, d.hash, frame, meta);
                 // The next frame may take the same way if both ends are
                 // counted and neither is metered (allowances are charged
@@ -794,11 +786,7 @@ impl SwitchWorker {
                         key: *k,
                         epoch: snap.epoch,
                         now: *now,
-                        ct: d.ct.map(|(idx, ctl, _)| (idx, ctl)),
-                        dest: d.dest,
-                        dst_mac: d.dst_mac,
-                        routed: d.routed,
-                        hash: d.hash,
+                        d,
                     });
                 }
                 return if sent {

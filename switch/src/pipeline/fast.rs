@@ -142,6 +142,18 @@ pub(crate) struct Decision {
     pub ct: Option<(usize, u64, u32)>,
 }
 
+impl Decision {
+    /// Address `frame` as decided: its destination MAC, and the gateway's
+    /// as the source when routed.
+    #[inline]
+    pub fn rewrite(&self, frame: &mut [u8]) {
+        frame[0..6].copy_from_slice(&self.dst_mac);
+        if self.routed {
+            frame[6..12].copy_from_slice(&crate::config::GATEWAY_MAC);
+        }
+    }
+}
+
 #[derive(Clone, Copy, Default)]
 struct Entry {
     key: Key,
