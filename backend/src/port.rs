@@ -486,14 +486,16 @@ impl<'a> PortEgress<'a> {
     /// Whether group `g`'s queue is served by the owner.
     #[inline]
     fn is_local(&self, g: usize) -> bool {
-        match (&self.own, self.staged.get(g)) {
-            (Some(own), Some(s)) => s
-                .handle
-                .rxq
-                .get(s.queue)
-                .is_some_and(|q| std::ptr::eq(&*q.waker, *own)),
-            _ => false,
-        }
+        self.staged
+            .get(g)
+            .and_then(|s| s.handle.rxq.get(s.queue))
+            .is_some_and(|q| self.serves(q))
+    }
+
+    /// Whether the owner serves `q`.
+    #[inline]
+    fn serves(&self, q: &RxQueue) -> bool {
+        self.own.is_some_and(|own| std::ptr::eq(&*q.waker, own))
     }
 
     /// Queue what is held, and hand over the emptied hold lists.
@@ -543,8 +545,18 @@ impl<'a> PortEgress<'a> {
         }
     }
 
-    /// The group for `queue` of `port`, made if there is none.
+    /// The group for `queue` of `port`, made if there is none. The last
+    /// frame's group is tried inline; the rest is a call.
+    #[inline]
     fn group(&mut self, port: PortId, queue: usize) -> Option<usize> {
+        match self.staged.get(self.last) {
+            Some(s) if s.handle.port == port && s.queue == queue => Some(self.last),
+            _ => self.group_slow(port, queue),
+        }
+    }
+
+    #[inline(never)]
+    fn group_slow(&mut self, port: PortId, queue: usize) -> Option<usize> {
         let g = match self.held_at(port, queue) {
             Some(g) => g,
             None => {
@@ -681,13 +693,8 @@ impl Egress for PortEgress<'_> {
         if self.moved.is_none() && self.ingress == Some((frame.as_ptr() as usize, frame.len())) {
             // The ingress frame itself: held by `finish`, without a copy.
             // Refuse now if there is no room, so the switch counts it.
-            // The last frame's group first, without a call.
-            let g = match self.staged.get(self.last) {
-                Some(s) if s.handle.port == port && s.queue == queue => self.last,
-                _ => match self.group(port, queue) {
-                    Some(g) => g,
-                    None => return false,
-                },
+            let Some(g) = self.group(port, queue) else {
+                return false;
             };
             let Some(s) = self.staged.get(g) else {
                 return false;
@@ -700,8 +707,8 @@ impl Egress for PortEgress<'_> {
         }
         // A copy for one of the owner's queues joins its group, behind
         // what the group holds (queue order is emit order).
-        if self.own.is_some() {
-            if let Some(g) = self.group(port, queue).filter(|&g| self.is_local(g)) {
+        if self.serves(&handle.rxq[queue]) {
+            if let Some(g) = self.group(port, queue) {
                 let s = &mut self.staged[g];
                 if s.pkts.len() >= s.room {
                     return false;
